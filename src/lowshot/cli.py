@@ -1,0 +1,116 @@
+"""The ``lowshot`` command: ``quickstart`` (pretrain → probe → fine-tune → test report) and ``show``.
+
+The training jobs themselves are the entry scripts ``ssl/pretrain.py`` and ``finetune/train.py``,
+run through ``accelerate launch``; this command chains them for the Quickstart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import TracebackType
+
+from .config import ConfigError, parse_args
+from .data import DataError
+from .evaluation import format_report
+from .models import WeightsError
+
+USER_ERRORS = (ConfigError, DataError, WeightsError)
+
+
+def user_errors() -> None:
+    """Show bad input (config, data, weights) as one clear line instead of a traceback."""
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], err: BaseException, tb: TracebackType | None) -> None:
+        if issubclass(kind, USER_ERRORS):
+            print(f"lowshot: error: {err}", file=sys.stderr)
+        else:
+            previous(kind, err, tb)
+
+    sys.excepthook = hook
+
+
+def repo_root() -> Path:
+    """The checkout holding ssl/, finetune/ (an editable install lives in its src/; else the cwd)."""
+    for cand in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (cand / "ssl" / "pretrain.py").is_file():
+            return cand
+    raise SystemExit(
+        "lowshot: error: cannot find ssl/pretrain.py; run from the lowshot checkout (pip install -e .)"
+    )
+
+
+def _launch(script: str, args: list[str]) -> None:
+    import torch
+
+    # Explicit launcher settings: no accelerate config file is needed, and none is half-applied.
+    # "--mixed_precision no" leaves the choice to lowshot's mixed_precision=auto (bf16 on GPU).
+    n = torch.cuda.device_count()
+    flags = ["--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
+    flags += ["--multi_gpu", "--num_processes", str(n)] if n > 1 else ["--num_processes", "1"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, str(repo_root() / script), *args]
+    print("\n$ accelerate launch " + " ".join([*flags, script, *args]), flush=True)
+    done = subprocess.run(cmd)
+    if done.returncode != 0:
+        raise SystemExit(f"lowshot: {script} failed (exit {done.returncode}); see the messages above")
+
+
+def quickstart(extra: list[str]) -> Path:
+    """Pretrain with SimCLR, probe and fine-tune that backbone, print the test reports.
+
+    ``extra`` overrides apply to all three jobs (e.g. ``data.source=busi``, ``--config FILE``)."""
+    cfg, _ = parse_args(extra)  # fail early on a bad override, before any training
+    group = cfg.name or "quickstart"
+    base = Path(cfg.out_dir) / group
+    ckpt = base / "pretrain" / "checkpoint"
+    common = [*extra, f"track.group={group}"]
+    _launch("ssl/pretrain.py", [*common, f"name={group}/pretrain"])
+    _launch("finetune/train.py", ["--probe", *common, f"name={group}/probe", f"model.weights={ckpt}"])
+    _launch("finetune/train.py", [*common, f"name={group}/finetune", f"model.weights={ckpt}"])
+    print()
+    show([base / "probe", base / "finetune"])
+    return base
+
+
+def show(run_dirs: list[Path]) -> None:
+    for d in run_dirs:
+        f = Path(d) / "results.json"
+        if not f.is_file():
+            raise SystemExit(f"lowshot: error: {f} does not exist (did the run finish?)")
+        res = json.loads(f.read_text())
+        print(format_report(res["test"], f"{d}: TEST {res['job']} ({res['model']}, {res['data']})"))
+        print(
+            f"  selected on validation: {res['selected'].get('C', res['selected'].get('epoch'))} "
+            f"(val AUROC {res['selected']['val_auroc']:.3f})\n"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lowshot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser(
+        "quickstart", help="pretrain → probe → fine-tune → test report on the default data set"
+    )
+    q.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value settings applied to every job")
+    s = sub.add_parser("show", help="print the test report of finished runs")
+    s.add_argument("run_dirs", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        if args.cmd == "quickstart":
+            quickstart(args.overrides)
+        else:
+            show(args.run_dirs)
+    except USER_ERRORS as err:
+        raise SystemExit(f"lowshot: error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

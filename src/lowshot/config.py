@@ -1,0 +1,328 @@
+"""One source of truth for a run's settings.
+
+Precedence, lowest first: the typed dataclass defaults below < ``--config FILE.yaml`` (one or more,
+merged in order) < the ``LOWSHOT_DATA_ROOT`` / ``LOWSHOT_CACHE`` environment variables < command-line
+overrides. Overrides are dotted ``key=value`` or ``--key=value`` (so W&B sweeps' ``${args}`` and
+``${args_no_hyphens}`` both work) and mode flags such as ``--probe``. Unknown keys and values of the
+wrong type raise :class:`ConfigError` naming the key, with a suggestion for misspellings.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DATA_ROOT_ENV = "LOWSHOT_DATA_ROOT"
+CACHE_ENV = "LOWSHOT_CACHE"
+
+# Bare ``--flag`` arguments and the boolean key each one sets to true.
+FLAGS = {"probe": "train.probe"}
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names it and says how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"  # folder that `source` is relative to; env LOWSHOT_DATA_ROOT overrides
+    # A MedMNIST .npz (official split), a class-per-folder image directory, or a CSV manifest
+    # `path,label[,group][,split]`; relative to `root` unless absolute.
+    source: str = "breastmnist.npz"
+    size: int = 32  # working resolution in px: images are decoded once into a uint8 store of this size
+    # "auto": RGB if any image has colour, else grayscale; "gray": colour → luma (ultrasound exports
+    # with coloured calipers or Doppler overlays); "rgb": always 3 channels.
+    color: str = "auto"
+    channels: str = "replicate"  # grayscale input: "replicate" to 3 channels, or "single" (timm in_chans=1)
+    # Used only when the source has no split of its own; stratified by label, grouped by `group`.
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    cache_dir: str = ""  # decoded stores go here; "" = env LOWSHOT_CACHE or ~/.cache/lowshot
+    limit: int = 0  # keep at most this many images per split (stratified); 0 = all. For smoke tests.
+    # DataLoader workers per process; -1 = auto: none on CPU (the 2 cores are busy with the model),
+    # up to 8 per process on GPU, where per-image PIL augmentation in one process starves the device.
+    num_workers: int = -1
+
+    def __post_init__(self) -> None:
+        _choice("data.channels", self.channels, ("replicate", "single"))
+        _choice("data.color", self.color, ("auto", "gray", "rgb"))
+        if not 0.0 < self.val_fraction < 1.0 or not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError("data.val_fraction and data.test_fraction must lie in (0, 1)")
+        if self.size < 8:
+            raise ConfigError(f"data.size={self.size} px is too small; use 28 or more")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"  # any timm model name
+    # "none" (random init) | "hub" (timm pretrained=True, needs network) | a local weights file
+    # (.safetensors, .pth, .bin) | a lowshot checkpoint directory (holds backbone.safetensors).
+    weights: str = "none"
+    drop_rate: float = 0.0  # dropout before the classifier (timm drop_rate)
+    drop_path_rate: float = 0.0  # stochastic depth (timm drop_path_rate)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model keyword arguments
+
+
+@dataclass
+class AugConfig:
+    """SimCLR views (lightly's SimCLRTransform), tuned down for medical images."""
+
+    min_scale: float = (
+        0.3  # smallest crop, as a fraction of the image area; 0.08 (ImageNet) can crop lesions away
+    )
+    hflip: float = 0.5  # horizontal flip probability; set 0 where laterality matters
+    vflip: float = 0.0  # vertical flip probability
+    rotate: float = 0.0  # probability of a random 90° rotation
+    cj_prob: float = 0.8  # colour-jitter probability
+    cj_strength: float = 0.5  # scales the four jitter ranges below
+    brightness: float = 0.8
+    contrast: float = 0.8
+    saturation: float = 0.8  # forced to 0 on grayscale data
+    hue: float = 0.2  # forced to 0 on grayscale data
+    gray_prob: float = 0.2  # random grayscale; forced to 0 on grayscale data
+    blur_prob: float = 0.5
+    blur_sigma: list[float] = field(
+        default_factory=lambda: [0.1, 1.0]
+    )  # [min, max] px at the working resolution
+
+
+@dataclass
+class SSLConfig:
+    method: str = "simclr"
+    epochs: int = 50
+    batch_size: int = 128  # per process; NT-Xent negatives are gathered from every process
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 2e-3  # peak lr after warmup, then cosine to lr * min_lr_ratio
+    min_lr_ratio: float = 0.01
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 3
+    temperature: float = 0.2
+    proj_hidden_dim: int = 512
+    proj_dim: int = 128
+    knn_every: int = 5  # epochs between online kNN checks on the validation split (0 = off)
+    knn_k: int = 20
+    knn_t: float = 0.1
+
+    def __post_init__(self) -> None:
+        _choice("ssl.optimizer", self.optimizer, ("adamw", "sgd"))
+
+
+@dataclass
+class TrainConfig:
+    probe: bool = False  # True: frozen backbone, cached embeddings, L-BFGS logistic regression
+    # Inverse L2 strengths tried by the probe; the one with the best validation AUROC is kept.
+    probe_cs: list[float] = field(
+        default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
+    )
+    epochs: int = 30
+    batch_size: int = 64  # per process
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.01
+    weight_decay: float = 0.05  # not applied to norms and biases
+    momentum: float = 0.9  # sgd only
+    warmup_epochs: int = 2
+    patience: int = 10  # epochs without a better validation AUROC before stopping
+    label_smoothing: float = 0.0
+    crop_min_scale: float = 0.7  # training-time random resized crop
+    hflip: float = 0.5
+    vflip: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+
+
+@dataclass
+class EvalConfig:
+    bootstrap: int = 1000  # resamples of the test split for confidence intervals
+    ci: float = 0.95
+
+
+@dataclass
+class TrackConfig:
+    log_with: str = "wandb"  # wandb | none (the local run directory is always written)
+    project: str = "lowshot"
+    group: str = ""  # the experiment; "" = the run name
+    tags: list[str] = field(default_factory=list)
+    wandb_mode: str = "auto"  # auto (online only with an API key) | online | offline
+
+    def __post_init__(self) -> None:
+        _choice("track.log_with", self.log_with, ("wandb", "none"))
+        _choice("track.wandb_mode", self.wandb_mode, ("auto", "online", "offline"))
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    out_dir: str = "runs"
+    name: str = ""  # run directory name under out_dir; "" = <job>-<data>-<model>-<time>
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | no
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+    def __post_init__(self) -> None:
+        _choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp16", "no"))
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+
+
+def all_keys(schema: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. ``['seed', ..., 'train.lr', ...]``."""
+    keys = []
+    for f in fields(schema):
+        factory = f.default_factory
+        if isinstance(factory, type) and is_dataclass(factory):
+            keys += all_keys(factory, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    if not close:  # a misspelt section or leaf alone: compare the last part
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else "; run with --help to list the keys"
+    return ConfigError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def _merge(cfg: DictConfig, other: Any, where: str) -> DictConfig:
+    try:
+        merged = OmegaConf.merge(cfg, other)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        if type(err).__name__ in ("ConfigKeyError", "ConfigAttributeError"):
+            raise _unknown_key_error(str(key), where) from None
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"config key '{key}' in {where}: {msg}") from None
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def parse_args(argv: list[str]) -> tuple[Config, list[str]]:
+    """Resolve the config from command-line arguments.
+
+    Returns the typed config and the list of overrides as given (recorded with the run).
+    """
+    cfg = OmegaConf.structured(Config)
+    files: list[str] = []
+    overrides: list[tuple[str, str]] = []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("-h", "--help"):
+            raise SystemExit(help_text())
+        if arg == "--config":
+            path = next(it, None)
+            if path is None:
+                raise ConfigError("--config needs a YAML file path")
+            files.append(path)
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+        elif "=" in arg:
+            key, raw = arg.lstrip("-").split("=", 1)
+            overrides.append((key, raw))
+        elif arg.startswith("--") and arg[2:] in FLAGS:
+            overrides.append((FLAGS[arg[2:]], "true"))
+        elif arg.startswith("--"):
+            key = arg[2:]
+            if key in all_keys():
+                raise ConfigError(f"'{arg}' needs a value: write {arg}=VALUE")
+            raise _unknown_key_error(key, "the command line")
+        else:
+            raise ConfigError(f"cannot read argument '{arg}': write key=value, --key=value or --config FILE")
+    for path in files:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # yaml scanner errors and the like
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        cfg = _merge(cfg, loaded, f"config file {path}")
+    for env, key in ((DATA_ROOT_ENV, "data.root"), (CACHE_ENV, "data.cache_dir")):
+        if os.environ.get(env):
+            cfg = _merge(cfg, OmegaConf.from_dotlist([f"{key}={os.environ[env]}"]), f"${env}")
+    for key, raw in overrides:
+        if key not in all_keys() and not any(
+            key.startswith(k + ".") for k in all_keys() if k.endswith("kwargs")
+        ):
+            raise _unknown_key_error(key, "the command line")
+        cfg = _merge(cfg, OmegaConf.create(_nest(key, _parse_value(key, raw))), "the command line")
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+    assert isinstance(obj, Config)
+    return obj, [f"{k}={v}" for k, v in overrides]
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items()}
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def load_yaml(path: str | Path) -> Config:
+    """Read a resolved ``config.yaml`` written beside a run or checkpoint (strict: unknown keys fail)."""
+    return _to_config(_merge(OmegaConf.structured(Config), OmegaConf.load(path), str(path)))
+
+
+def _to_config(cfg: DictConfig) -> Config:
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config)
+    return obj
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'train': {'lr': 1e-3}}`` → ``{'train.lr': 1e-3}`` (for trackers and tables)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def help_text() -> str:
+    lines = ["Settings (key=value or --key=value; --config FILE.yaml; --probe):"]
+    for k, v in flatten(to_dict(Config())).items():
+        lines.append(f"  {k}={v}")
+    return "\n".join(lines)

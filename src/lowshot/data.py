@@ -1,0 +1,570 @@
+"""One data layer for every script: sources → a decoded uint8 store with splits → datasets.
+
+Three sources, chosen by what ``data.source`` points at (relative to ``data.root``):
+
+- a MedMNIST ``.npz`` with the official keys ``{train,val,test}_{images,labels}`` and its own split;
+  known files are verified by md5, missing named sets are downloaded through ``medmnist`` when online;
+- a class-per-folder image directory (``root/source/<class>/*.png|jpg|...``);
+- a CSV manifest ``path,label[,group][,split]`` (paths relative to the CSV), ``group`` being the
+  patient or study id.
+
+Every image is decoded once, padded to a square and resized to ``data.size`` px, into a uint8 store
+``(N, H, W, C)`` with ``C`` 1 (grayscale) or 3 (RGB). File-based stores are cached under
+``data.cache_dir`` keyed by the file listing (paths, sizes, mtimes) and the size, so the read-only
+data folder is never written. Sources without a split get a seeded split, stratified by label and
+grouped by ``group`` so that no patient spans two splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from .config import DataConfig
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+# md5 and class names of the 28 px MedMNIST files used most here, for machines without the
+# `medmnist` package (which lists every set and size).
+KNOWN_NPZ = {
+    "breastmnist.npz": ("750601b1f35ba3300ea97c75c52ff8f6", ["malignant", "normal, benign"]),
+    "retinamnist.npz": ("bd4c0672f1bba3e3a89f0e4e876791e4", ["0", "1", "2", "3", "4"]),
+}
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file and the fix."""
+
+
+@dataclass
+class Store:
+    """Decoded images with labels, splits and groups.
+
+    images: (N, H, W, C) uint8, C in {1, 3}; labels: (N,) int64; split, groups, paths: (N,) str.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    split: np.ndarray
+    groups: np.ndarray
+    paths: np.ndarray
+    classes: list[str]
+    name: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) not decoded
+
+    @property
+    def grayscale(self) -> bool:
+        return self.images.shape[-1] == 1
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == split)
+
+    def counts(self) -> dict[str, list[int]]:
+        """Images per class in each split, e.g. ``{'train': [147, 399], ...}``."""
+        return {
+            s: np.bincount(self.labels[self.split == s], minlength=self.num_classes).tolist() for s in SPLITS
+        }
+
+    def describe(self) -> str:
+        c = self.counts()
+        h, w, ch = self.images.shape[1:]
+        parts = [f"{s} {sum(c[s])} {c[s]}" for s in SPLITS]
+        return f"{self.name}: {len(self.labels)} images {h}x{w}x{ch}, classes {self.classes}; " + ", ".join(
+            parts
+        )
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def source_path(cfg: DataConfig) -> Path:
+    p = Path(cfg.source).expanduser()
+    return p if p.is_absolute() else Path(cfg.root).expanduser() / p
+
+
+def load_store(cfg: DataConfig) -> Store:
+    """Read ``cfg.source`` into a :class:`Store` at ``cfg.size`` px with train/val/test splits."""
+    path = source_path(cfg)
+    if path.suffix == ".npz":
+        store = _load_npz(path, cfg.size)
+    elif path.suffix == ".csv":
+        store = _load_files(*_read_manifest(path), name=path.stem, cfg=cfg)
+    elif path.is_dir():
+        store = _load_files(*_scan_folder(path), name=path.name, cfg=cfg)
+    elif not path.exists():
+        raise DataError(
+            f"data source {path} does not exist. Set data.root (or $LOWSHOT_DATA_ROOT) to the folder that holds "
+            f"it, or data.source to a .npz, a class-per-folder directory or a .csv manifest."
+        )
+    else:
+        raise DataError(
+            f"data source {path}: expected a .npz, a .csv manifest or a class-per-folder directory"
+        )
+    if cfg.color == "gray" and not store.grayscale:
+        # ITU-R 601 luma, as PIL's convert("L"): for gray modalities whose exports carry coloured marks
+        luma = store.images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        store.images = np.clip(luma + 0.5, 0, 255).astype(np.uint8)[..., None]
+    elif cfg.color == "rgb" and store.grayscale:
+        store.images = np.repeat(store.images, 3, axis=-1)
+    missing = [s for s in SPLITS if not (store.split == s).any()]
+    if missing:
+        _fill_splits(store, cfg, missing)
+    _warn_group_leaks(store)
+    if cfg.limit:
+        _apply_limit(store, cfg.limit, cfg.split_seed)
+    for f, why in store.skipped:
+        log.warning("skipped %s: %s", f, why)
+    return store
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _medmnist_info(path: Path) -> tuple[str, int, dict[str, Any]] | None:
+    """(flag, size, INFO entry) when ``path`` is named like a MedMNIST file (``breastmnist.npz``,
+    ``breastmnist_64.npz``) and the ``medmnist`` package is installed."""
+    try:
+        from medmnist import INFO
+    except ImportError:
+        return None
+    stem = path.stem
+    flag, _, size = stem.rpartition("_") if stem.rsplit("_", 1)[-1].isdigit() else (stem, "", "28")
+    return (flag, int(size), INFO[flag]) if flag in INFO else None
+
+
+def _expected_md5(path: Path) -> str | None:
+    info = _medmnist_info(path)
+    if info is not None:
+        _, size, entry = info
+        return entry.get("MD5" if size == 28 else f"MD5_{size}")
+    return KNOWN_NPZ[path.name][0] if path.name in KNOWN_NPZ else None
+
+
+def _download_medmnist(path: Path) -> None:
+    info = _medmnist_info(path)
+    if info is None:
+        raise DataError(
+            f"{path} does not exist. Put the file there (data.root / data.source), or, for a MedMNIST set on an "
+            f"online machine, install the downloader: pip install 'lowshot[medmnist]'."
+        )
+    flag, size, entry = info
+    import medmnist
+
+    log.info("downloading %s (%d px) through medmnist into %s", flag, size, path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        getattr(medmnist, entry["python_class"])(
+            split="train", download=True, root=str(path.parent), size=size
+        )
+    except Exception as err:
+        raise DataError(
+            f"{path} does not exist and could not be downloaded ({type(err).__name__}: {err}). On a machine "
+            f"without network, copy {path.name} (md5 {_expected_md5(path)}) into {path.parent}."
+        ) from None
+    if not path.exists():
+        raise DataError(f"medmnist downloaded {flag} but {path} is still missing; check data.source")
+
+
+def _load_npz(path: Path, size: int) -> Store:
+    if not path.exists():
+        _download_medmnist(path)
+    want = _expected_md5(path)
+    if want is not None and (got := _md5(path)) != want:
+        raise DataError(
+            f"{path} is corrupt or not the official file: md5 {got}, expected {want}. Download it again."
+        )
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise DataError(f"{path} is not a readable .npz ({err})") from None
+    keys = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
+    if absent := [k for k in keys if k not in npz.files]:
+        raise DataError(f"{path} lacks the MedMNIST keys {absent} (has {npz.files})")
+    images, labels, split, paths = [], [], [], []
+    for s in SPLITS:
+        x = npz[f"{s}_images"]
+        y = npz[f"{s}_labels"].reshape(len(x), -1)
+        if y.shape[1] != 1:
+            raise DataError(
+                f"{path}: {s}_labels has {y.shape[1]} columns; only single-label sets are supported"
+            )
+        images.append(_resize_batch(x if x.ndim == 4 else x[..., None], size))
+        labels.append(y[:, 0].astype(np.int64))
+        split += [s] * len(x)
+        paths += [f"{path.name}:{s}/{i}" for i in range(len(x))]
+    y_all = np.concatenate(labels)
+    classes = _medmnist_classes(path, int(y_all.max()) + 1)
+    return Store(
+        images=np.concatenate(images),
+        labels=y_all,
+        split=np.array(split),
+        groups=np.array(paths),  # MedMNIST ships no patient ids: each image is its own group
+        paths=np.array(paths),
+        classes=classes,
+        name=path.stem,
+    )
+
+
+def _medmnist_classes(path: Path, n: int) -> list[str]:
+    info = _medmnist_info(path)
+    if info is not None:
+        names = info[2]["label"]
+        return [names[str(i)] for i in range(len(names))]
+    return KNOWN_NPZ[path.name][1] if path.name in KNOWN_NPZ else [str(i) for i in range(n)]
+
+
+def _scan_folder(
+    root: Path,
+) -> tuple[list[Path], list[str], list[str] | None, list[str] | None, list[tuple[str, str]]]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise DataError(
+            f"{root} should hold one sub-folder per class (e.g. {root}/benign/*.png, {root}/malignant/*.png); "
+            f"found {classes or 'none'}"
+        )
+    files: list[Path] = []
+    labels: list[str] = []
+    skipped = [(str(f), "not inside a class folder") for f in sorted(root.iterdir()) if f.is_file()]
+    for c in classes:
+        for f in sorted((root / c).rglob("*")):
+            if f.is_file():
+                files.append(f)
+                labels.append(c)
+    return files, labels, None, None, skipped
+
+
+def _read_manifest(
+    path: Path,
+) -> tuple[list[Path], list[str], list[str] | None, list[str] | None, list[tuple[str, str]]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        if "path" not in cols or "label" not in cols:
+            raise DataError(
+                f"{path}: a manifest needs a header with at least 'path,label' (optional: group, split); got {cols}"
+            )
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{path}: the manifest lists no images")
+    files, labels, groups, splits = [], [], [], []
+    for i, r in enumerate(rows, start=2):
+        if not r["path"] or not r["label"]:
+            raise DataError(f"{path} line {i}: empty path or label")
+        p = Path(r["path"]).expanduser()
+        files.append(p if p.is_absolute() else path.parent / p)
+        labels.append(r["label"].strip())
+        groups.append((r.get("group") or "").strip())
+        s = (r.get("split") or "").strip().lower()
+        if "split" in cols and s not in SPLITS:
+            raise DataError(f"{path} line {i}: split {s!r} must be one of train, val, test")
+        splits.append(s)
+    if "group" in cols and not all(groups):
+        raise DataError(
+            f"{path}: the 'group' column is empty on some rows; give every image its patient/study id"
+        )
+    return files, labels, groups if "group" in cols else None, splits if "split" in cols else None, []
+
+
+def _load_files(
+    files: list[Path],
+    labels: list[str],
+    groups: list[str] | None,
+    splits: list[str] | None,
+    skipped: list[tuple[str, str]],
+    *,
+    name: str,
+    cfg: DataConfig,
+) -> Store:
+    """Decode image files into a cached store; unreadable files are reported, not fatal."""
+    cache = _cache_file(files, name, cfg)
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as z:
+            kept = z["kept"]
+            images = z["images"]
+            bad = json.loads(str(z["skipped"]))
+    else:
+        kept_l, imgs, bad = [], [], []
+        for i, f in enumerate(files):
+            if f.suffix.lower() not in IMAGE_SUFFIXES and f.suffix:
+                bad.append((str(f), f"not an image file (suffix {f.suffix})"))
+                continue
+            try:
+                imgs.append(decode_image(f, cfg.size))
+                kept_l.append(i)
+            except FileNotFoundError:
+                bad.append((str(f), "missing (manifest paths are relative to the manifest's folder)"))
+            except (UnidentifiedImageError, OSError, ValueError) as err:
+                bad.append((str(f), f"cannot decode: {err}"))
+        if not imgs:
+            raise DataError(f"no readable images in {name}: {bad[:3]}")
+        kept = np.array(kept_l)
+        images = _stack(imgs)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, images=images, kept=kept, skipped=json.dumps(bad))
+        os.replace(tmp, cache)  # atomic: a killed run never leaves a half-written cache
+    classes = sorted(set(labels))
+    lab = np.array([classes.index(labels[i]) for i in kept], dtype=np.int64)
+    paths = np.array([str(files[i]) for i in kept])
+    return Store(
+        images=images,
+        labels=lab,
+        split=np.array([splits[i] for i in kept]) if splits else np.full(len(kept), "", dtype="<U5"),
+        groups=np.array([groups[i] for i in kept]) if groups else paths.copy(),
+        paths=paths,
+        classes=classes,
+        name=name,
+        skipped=skipped + [(str(b[0]), str(b[1])) for b in bad],
+    )
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path.home() / ".cache" / "lowshot"
+
+
+def _cache_file(files: list[Path], name: str, cfg: DataConfig) -> Path:
+    h = hashlib.sha1(f"v1|{cfg.size}".encode())
+    for f in files:
+        st = f.stat() if f.exists() else None
+        h.update(f"{f.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
+    return cache_root(cfg) / "stores" / f"{name}-{cfg.size}px-{h.hexdigest()[:16]}.npz"
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """Decode one file to (size, size, C) uint8, C = 1 for grayscale content, else 3.
+
+    Modes are handled explicitly: 16-bit and float grayscale are scaled to 8 bits by their own
+    min-max (the window the image uses), alpha is composited onto black, palettes are expanded, and
+    RGB files whose three channels are equal count as grayscale. The image is padded to a square
+    with black (keeping the whole field of view, no distortion) and resized with antialiasing.
+    """
+    with Image.open(path) as f:
+        im: Image.Image = ImageOps.exif_transpose(f)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            a = np.asarray(im, dtype=np.float32)
+            lo, hi = float(a.min()), float(a.max())
+            im = Image.fromarray(((a - lo) / max(hi - lo, 1e-6) * 255.0 + 0.5).astype(np.uint8), "L")
+        elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+        elif im.mode in ("1", "L"):
+            im = im.convert("L")
+        else:  # P, CMYK, YCbCr, LAB, HSV, RGB
+            im = im.convert("RGB")
+        a = np.asarray(im)
+    if a.ndim == 3 and (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
+        a = a[..., 0]
+    return _square_resize(a if a.ndim == 3 else a[..., None], size)
+
+
+def _square_resize(a: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, C) uint8 → (size, size, C): pad to a centred square with 0, then antialiased resize."""
+    h, w, c = a.shape
+    if h != w:
+        s = max(h, w)
+        sq = np.zeros((s, s, c), dtype=np.uint8)
+        sq[(s - h) // 2 : (s - h) // 2 + h, (s - w) // 2 : (s - w) // 2 + w] = a
+        a = sq
+    if a.shape[0] != size:
+        im = Image.fromarray(a[..., 0] if c == 1 else a)
+        a = np.asarray(im.resize((size, size), Image.Resampling.BICUBIC))
+        a = a[..., None] if a.ndim == 2 else a
+    return a
+
+
+def _resize_batch(x: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, C) uint8 → (N, size, size, C)."""
+    if x.shape[1] == size and x.shape[2] == size:
+        return np.ascontiguousarray(x)
+    return np.stack([_square_resize(a, size) for a in x])
+
+
+def _stack(imgs: list[np.ndarray]) -> np.ndarray:
+    """Stack per-image arrays; if any image is colour, grayscale ones are replicated to 3 channels."""
+    if n_colour := sum(a.shape[-1] == 3 for a in imgs):
+        if n_colour < len(imgs):
+            log.warning(
+                "%d of %d images have colour, so the store is RGB; data.color=gray converts them",
+                n_colour,
+                len(imgs),
+            )
+        imgs = [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in imgs]
+    return np.stack(imgs)
+
+
+# ------------------------------------------------------------------------------------------------ splits
+
+
+def group_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a held-out part of about ``fraction`` of the images: stratified by label and
+    grouped (no group inside and outside it), via scikit-learn's ``StratifiedGroupKFold``."""
+    n_splits = max(2, round(1.0 / fraction))
+    _, codes = np.unique(groups, return_inverse=True)
+    min_class = np.bincount(labels).min() if len(labels) else 0
+    if len(np.unique(codes)) < n_splits:
+        raise DataError(f"only {len(np.unique(codes))} groups: too few to hold out {fraction:.0%} by group")
+    if min_class < n_splits:  # StratifiedGroupKFold warns and can leave a class out of the held-out part
+        log.warning(
+            "a class has %d images, fewer than %d folds: the split cannot be fully stratified",
+            min_class,
+            n_splits,
+        )
+    kfold = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    _, held = next(kfold.split(np.zeros(len(labels)), labels, codes))
+    return held
+
+
+def make_splits(
+    labels: np.ndarray, groups: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> np.ndarray:
+    """A (N,) array of 'train' / 'val' / 'test', stratified and grouped."""
+    split = np.full(len(labels), "train", dtype="<U5")
+    split[group_holdout(labels, groups, test_fraction, seed)] = "test"
+    rest = np.flatnonzero(split == "train")
+    val = group_holdout(labels[rest], groups[rest], val_fraction / (1.0 - test_fraction), seed + 1)
+    split[rest[val]] = "val"
+    return split
+
+
+def _fill_splits(store: Store, cfg: DataConfig, missing: list[str]) -> None:
+    """Assign the splits the source does not define, out of its training images."""
+    pool = np.flatnonzero((store.split == "") | (store.split == "train"))
+    if "test" in missing and "val" in missing:
+        sub = make_splits(
+            store.labels[pool], store.groups[pool], cfg.val_fraction, cfg.test_fraction, cfg.split_seed
+        )
+    else:
+        frac = cfg.test_fraction if "test" in missing else cfg.val_fraction
+        sub = np.full(len(pool), "train", dtype="<U5")
+        sub[group_holdout(store.labels[pool], store.groups[pool], frac, cfg.split_seed)] = missing[0]
+    store.split = store.split.astype("<U5")
+    store.split[pool] = sub
+    if "test" in missing and len(missing) == 1:
+        log.warning(
+            "%s defines no test split: holding out %.0f%% of train by group",
+            store.name,
+            100 * cfg.test_fraction,
+        )
+
+
+def _warn_group_leaks(store: Store) -> None:
+    leaks = [g for g in np.unique(store.groups) if len(np.unique(store.split[store.groups == g])) > 1]
+    if leaks:
+        log.warning(
+            "%d groups (patients) span more than one split, e.g. %s: scores will be optimistic. Drop the 'split' "
+            "column to let lowshot split by group.",
+            len(leaks),
+            leaks[:3],
+        )
+
+
+def _apply_limit(store: Store, limit: int, seed: int) -> None:
+    keep = []
+    for s in SPLITS:
+        idx = store.indices(s)
+        if len(idx) > limit:
+            try:
+                idx, _ = train_test_split(
+                    idx, train_size=limit, stratify=store.labels[idx], random_state=seed
+                )
+            except ValueError:  # a class too small to stratify
+                idx = np.random.default_rng(seed).choice(idx, limit, replace=False)
+        keep.append(np.sort(idx))
+    k = np.concatenate(keep)
+    for name in ("images", "labels", "split", "groups", "paths"):
+        setattr(store, name, getattr(store, name)[k])
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+class StoreDataset(Dataset):
+    """Images of a store as PIL images through ``transform``; items are ``(transform(img), label)``.
+
+    ``rgb=True`` replicates grayscale to 3 channels (data.channels=replicate); ``False`` keeps 1.
+    """
+
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, transform: Callable[[Image.Image], Any], rgb: bool
+    ):
+        self.images, self.labels, self.transform, self.rgb = images, labels, transform, rgb
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        a = self.images[i]
+        im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+        if self.rgb and im.mode == "L":
+            im = im.convert("RGB")
+        return self.transform(im), int(self.labels[i])
+
+
+def make_loader(ds: Dataset, batch_size: int, num_workers: int, train: bool) -> DataLoader:
+    """Shuffled, last partial batch dropped, for training; in order and complete for evaluation.
+
+    ``num_workers=-1`` picks: 0 on CPU, else the CPU cores per local process, at most 8."""
+    if num_workers < 0:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        num_workers = min(8, max(0, (os.cpu_count() or 1) // local - 1)) if torch.cuda.is_available() else 0
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def normalisation(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> dict[str, list[float]]:
+    """Model mean/std for ``channels`` input channels (1: the mean of the RGB values)."""
+    if channels == 1:
+        return {"mean": [float(np.mean(mean))], "std": [float(np.mean(std))]}
+    return {"mean": list(mean), "std": list(std)}
+
+
+def eval_transform(norm: dict[str, list[float]]) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL → (C, H, W) float tensor, normalised; no augmentation (the store is at working size)."""
+    return T.Compose([T.ToTensor(), T.Normalize(norm["mean"], norm["std"])])
+
+
+def train_transform(
+    size: int, crop_min_scale: float, hflip: float, vflip: float, norm: dict[str, list[float]]
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Light supervised augmentation: random resized crop and optional flips (no colour changes)."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(crop_min_scale, 1.0), antialias=True),
+            T.RandomHorizontalFlip(hflip),
+            T.RandomVerticalFlip(vflip),
+            T.ToTensor(),
+            T.Normalize(norm["mean"], norm["std"]),
+        ]
+    )

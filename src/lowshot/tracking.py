@@ -1,0 +1,194 @@
+"""A run: its Accelerator, its local directory and its W&B run.
+
+Every run writes a plain directory ``out_dir/name/`` (``config.yaml``, ``meta.json`` with the seed,
+git sha, exact command and versions, ``metrics.jsonl``, ``results.json``, checkpoints) and, unless
+``track.log_with=none``, logs through Accelerate's W&B tracker: project, group (the experiment),
+job_type, tags, the resolved config, per-epoch metrics and the final results as the summary.
+Without an API key W&B runs offline (``run_dir/wandb/offline-run-*``, ``wandb sync`` uploads it later)
+and never waits for a network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from .config import Config, flatten, to_dict, to_yaml
+from .models import weights_kind
+
+log = logging.getLogger(__name__)
+
+
+def mixed_precision(setting: str) -> str:
+    """'auto' → bf16 on CUDA, fp32 ('no') elsewhere: bf16 autocast on CPUs without bf16 instructions
+    (AVX2) ran 16-24x slower than fp32 here. An ``accelerate launch --mixed_precision`` wins over auto."""
+    if setting != "auto":
+        return setting
+    env = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if env != "no":
+        return env
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """The run's Accelerator (device, processes, mixed precision, trackers)."""
+    log_with = None
+    if cfg.track.log_with == "wandb":
+        _set_wandb_mode(cfg.track.wandb_mode)
+        log_with = "wandb"
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision), log_with=log_with)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # `accelerate launch --multi_gpu` on a machine without CUDA starts N processes that each
+        # believe they are alone: N copies of one run, silently. Refuse.
+        raise RuntimeError(
+            f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}. On CPU, launch with "
+            "ACCELERATE_USE_CPU=1 (e.g. `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...` "
+            "or `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 ...`)."
+        )
+    return accelerator
+
+
+def _wandb_has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        rc = netrc.netrc()
+    except (OSError, netrc.NetrcParseError):
+        return False
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    return rc.authenticators(host) is not None
+
+
+def _set_wandb_mode(mode: str) -> None:
+    if mode == "auto":
+        if "WANDB_MODE" in os.environ:
+            return  # the user's own choice
+        mode = "online" if _wandb_has_key() else "offline"
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")  # seconds: a key without a network must not hang a run
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip()[:12] + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Run:
+    """The local run directory and the tracker of one job (pretrain / probe / finetune)."""
+
+    def __init__(
+        self, accelerator: Accelerator, cfg: Config, job_type: str, data_name: str, overrides: list[str]
+    ):
+        self.accelerator, self.cfg, self.job_type = accelerator, cfg, job_type
+        name = cfg.name or f"{job_type}-{data_name}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = (
+            broadcast_object_list([name])[0] if accelerator.num_processes > 1 else name
+        )  # one name for all processes
+        self.dir = Path(cfg.out_dir) / name
+        self.name = name
+        self.tags = [data_name, cfg.model.name, f"weights:{weights_kind(cfg.model.weights)}", job_type]
+        self.meta: dict[str, Any] = {
+            "job_type": job_type,
+            "seed": cfg.seed,
+            "git_sha": git_sha(),
+            "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+            "overrides": overrides,
+            "world_size": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "device": str(accelerator.device)
+            + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
+            "mixed_precision": accelerator.mixed_precision,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "python": platform.python_version(),
+            "versions": {
+                p: _version(p) for p in ("torch", "timm", "lightly", "accelerate", "wandb", "scikit-learn")
+            },
+        }
+        if accelerator.is_main_process:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "config.yaml").write_text(to_yaml(cfg))
+            self._write_meta()
+            self.metrics_file = open(self.dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the run's life
+        if cfg.track.log_with == "wandb":
+            self._init_wandb(data_name)
+        accelerator.wait_for_everyone()
+
+    def _init_wandb(self, data_name: str) -> None:
+        kwargs = {
+            "wandb": {
+                "name": self.name,
+                "group": self.cfg.track.group or self.name,
+                "job_type": self.job_type,
+                "tags": [*self.tags, *self.cfg.track.tags],
+                "dir": str(self.dir.resolve()),
+                "notes": self.meta["command"],
+            }
+        }
+        config = {**flatten(to_dict(self.cfg)), "meta": self.meta}
+        try:
+            self.accelerator.init_trackers(self.cfg.track.project, config=config, init_kwargs=kwargs)
+        except Exception as err:  # e.g. a key but no network: fall back to offline rather than fail the run
+            log.warning("W&B online init failed (%s); logging offline instead", err)
+            os.environ["WANDB_MODE"] = "offline"
+            self.accelerator.init_trackers(self.cfg.track.project, config=config, init_kwargs=kwargs)
+
+    def _write_meta(self) -> None:
+        (self.dir / "meta.json").write_text(json.dumps(self.meta, indent=2))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Per-epoch metrics to ``metrics.jsonl`` and the tracker (main process only)."""
+        if self.accelerator.is_main_process:
+            self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.metrics_file.flush()
+        self.accelerator.log(metrics, step=step)
+
+    def finish(self, results: dict[str, Any]) -> None:
+        """Write ``results.json``, put the headline numbers in the W&B summary, close trackers."""
+        if self.accelerator.is_main_process:
+            self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            self._write_meta()
+            (self.dir / "results.json").write_text(json.dumps(results, indent=2))
+            self.metrics_file.close()
+            if self.cfg.track.log_with == "wandb":
+                summary = {
+                    k: v for k, v in flatten(results).items() if isinstance(v, (int, float, str, bool))
+                }
+                self.accelerator.get_tracker("wandb", unwrap=True).summary.update(summary)
+        self.accelerator.end_training()
+
+
+def _version(pkg: str) -> str:
+    try:
+        return version(pkg)
+    except Exception:
+        return "absent"

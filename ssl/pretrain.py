@@ -1,0 +1,166 @@
+"""SimCLR pretraining of any timm backbone on the (unlabelled) training images.
+
+    accelerate launch ssl/pretrain.py [--config FILE.yaml] [key=value ...]
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ssl/pretrain.py ...   # 2 CPU processes
+
+Writes ``out_dir/<name>/checkpoint/`` (backbone.safetensors + config.yaml): pass that folder to
+``finetune/train.py model.weights=...``. Labels are never used for training; the validation labels
+only feed the online kNN monitor, because the contrastive loss alone says little about the
+representation. The test split is not read.
+"""
+
+import sys
+import time
+
+import torch
+from accelerate.utils import set_seed
+from lightly.utils.benchmarking import knn_predict
+from sklearn.metrics import balanced_accuracy_score
+from tqdm.auto import tqdm
+
+from lowshot.cli import user_errors
+from lowshot.config import parse_args
+from lowshot.data import StoreDataset, eval_transform, load_store, make_loader
+from lowshot.finetune import make_optimizer, warmup_cosine
+from lowshot.methods import METHODS
+from lowshot.models import backbone_for, embed, save_checkpoint
+from lowshot.tracking import Run, make_accelerator
+
+user_errors()
+cfg, overrides = parse_args(sys.argv[1:])
+if cfg.ssl.method not in METHODS:
+    sys.exit(f"error: ssl.method={cfg.ssl.method} is not one of {sorted(METHODS)}")
+accelerator = make_accelerator(cfg)
+set_seed(cfg.seed, device_specific=True)  # each process draws its own augmentations
+with accelerator.main_process_first():  # the first process decodes and caches; the others read the cache
+    store = load_store(cfg.data)
+accelerator.print(store.describe())
+run = Run(accelerator, cfg, "pretrain", store.name, overrides)
+
+# ---- model, views, data --------------------------------------------------------------------------------
+backbone, in_chans, norm = backbone_for(cfg, store.grayscale)
+model, views = METHODS[cfg.ssl.method](backbone, backbone.num_features, cfg, store.grayscale, norm)
+rgb = in_chans == 3
+train_idx, val_idx = store.indices("train"), store.indices("val")
+per_process = len(train_idx) // accelerator.num_processes
+batch_size = min(cfg.ssl.batch_size, per_process)  # drop_last must leave at least one step
+if batch_size < cfg.ssl.batch_size:
+    accelerator.print(
+        f"ssl.batch_size {cfg.ssl.batch_size} > {per_process} images per process: using {batch_size}"
+    )
+loader = make_loader(
+    StoreDataset(store.images[train_idx], store.labels[train_idx], views, rgb),
+    batch_size,
+    cfg.data.num_workers,
+    train=True,
+)
+plain = eval_transform(norm)
+bank_loader = make_loader(
+    StoreDataset(store.images[train_idx], store.labels[train_idx], plain, rgb),
+    256,
+    cfg.data.num_workers,
+    train=False,
+)
+val_loader = make_loader(
+    StoreDataset(store.images[val_idx], store.labels[val_idx], plain, rgb),
+    256,
+    cfg.data.num_workers,
+    train=False,
+)
+
+optimizer = make_optimizer(model, cfg.ssl.optimizer, cfg.ssl.lr, cfg.ssl.weight_decay)
+model, optimizer, loader, bank_loader, val_loader = accelerator.prepare(
+    model, optimizer, loader, bank_loader, val_loader
+)
+steps_per_epoch = len(loader)  # per process, after sharding
+scheduler = warmup_cosine(
+    optimizer, cfg.ssl.warmup_epochs * steps_per_epoch, cfg.ssl.epochs * steps_per_epoch, cfg.ssl.min_lr_ratio
+)
+global_batch = batch_size * accelerator.num_processes
+accelerator.print(
+    f"SimCLR: {cfg.model.name} ({sum(p.numel() for p in backbone.parameters()) / 1e6:.2f} M params, {in_chans} ch, "
+    f"{cfg.data.size} px) | {accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision} | "
+    f"global batch {global_batch} → {2 * global_batch - 2} negatives per anchor | {steps_per_epoch} steps/epoch"
+)
+
+
+def knn_monitor() -> dict[str, float]:
+    """Weighted kNN (Wu et al., 2018) of validation images against the training bank, cosine similarity."""
+    unwrapped = accelerator.unwrap_model(model).backbone
+    bank, bank_y = embed(unwrapped, bank_loader, accelerator)
+    val, val_y = embed(unwrapped, val_loader, accelerator)
+    bank, val = torch.nn.functional.normalize(bank, dim=1), torch.nn.functional.normalize(val, dim=1)
+    pred = knn_predict(
+        val, bank.T.contiguous(), bank_y, store.num_classes, knn_k=cfg.ssl.knn_k, knn_t=cfg.ssl.knn_t
+    )[:, 0]
+    return {
+        "knn/val_accuracy": float((pred == val_y).float().mean()),
+        "knn/val_balanced_accuracy": float(balanced_accuracy_score(val_y.numpy(), pred.numpy())),
+    }
+
+
+# ---- training ------------------------------------------------------------------------------------------
+step, knn = 0, {}
+for epoch in range(cfg.ssl.epochs):
+    model.train()
+    t0, data_time, total, count = time.perf_counter(), 0.0, torch.zeros((), device=accelerator.device), 0
+    t_data = time.perf_counter()
+    for (x0, x1), _ in tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}/{cfg.ssl.epochs}",
+        disable=not accelerator.is_local_main_process,
+        leave=False,
+    ):
+        data_time += time.perf_counter() - t_data
+        loss = model(x0, x1)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += loss.detach()
+        count += 1
+        step += 1
+        t_data = time.perf_counter()
+    epoch_time = time.perf_counter() - t0
+    metrics = {
+        "epoch": epoch + 1,
+        "train/loss": float(accelerator.reduce(total / max(count, 1), reduction="mean")),
+        "lr": scheduler.get_last_lr()[0],
+        "pairs_per_s": global_batch * count / epoch_time,
+        "data_time_frac": data_time / epoch_time,
+    }
+    if cfg.ssl.knn_every and ((epoch + 1) % cfg.ssl.knn_every == 0 or epoch + 1 == cfg.ssl.epochs):
+        knn = knn_monitor()
+        metrics.update(knn)
+    run.log(metrics, step=step)
+    accelerator.print(
+        " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    )
+
+# ---- save ----------------------------------------------------------------------------------------------
+accelerator.wait_for_everyone()
+ckpt = run.dir / "checkpoint"
+if accelerator.is_main_process:
+    save_checkpoint(
+        ckpt,
+        accelerator.unwrap_model(model).backbone,
+        cfg,
+        {"in_chans": in_chans, "epochs": cfg.ssl.epochs, **run.meta},
+    )
+run.finish(
+    {
+        "job": "pretrain",
+        "method": cfg.ssl.method,
+        "data": store.name,
+        "model": cfg.model.name,
+        "checkpoint": str(ckpt),
+        "final_loss": metrics["train/loss"],
+        "world_size": accelerator.num_processes,
+        "global_batch": global_batch,
+        "negatives_per_anchor": 2 * global_batch - 2,
+        **knn,
+    }
+)
+accelerator.print(
+    f"checkpoint: {ckpt}  (next: accelerate launch finetune/train.py --probe model.weights={ckpt})"
+)

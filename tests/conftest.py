@@ -1,0 +1,46 @@
+"""Shared fixtures. The real data live in ../shared/data (or $LOWSHOT_DATA_ROOT); under CI=true a
+missing file fails the test instead of skipping it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("LOWSHOT_DATA_ROOT") or REPO.parent / "shared" / "data").resolve()
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        msg = f"{path} is missing: set LOWSHOT_DATA_ROOT to the folder with breastmnist.npz, retinamnist.npz, busi/"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    need(DATA / "breastmnist.npz")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def busi(data_root: Path) -> Path:
+    return need(data_root / "busi")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One decoded-store cache for the session (the data folder itself is read-only)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No test may reach for the network or an ambient W&B login.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("LOWSHOT_CACHE", raising=False)

@@ -1,0 +1,205 @@
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lowshot import data as data_mod
+from lowshot.config import DataConfig
+from lowshot.data import DataError, decode_image, load_store, make_splits
+
+
+def cfg(root: Path, source: str, cache: Path, **kw) -> DataConfig:
+    return DataConfig(root=str(root), source=source, cache_dir=str(cache), **kw)
+
+
+def test_breastmnist_official_split(data_root: Path, cache_dir: Path) -> None:
+    store = load_store(cfg(data_root, "breastmnist.npz", cache_dir, size=28))
+    assert store.images.shape == (780, 28, 28, 1) and store.images.dtype == np.uint8
+    assert store.counts() == {"train": [147, 399], "val": [21, 57], "test": [42, 114]}
+    assert store.grayscale and store.num_classes == 2
+    assert store.classes[0] == "malignant"
+
+
+def test_npz_resized_to_working_size(data_root: Path, cache_dir: Path) -> None:
+    store = load_store(cfg(data_root, "retinamnist.npz", cache_dir, size=40))
+    assert store.images.shape == (1600, 40, 40, 3) and store.num_classes == 5
+    assert sum(store.counts()["test"]) == 400
+
+
+def test_npz_md5_mismatch_is_an_error(data_root: Path, tmp_path: Path, cache_dir: Path) -> None:
+    bad = tmp_path / "breastmnist.npz"
+    raw = bytearray((data_root / "breastmnist.npz").read_bytes())
+    raw[-100] ^= 0xFF
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="md5") as err:
+        load_store(cfg(tmp_path, "breastmnist.npz", cache_dir))
+    assert str(bad) in str(err.value)
+
+
+def test_missing_medmnist_file_offline_says_where_to_put_it(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import medmnist
+
+    def offline(*a, **k):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(medmnist, "PneumoniaMNIST", offline)
+    with pytest.raises(DataError) as err:
+        load_store(cfg(tmp_path, "pneumoniamnist.npz", cache_dir))
+    msg = str(err.value)
+    assert "could not be downloaded" in msg and str(tmp_path) in msg and "md5" in msg
+
+
+def test_missing_source_names_the_path(tmp_path: Path, cache_dir: Path) -> None:
+    with pytest.raises(DataError, match="LOWSHOT_DATA_ROOT") as err:
+        load_store(cfg(tmp_path, "nothing_here", cache_dir))
+    assert str(tmp_path / "nothing_here") in str(err.value)
+
+
+def _write_modes(root: Path) -> None:
+    """A class-per-folder set with every mode the reader must handle, plus junk."""
+    rng = np.random.default_rng(0)
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    g = rng.integers(0, 256, (40, 30), dtype=np.uint8)
+    Image.fromarray(g, "L").save(root / "a" / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8), "RGB").save(root / "a" / "rgb.jpg")
+    rgba = np.zeros((30, 30, 4), dtype=np.uint8)
+    rgba[..., 0] = 255
+    rgba[:, :15, 3] = 255  # left half opaque red, right half transparent
+    Image.fromarray(rgba, "RGBA").save(root / "a" / "rgba.png")
+    Image.fromarray(g, "L").convert("P").save(root / "b" / "palette.png")
+    sixteen = (np.linspace(1000, 4000, 900).reshape(30, 30)).astype(np.uint16)  # 12-bit data in 16 bits
+    Image.fromarray(sixteen).save(root / "b" / "deep16.png")
+    Image.fromarray(g > 128).save(root / "b" / "binary.png")
+    (root / "b" / "notes.txt").write_text("not an image")
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "README.md").write_text("stray file")
+
+
+def test_folder_handles_modes_and_reports_junk(tmp_path: Path, cache_dir: Path) -> None:
+    _write_modes(tmp_path / "set")
+    store = load_store(cfg(tmp_path, "set", cache_dir, size=16, val_fraction=0.34, test_fraction=0.34))
+    names = sorted(Path(p).name for p in store.paths)
+    assert names == ["binary.png", "deep16.png", "gray.png", "palette.png", "rgb.jpg", "rgba.png"]
+    skipped = {Path(f).name: why for f, why in store.skipped}
+    assert set(skipped) == {"notes.txt", "broken.png", "README.md"}
+    assert "cannot decode" in skipped["broken.png"]
+    assert store.images.shape == (6, 16, 16, 3)  # one colour image makes the store RGB
+    assert store.classes == ["a", "b"]
+
+
+def test_decode_modes_explicitly(tmp_path: Path) -> None:
+    _write_modes(tmp_path)
+    deep = decode_image(tmp_path / "b" / "deep16.png", 30)
+    assert (
+        deep.shape == (30, 30, 1) and deep.min() == 0 and deep.max() == 255
+    )  # 16-bit window → full 8-bit range
+    rgba = decode_image(tmp_path / "a" / "rgba.png", 30)
+    assert rgba.shape == (30, 30, 3)
+    assert (rgba[:, :10, 0] == 255).all() and (rgba[:, 20:] == 0).all()  # transparent → black
+    gray = decode_image(tmp_path / "a" / "gray.png", 20)  # 40x30 → padded square → 20x20
+    assert gray.shape == (20, 20, 1)
+    assert (gray[:, 0] < 10).all()  # the padding column is black
+    assert decode_image(tmp_path / "b" / "palette.png", 8).shape == (8, 8, 1)  # a gray palette stays gray
+
+
+def test_busi_folder_split_cache(busi: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = cfg(busi.parent, busi.name, cache_dir, size=32)
+    store = load_store(c)
+    assert len(store.labels) == 780 and store.classes == ["benign", "malignant", "normal"]
+    # BUSI PNGs are RGB files; most have three equal channels, 16 carry coloured annotations.
+    assert not store.grayscale
+    colour = (store.images[..., 0] != store.images[..., 1]).any(axis=(1, 2))
+    assert 10 <= colour.sum() <= 20
+    counts = store.counts()
+    assert [sum(counts[s]) for s in ("train", "val", "test")] == pytest.approx([507, 117, 156], abs=8)
+    for s in ("val", "test"):  # stratified: class proportions follow the whole set (437/210/133)
+        frac = np.array(counts[s]) / sum(counts[s])
+        assert np.allclose(frac, [437 / 780, 210 / 780, 133 / 780], atol=0.03)
+    assert len(list((cache_dir / "stores").glob("busi-32px-*.npz"))) == 1
+
+    def no_decode(*a, **k):
+        raise AssertionError("the second load must read the cache, not decode")
+
+    monkeypatch.setattr(data_mod, "decode_image", no_decode)
+    again = load_store(c)
+    assert np.array_equal(again.images, store.images) and np.array_equal(again.split, store.split)
+    gray = load_store(cfg(busi.parent, busi.name, cache_dir, size=32, color="gray"))
+    assert gray.images.shape == (780, 32, 32, 1) and np.array_equal(gray.split, store.split)
+
+
+def _manifest(tmp: Path, busi: Path, with_split: bool = False) -> Path:
+    files = sorted(busi.glob("*/*.png"))[::4]  # 195 images
+    rows = []
+    for i, f in enumerate(files):
+        row = {"path": str(f), "label": f.parent.name, "group": f"patient{i // 3}"}  # 3 images per patient
+        if with_split:
+            row["split"] = ("train", "val", "test")[(i // 3) % 3]
+        rows.append(row)
+    out = tmp / "manifest.csv"
+    with open(out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def test_csv_manifest_grouped_split(busi: Path, tmp_path: Path, cache_dir: Path) -> None:
+    m = _manifest(tmp_path, busi)
+    store = load_store(cfg(tmp_path, m.name, cache_dir, size=16))
+    assert len(store.labels) == 195 and store.num_classes == 3
+    for g in np.unique(store.groups):
+        assert len(np.unique(store.split[store.groups == g])) == 1, f"group {g} spans two splits"
+    assert set(np.unique(store.split)) == {"train", "val", "test"}
+
+
+def test_csv_manifest_own_split_is_kept(busi: Path, tmp_path: Path, cache_dir: Path) -> None:
+    m = _manifest(tmp_path, busi, with_split=True)
+    store = load_store(cfg(tmp_path, m.name, cache_dir, size=16))
+    with open(m) as fh:
+        want = {r["path"]: r["split"] for r in csv.DictReader(fh)}
+    assert all(want[p] == s for p, s in zip(store.paths, store.split, strict=True))
+
+
+def test_csv_manifest_errors_name_line(tmp_path: Path, cache_dir: Path) -> None:
+    m = tmp_path / "m.csv"
+    m.write_text("path,label,split\na.png,x,train\nb.png,y,holdout\n")
+    with pytest.raises(DataError, match="line 3"):
+        load_store(cfg(tmp_path, "m.csv", cache_dir))
+    m.write_text("file,class\na.png,x\n")
+    with pytest.raises(DataError, match="path,label"):
+        load_store(cfg(tmp_path, "m.csv", cache_dir))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_make_splits_never_puts_a_group_in_two_splits(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    groups = rng.integers(0, 120, 600).astype(str)  # uneven group sizes
+    labels = (rng.random(600) < 0.3).astype(int)
+    split = make_splits(labels, groups, 0.15, 0.2, seed)
+    for g in np.unique(groups):
+        assert len(np.unique(split[groups == g])) == 1
+    fractions = [np.mean(split == s) for s in ("train", "val", "test")]
+    assert fractions == pytest.approx([0.65, 0.15, 0.2], abs=0.06)
+    assert np.array_equal(split, make_splits(labels, groups, 0.15, 0.2, seed))  # seeded
+
+
+def test_limit_keeps_stratified_subset(data_root: Path, cache_dir: Path) -> None:
+    store = load_store(cfg(data_root, "breastmnist.npz", cache_dir, size=28, limit=50))
+    counts = store.counts()
+    assert [sum(counts[s]) for s in ("train", "val", "test")] == [50, 50, 50]
+    assert counts["train"][0] == pytest.approx(50 * 147 / 546, abs=1)
+
+
+def test_read_only_data_folder_is_never_written(busi: Path, tmp_path: Path, cache_dir: Path) -> None:
+    copy = tmp_path / "ro"
+    shutil.copytree(busi / "normal", copy / "normal")
+    shutil.copytree(busi / "malignant", copy / "malignant")
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    load_store(cfg(tmp_path, "ro", cache_dir / "other", size=16))
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before

@@ -1,0 +1,168 @@
+"""End to end through the real `accelerate launch`, real timm models, real BreastMNIST and BUSI
+images, real W&B (offline). Small on purpose: 28-32 px, a few epochs, subsets of the splits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def launch(
+    script: str, args: list[str], tmp: Path, launcher: list[str] | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    launcher = launcher if launcher is not None else ["--cpu"]
+    e = {
+        **os.environ,
+        "HF_HOME": str(tmp / "hf"),  # no accelerate config file: the defaults must work
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    e = {k: v for k, v in e.items() if v is not None}  # None: unset
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(REPO / script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600, cwd=REPO)
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def common(data_root: Path, cache_dir: Path, out: Path, source: str) -> list[str]:
+    return [
+        f"data.root={data_root}",
+        f"data.source={source}",
+        f"data.cache_dir={cache_dir}",
+        f"out_dir={out}",
+        "data.size=32",
+        "eval.bootstrap=100",
+        "ssl.batch_size=64",
+        "ssl.knn_every=1",
+    ]
+
+
+def check_test_report(run: Path) -> dict:
+    res = json.loads((run / "results.json").read_text())
+    m = res["test"]["metrics"]
+    for k in ("auroc", "accuracy", "balanced_accuracy"):
+        assert m[k]["low"] <= m[k]["value"] <= m[k]["high"], (k, m[k])
+    assert (run / "config.yaml").is_file() and (run / "meta.json").is_file()
+    return res
+
+
+def check_wandb_offline(run: Path, job: str) -> None:
+    """The offline W&B run holds the config, job type and final summary (protobuf strings)."""
+    files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, list((run / "wandb").rglob("*"))
+    raw = files[0].read_bytes()
+    assert b"data.source" in raw and b"train.lr" in raw  # the resolved config
+    assert job.encode() in raw
+    assert (b"test.metrics.auroc.value" if job != "pretrain" else b"final_loss") in raw  # the summary
+
+
+def test_breastmnist_pretrain_probe_finetune(data_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    args = [*common(data_root, cache_dir, tmp_path, "breastmnist.npz"), "data.limit=160", "track.group=e2e"]
+    ok(launch("ssl/pretrain.py", [*args, "name=pre", "ssl.epochs=2"], tmp_path, launcher=[]))
+    ckpt = tmp_path / "pre" / "checkpoint"
+    assert {p.name for p in ckpt.iterdir()} >= {"backbone.safetensors", "config.yaml"}
+    pre = json.loads((tmp_path / "pre" / "results.json").read_text())
+    assert 0.0 <= pre["knn/val_accuracy"] <= 1.0 and pre["world_size"] == 1
+    epochs = [json.loads(line) for line in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2] and all("knn/val_accuracy" in e for e in epochs)
+    check_wandb_offline(tmp_path / "pre", "pretrain")
+
+    p = ok(launch("finetune/train.py", ["--probe", *args, "name=probe", f"model.weights={ckpt}"], tmp_path))
+    assert "TEST (probe, evaluated once)" in p.stdout
+    probe = check_test_report(tmp_path / "probe")
+    assert probe["selected"]["C"] in [p["C"] for p in probe["selected"]["curve"]]
+    assert probe["test"]["n"] == 156 and len(probe["selected"]["curve"]) >= 5
+    check_wandb_offline(tmp_path / "probe", "probe")
+
+    ok(launch("finetune/train.py", [*args, "name=ft", f"model.weights={ckpt}", "train.epochs=2"], tmp_path))
+    ft = check_test_report(tmp_path / "ft")
+    assert ft["selected"]["epoch"] in (1, 2)
+    assert (tmp_path / "ft" / "checkpoint" / "head.safetensors").is_file()
+    check_wandb_offline(tmp_path / "ft", "finetune")
+
+
+def test_two_cpu_processes(data_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    two = ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29541"]
+    env = {"ACCELERATE_USE_CPU": "1"}
+    args = [
+        *common(data_root, cache_dir, tmp_path, "breastmnist.npz"),
+        "data.limit=128",
+        "track.log_with=none",
+    ]
+    ok(
+        launch(
+            "ssl/pretrain.py", [*args, "name=pre2", "ssl.epochs=1", "ssl.batch_size=32"], tmp_path, two, env
+        )
+    )
+    pre = json.loads((tmp_path / "pre2" / "results.json").read_text())
+    assert pre["world_size"] == 2 and pre["global_batch"] == 64 and pre["negatives_per_anchor"] == 126
+    meta = json.loads((tmp_path / "pre2" / "meta.json").read_text())
+    assert "MULTI_CPU" in meta["distributed_type"]
+    ok(
+        launch(
+            "finetune/train.py",
+            [*args, "name=ft2", "train.epochs=1", f"model.weights={tmp_path / 'pre2' / 'checkpoint'}"],
+            tmp_path,
+            two,
+            env,
+        )
+    )
+    ft = check_test_report(tmp_path / "ft2")
+    assert ft["test"]["n"] == 128  # gather_for_metrics: every test image once, none doubled
+
+
+def test_busi_folder_pipeline(busi: Path, cache_dir: Path, tmp_path: Path) -> None:
+    args = [
+        *common(busi.parent, cache_dir, tmp_path, busi.name),
+        "data.limit=96",
+        "data.color=gray",
+        "data.channels=single",
+        "track.log_with=none",
+    ]
+    ok(launch("ssl/pretrain.py", [*args, "name=pre", "ssl.epochs=1", "model.name=test_resnet"], tmp_path))
+    w = f"model.weights={tmp_path / 'pre' / 'checkpoint'}"
+    ok(launch("finetune/train.py", ["--probe", *args, "name=probe", "model.name=test_resnet", w], tmp_path))
+    res = check_test_report(tmp_path / "probe")
+    assert res["classes"] == ["benign", "malignant", "normal"] and len(res["test"]["per_class"]) == 3
+
+
+def test_bad_input_fails_fast_with_a_clear_message(data_root: Path, tmp_path: Path) -> None:
+    p = launch("finetune/train.py", ["train.lrr=0.1"], tmp_path)
+    assert p.returncode != 0 and "did you mean 'train.lr'" in p.stderr
+    p = launch(
+        "finetune/train.py",
+        [f"data.root={tmp_path}", "data.source=missing.npz", "track.log_with=none", f"out_dir={tmp_path}"],
+        tmp_path,
+    )
+    assert p.returncode != 0 and str(tmp_path / "missing.npz") in p.stderr
+    assert "lowshot: error:" in p.stderr
+
+
+def test_multi_gpu_launch_on_cpu_without_use_cpu_is_refused(data_root: Path, tmp_path: Path) -> None:
+    """`accelerate launch --multi_gpu` on a CPU machine starts 2 processes that each think they are
+    alone; the scripts refuse rather than run two copies."""
+    two = ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29542"]
+    p = launch(
+        "ssl/pretrain.py",
+        ["track.log_with=none", f"out_dir={tmp_path}"],
+        tmp_path,
+        two,
+        {"ACCELERATE_USE_CPU": None},
+    )
+    assert p.returncode != 0
+    assert (
+        "2 processes were launched but Accelerate sees 1" in p.stderr and "ACCELERATE_USE_CPU=1" in p.stderr
+    )

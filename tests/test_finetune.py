@@ -1,0 +1,60 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lowshot.finetune import EarlyStopping, fit_probe, make_optimizer, warmup_cosine
+
+
+def test_early_stopping_keeps_a_copy_not_a_reference() -> None:
+    model = nn.Linear(3, 2)
+    stop = EarlyStopping(patience=2)
+    assert not stop.step(0.7, 1, model)
+    best = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)  # a later optimizer step changes the live weights in place
+    assert not stop.step(0.6, 2, model)
+    assert stop.step(0.65, 3, model)  # two epochs without improvement
+    stop.restore(model)
+    assert torch.equal(model.weight, best) and stop.best_epoch == 1
+
+
+def test_no_weight_decay_on_norms_and_biases() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 3, 8, 8))
+    opt = make_optimizer(model, "adamw", 1e-3, 0.05)
+    by_decay = {g["weight_decay"]: sum(p.numel() for p in g["params"]) for g in opt.param_groups}
+    n_1d = sum(p.numel() for p in model.parameters() if p.ndim <= 1)
+    assert by_decay[0.0] == n_1d and by_decay[0.05] == sum(p.numel() for p in model.parameters()) - n_1d
+    assert isinstance(make_optimizer(model, "sgd", 1e-2, 1e-4), torch.optim.SGD)
+
+
+def test_warmup_then_cosine() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, warmup_steps=4, total_steps=20, min_ratio=0.1)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_probe_chooses_regularisation_on_validation() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=20)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(size=(n, 20))
+        return x, (x @ w + rng.normal(0, 2, n) > 0).astype(int)
+
+    xt, yt = sample(40)  # few labels, noisy: an unregularised fit overfits
+    xv, yv = sample(200)
+    clf, c, curve = fit_probe(xt, yt, xv, yv, [1e-3, 1e-2, 0.1, 1.0, 10.0])
+    assert len(curve) == 5 and c == max(curve, key=lambda p: p["val_auroc"])["C"]
+    assert clf.predict_proba(xv).shape == (200, 2)
+    assert max(p["val_auroc"] for p in curve) > 0.75

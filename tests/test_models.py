@@ -1,0 +1,93 @@
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from lowshot.config import Config, ModelConfig
+from lowshot.models import WeightsError, backbone_for, create_backbone, save_checkpoint
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> bool:
+    a.eval()
+    b.eval()
+    with torch.no_grad():
+        return torch.allclose(a(x), b(x), atol=1e-6)
+
+
+def test_backbone_gives_pooled_features() -> None:
+    m = create_backbone(ModelConfig(name="test_resnet"), in_chans=3, img_size=32)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, m.num_features)
+
+
+def test_vit_gets_img_size() -> None:
+    m = create_backbone(ModelConfig(name="test_vit"), in_chans=3, img_size=32)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, m.num_features)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_weight_file_loads_through_timm(tmp_path: Path, suffix: str) -> None:
+    torch.manual_seed(1)
+    full = timm.create_model("test_resnet", num_classes=7)  # with a classifier, as published weights are
+    f = tmp_path / f"w{suffix}"
+    state = {k: v.contiguous() for k, v in full.state_dict().items()}
+    save_file(state, str(f)) if suffix == ".safetensors" else torch.save(state, f)
+    m = create_backbone(ModelConfig(name="test_resnet", weights=str(f)))
+    full.reset_classifier(0)
+    assert _same(m, full, torch.randn(2, 3, 32, 32))
+
+
+def test_rgb_weights_adapt_to_one_channel(tmp_path: Path) -> None:
+    full = timm.create_model("test_resnet", num_classes=0)
+    f = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(f))
+    m = create_backbone(ModelConfig(name="test_resnet", weights=str(f)), in_chans=1)
+    stem = next(p for n, p in m.named_parameters() if p.ndim == 4)
+    ref = next(p for n, p in full.named_parameters() if p.ndim == 4)
+    assert stem.shape[1] == 1 and torch.allclose(stem[:, 0], ref.sum(1))  # timm sums the RGB kernels
+
+
+def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):  # would run code on unpickling
+            return (print, ("pwned",))
+
+    f = tmp_path / "evil.pth"
+    with open(f, "wb") as fh:
+        pickle.dump({"conv1.weight": Evil()}, fh)
+    with pytest.raises(WeightsError, match="weights_only"):
+        create_backbone(ModelConfig(name="test_resnet", weights=str(f)))
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    cfg = Config()
+    cfg.model.name = "test_resnet"
+    cfg.data.channels = "single"
+    src, in_chans, _ = backbone_for(cfg, grayscale=True)
+    assert in_chans == 1
+    with torch.no_grad():  # make it differ from any fresh init
+        for p in src.parameters():
+            p.add_(0.01)
+    d = save_checkpoint(tmp_path / "ckpt", src, cfg, {"in_chans": 1})
+    assert {p.name for p in d.iterdir()} == {"backbone.safetensors", "config.yaml", "meta.json"}
+    cfg.model.weights = str(d)
+    loaded, _, _ = backbone_for(cfg, grayscale=True)
+    assert _same(src, loaded, torch.randn(2, 1, 32, 32))
+    # A mismatch is caught with the fix in the message.
+    with pytest.raises(WeightsError, match=re.escape("model.name=test_resnet")):
+        create_backbone(ModelConfig(name="resnet18", weights=str(d)), in_chans=1)
+    with pytest.raises(WeightsError, match=re.escape("data.channels=single")):
+        create_backbone(ModelConfig(name="test_resnet", weights=str(d)), in_chans=3)
+
+
+def test_bad_names_and_paths_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="not a timm model"):
+        create_backbone(ModelConfig(name="resnet_eighteen"))
+    with pytest.raises(WeightsError, match="no such file"):
+        create_backbone(ModelConfig(name="test_resnet", weights=str(tmp_path / "nope.pth")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match=re.escape("holds no backbone.safetensors")):
+        create_backbone(ModelConfig(name="test_resnet", weights=str(tmp_path / "empty")))
