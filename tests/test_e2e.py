@@ -149,6 +149,51 @@ def test_bad_input_fails_fast_with_a_clear_message(data_root: Path, tmp_path: Pa
     )
     assert p.returncode != 0 and str(tmp_path / "missing.npz") in p.stderr
     assert "lowshot: error:" in p.stderr
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "config.yaml").write_text("seed: 0\n")
+    p = launch(
+        "finetune/train.py",
+        [f"data.root={data_root}", "track.log_with=none", f"out_dir={tmp_path}", "name=done"],
+        tmp_path,
+    )
+    assert p.returncode != 0 and "already holds a run" in p.stderr
+
+
+def test_quickstart_command(data_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """The README's main job, shrunk by configs/smoke.yaml: pretrain → probe → fine-tune → report."""
+    args = [
+        "--config",
+        "configs/smoke.yaml",
+        f"data.root={data_root}",
+        f"data.cache_dir={cache_dir}",
+        f"out_dir={tmp_path}",
+    ]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    p = subprocess.run(
+        [sys.executable, "-m", "lowshot.cli", "quickstart", *args, "name=qs"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for job in ("pretrain", "probe", "finetune"):
+        assert (tmp_path / "qs" / job / "results.json").is_file()
+    assert "qs/probe: TEST probe" in p.stdout and "qs/finetune: TEST finetune" in p.stdout
+    assert "selected on validation: C=" in p.stdout and "selected on validation: epoch" in p.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "lowshot.cli", "quickstart", "ssl.epoch=3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert (
+        bad.returncode != 0
+        and "did you mean 'ssl.epochs'" in bad.stderr
+        and not (REPO / "runs" / "qs").exists()
+    )
 
 
 def test_multi_gpu_launch_on_cpu_without_use_cpu_is_refused(data_root: Path, tmp_path: Path) -> None:

@@ -91,3 +91,23 @@ def test_bad_names_and_paths_are_clear(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsError, match=re.escape("holds no backbone.safetensors")):
         create_backbone(ModelConfig(name="test_resnet", weights=str(tmp_path / "empty")))
+
+
+def test_embedding_extraction_leaves_batchnorm_statistics_frozen() -> None:
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lowshot.models import embed
+
+    accelerator = Accelerator(cpu=True)
+    m = create_backbone(ModelConfig(name="test_resnet"))
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
+    loader = accelerator.prepare(
+        DataLoader(TensorDataset(torch.randn(10, 3, 32, 32) * 5 + 3, torch.arange(10)), batch_size=4)
+    )
+    feats, labels = embed(m, loader, accelerator)
+    assert feats.shape == (10, m.num_features) and labels.tolist() == list(range(10))
+    after = {k: v for k, v in m.state_dict().items() if "running" in k}
+    assert before and all(torch.equal(before[k], after[k]) for k in before)
+    assert m.training  # the caller's mode is restored

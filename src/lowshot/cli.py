@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -65,7 +66,7 @@ def quickstart(extra: list[str]) -> Path:
 
     ``extra`` overrides apply to all three jobs (e.g. ``data.source=busi``, ``--config FILE``)."""
     cfg, _ = parse_args(extra)  # fail early on a bad override, before any training
-    group = cfg.name or "quickstart"
+    group = cfg.name or f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
     base = Path(cfg.out_dir) / group
     ckpt = base / "pretrain" / "checkpoint"
     common = [*extra, f"track.group={group}"]
@@ -74,6 +75,7 @@ def quickstart(extra: list[str]) -> Path:
     _launch("finetune/train.py", [*common, f"name={group}/finetune", f"model.weights={ckpt}"])
     print()
     show([base / "probe", base / "finetune"])
+    print(f"all three runs: {base}/  (config.yaml, metrics.jsonl, results.json, checkpoint/, wandb/)")
     return base
 
 
@@ -84,30 +86,28 @@ def show(run_dirs: list[Path]) -> None:
             raise SystemExit(f"lowshot: error: {f} does not exist (did the run finish?)")
         res = json.loads(f.read_text())
         print(format_report(res["test"], f"{d}: TEST {res['job']} ({res['model']}, {res['data']})"))
-        print(
-            f"  selected on validation: {res['selected'].get('C', res['selected'].get('epoch'))} "
-            f"(val AUROC {res['selected']['val_auroc']:.3f})\n"
-        )
+        sel = res["selected"]
+        what = f"C={sel['C']:g}" if "C" in sel else f"epoch {sel['epoch']}"
+        print(f"  selected on validation: {what} (val AUROC {sel['val_auroc']:.3f})\n")
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="lowshot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser(
-        "quickstart", help="pretrain → probe → fine-tune → test report on the default data set"
+    sub.add_parser(
+        "quickstart", help="pretrain → probe → fine-tune → test report; takes --config FILE and key=value"
     )
-    q.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value settings applied to every job")
     s = sub.add_parser("show", help="print the test report of finished runs")
     s.add_argument("run_dirs", nargs="+", type=Path)
-    args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        if args.cmd == "quickstart":
-            quickstart(args.overrides)
+        if argv[:1] == ["quickstart"]:  # the rest are lowshot settings, parsed by lowshot.config
+            quickstart(argv[1:])
         else:
-            show(args.run_dirs)
+            show(parser.parse_args(argv).run_dirs)
     except USER_ERRORS as err:
         raise SystemExit(f"lowshot: error: {err}") from None
 

@@ -113,6 +113,7 @@ class SSLConfig:
 
     def __post_init__(self) -> None:
         _choice("ssl.optimizer", self.optimizer, ("adamw", "sgd"))
+        _positive("ssl", epochs=self.epochs, batch_size=self.batch_size)
 
 
 @dataclass
@@ -138,6 +139,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _positive("train", epochs=self.epochs, batch_size=self.batch_size, patience=self.patience)
 
 
 @dataclass
@@ -180,6 +182,12 @@ class Config:
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(section: str, **values: int) -> None:
+    for k, v in values.items():
+        if v < 1:
+            raise ConfigError(f"config key '{section}.{k}': {v} must be at least 1")
 
 
 def all_keys(schema: type = Config, prefix: str = "") -> list[str]:

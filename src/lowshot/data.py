@@ -473,13 +473,16 @@ def _fill_splits(store: Store, cfg: DataConfig, missing: list[str]) -> None:
 
 
 def _warn_group_leaks(store: Store) -> None:
-    leaks = [g for g in np.unique(store.groups) if len(np.unique(store.split[store.groups == g])) > 1]
-    if leaks:
+    _, g = np.unique(store.groups, return_inverse=True)
+    _, s = np.unique(store.split, return_inverse=True)
+    pairs = np.unique(np.stack([g.ravel(), s.ravel()], 1), axis=0)  # distinct (group, split) pairs
+    leaks = np.flatnonzero(np.bincount(pairs[:, 0]) > 1)
+    if len(leaks):
         log.warning(
             "%d groups (patients) span more than one split, e.g. %s: scores will be optimistic. Drop the 'split' "
             "column to let lowshot split by group.",
             len(leaks),
-            leaks[:3],
+            np.unique(store.groups)[leaks[:3]].tolist(),
         )
 
 

@@ -15,6 +15,7 @@ import logging
 import netrc
 import os
 import platform
+import secrets
 import shlex
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from .config import Config, flatten, to_dict, to_yaml
+from .config import Config, ConfigError, flatten, to_dict, to_yaml
 from .models import weights_kind
 
 log = logging.getLogger(__name__)
@@ -110,11 +111,15 @@ class Run:
         self, accelerator: Accelerator, cfg: Config, job_type: str, data_name: str, overrides: list[str]
     ):
         self.accelerator, self.cfg, self.job_type = accelerator, cfg, job_type
-        name = cfg.name or f"{job_type}-{data_name}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        name = (
-            broadcast_object_list([name])[0] if accelerator.num_processes > 1 else name
-        )  # one name for all processes
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"  # parallel sweep runs stay apart
+        name = cfg.name or f"{job_type}-{data_name}-{cfg.model.name}-{stamp}"
+        if accelerator.num_processes > 1:  # one name for all processes
+            name = broadcast_object_list([name])[0]
         self.dir = Path(cfg.out_dir) / name
+        if (self.dir / "config.yaml").exists():  # never mix two runs' files, never overwrite a result
+            raise ConfigError(
+                f"run directory {self.dir} already holds a run; choose another name= or remove it"
+            )
         self.name = name
         self.tags = [data_name, cfg.model.name, f"weights:{weights_kind(cfg.model.weights)}", job_type]
         self.meta: dict[str, Any] = {
@@ -138,7 +143,7 @@ class Run:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "config.yaml").write_text(to_yaml(cfg))
             self._write_meta()
-            self.metrics_file = open(self.dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the run's life
+            self.metrics_file = open(self.dir / "metrics.jsonl", "w")  # noqa: SIM115 - open for the run's life
         if cfg.track.log_with == "wandb":
             self._init_wandb(data_name)
         accelerator.wait_for_everyone()
