@@ -17,12 +17,14 @@ import os
 import platform
 import secrets
 import shlex
+import socket
 import subprocess
 import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from accelerate import Accelerator
@@ -64,22 +66,33 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return accelerator
 
 
-def _wandb_has_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        rc = netrc.netrc()
-    except (OSError, netrc.NetrcParseError):
+def _wandb_can_go_online() -> bool:
+    """An API key (env or netrc) and the W&B server answering a TCP connect within 3 s."""
+    import wandb
+
+    url = urlparse(wandb.Settings().base_url)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    key = os.environ.get("WANDB_API_KEY")
+    if not key:
+        try:
+            key = (netrc.netrc().authenticators(host) or (None, None, None))[2]
+        except (OSError, netrc.NetrcParseError):
+            key = None
+    if not key:
         return False
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
-    return rc.authenticators(host) is not None
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return True
+    except OSError as err:
+        log.warning("W&B key found but %s is unreachable (%s): logging offline", host, err)
+        return False
 
 
 def _set_wandb_mode(mode: str) -> None:
     if mode == "auto":
         if "WANDB_MODE" in os.environ:
             return  # the user's own choice
-        mode = "online" if _wandb_has_key() else "offline"
+        mode = "online" if _wandb_can_go_online() else "offline"
     os.environ["WANDB_MODE"] = mode
     os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")  # seconds: a key without a network must not hang a run
 
@@ -162,9 +175,9 @@ class Run:
         config = {**flatten(to_dict(self.cfg)), "meta": self.meta}
         try:
             self.accelerator.init_trackers(self.cfg.track.project, config=config, init_kwargs=kwargs)
-        except Exception as err:  # e.g. a key but no network: fall back to offline rather than fail the run
+        except Exception as err:  # e.g. the server went away: log offline rather than fail the run
             log.warning("W&B online init failed (%s); logging offline instead", err)
-            os.environ["WANDB_MODE"] = "offline"
+            kwargs["wandb"]["mode"] = "offline"  # the environment is no longer read once wandb has started
             self.accelerator.init_trackers(self.cfg.track.project, config=config, init_kwargs=kwargs)
 
     def _write_meta(self) -> None:
