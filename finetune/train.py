@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lowshot.cli import user_errors
 from lowshot.config import parse_args
-from lowshot.data import StoreDataset, eval_transform, load_store, make_loader, train_transform
+from lowshot.data import eval_transform, load_store, split_loader, train_transform
 from lowshot.evaluation import auroc, classification_report, format_report
 from lowshot.finetune import EarlyStopping, fit_probe, make_optimizer, warmup_cosine
 from lowshot.models import backbone_for, embed, save_checkpoint
@@ -38,19 +38,7 @@ accelerator.print(store.describe())
 run = Run(accelerator, cfg, job, store.name, overrides)
 
 backbone, in_chans, norm = backbone_for(cfg, store.grayscale)
-rgb, plain = in_chans == 3, eval_transform(norm)
-
-
-def split_loader(
-    split: str, transform=plain, train: bool = False, batch_size: int = 256
-) -> torch.utils.data.DataLoader:
-    idx = store.indices(split)
-    return make_loader(
-        StoreDataset(store.images[idx], store.labels[idx], transform, rgb),
-        batch_size,
-        cfg.data.num_workers,
-        train,
-    )
+rgb, plain, workers = in_chans == 3, eval_transform(norm), cfg.data.num_workers
 
 
 def report(y: np.ndarray, prob: np.ndarray) -> dict:
@@ -70,7 +58,10 @@ if cfg.train.probe:
     # ---- linear probe on embeddings extracted once ---------------------------------------------------
     backbone.requires_grad_(False)
     backbone.to(accelerator.device)
-    train_l, val_l = accelerator.prepare(split_loader("train"), split_loader("val"))
+    train_l, val_l = accelerator.prepare(
+        split_loader(store, "train", plain, rgb, 256, workers),
+        split_loader(store, "val", plain, rgb, 256, workers),
+    )
     x_tr, y_tr = embed(backbone, train_l, accelerator)
     x_va, y_va = embed(backbone, val_l, accelerator)
     accelerator.print(f"probe: embeddings {tuple(x_tr.shape)} train, {tuple(x_va.shape)} val")
@@ -85,11 +76,12 @@ if cfg.train.probe:
     results["selected"] = {"C": c, "val_auroc": max(p["val_auroc"] for p in curve), "curve": curve}
     results["val"] = report(y_va.numpy(), clf.predict_proba(x_va.numpy()))
     # The lockbox: test images are embedded and scored only now, by the selected probe.
-    x_te, y_te = embed(backbone, accelerator.prepare(split_loader("test")), accelerator)
+    x_te, y_te = embed(
+        backbone, accelerator.prepare(split_loader(store, "test", plain, rgb, 256, workers)), accelerator
+    )
     results["test"] = report(y_te.numpy(), clf.predict_proba(x_te.numpy()))
-    if (
-        accelerator.is_main_process
-    ):  # the probe as plain arrays: standardise with mean/scale, then coef/intercept
+    if accelerator.is_main_process:
+        # The probe as plain arrays: standardise with mean/scale, then logits = x @ coef.T + intercept.
         scaler, lr = clf[0], clf[-1]
         arrays = {"mean": scaler.mean_, "scale": scaler.scale_, "coef": lr.coef_, "intercept": lr.intercept_}
         save_file(
@@ -100,12 +92,14 @@ else:
     # ---- full fine-tune with early stopping on validation AUROC --------------------------------------
     model = nn.Sequential(backbone, nn.Linear(backbone.num_features, store.num_classes))
     aug = train_transform(cfg.data.size, cfg.train.crop_min_scale, cfg.train.hflip, cfg.train.vflip, norm)
-    per_process = len(store.indices("train")) // accelerator.num_processes
-    train_l = split_loader("train", aug, train=True, batch_size=min(cfg.train.batch_size, per_process))
+    n = accelerator.num_processes
+    train_l = split_loader(store, "train", aug, rgb, cfg.train.batch_size, workers, train=True, processes=n)
     optimizer = make_optimizer(
         model, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, cfg.train.momentum
     )
-    model, optimizer, train_l, val_l = accelerator.prepare(model, optimizer, train_l, split_loader("val"))
+    model, optimizer, train_l, val_l = accelerator.prepare(
+        model, optimizer, train_l, split_loader(store, "val", plain, rgb, 256, workers)
+    )
     spe = len(train_l)
     scheduler = warmup_cosine(
         optimizer, cfg.train.warmup_epochs * spe, cfg.train.epochs * spe, cfg.train.min_lr_ratio
@@ -170,7 +164,7 @@ else:
     val_prob, val_y = predict(val_l)
     results["val"] = report(val_y, val_prob)
     # The lockbox: the test split is loaded and scored only now, by the restored best model.
-    test_prob, test_y = predict(accelerator.prepare(split_loader("test")))
+    test_prob, test_y = predict(accelerator.prepare(split_loader(store, "test", plain, rgb, 256, workers)))
     results["test"] = report(test_y, test_prob)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)

@@ -19,8 +19,8 @@ from sklearn.metrics import balanced_accuracy_score
 from tqdm.auto import tqdm
 
 from lowshot.cli import user_errors
-from lowshot.config import parse_args
-from lowshot.data import StoreDataset, eval_transform, load_store, make_loader
+from lowshot.config import ConfigError, parse_args
+from lowshot.data import eval_transform, load_store, split_loader
 from lowshot.finetune import make_optimizer, warmup_cosine
 from lowshot.methods import METHODS
 from lowshot.models import backbone_for, embed, save_checkpoint
@@ -29,7 +29,7 @@ from lowshot.tracking import Run, make_accelerator
 user_errors()
 cfg, overrides = parse_args(sys.argv[1:])
 if cfg.ssl.method not in METHODS:
-    sys.exit(f"error: ssl.method={cfg.ssl.method} is not one of {sorted(METHODS)}")
+    raise ConfigError(f"config key 'ssl.method': {cfg.ssl.method!r} is not one of {sorted(METHODS)}")
 accelerator = make_accelerator(cfg)
 set_seed(cfg.seed, device_specific=True)  # each process draws its own augmentations
 with accelerator.main_process_first():  # the first process decodes and caches; the others read the cache
@@ -40,33 +40,13 @@ run = Run(accelerator, cfg, "pretrain", store.name, overrides)
 # ---- model, views, data --------------------------------------------------------------------------------
 backbone, in_chans, norm = backbone_for(cfg, store.grayscale)
 model, views = METHODS[cfg.ssl.method](backbone, backbone.num_features, cfg, store.grayscale, norm)
-rgb = in_chans == 3
-train_idx, val_idx = store.indices("train"), store.indices("val")
-per_process = len(train_idx) // accelerator.num_processes
-batch_size = min(cfg.ssl.batch_size, per_process)  # drop_last must leave at least one step
-if batch_size < cfg.ssl.batch_size:
-    accelerator.print(
-        f"ssl.batch_size {cfg.ssl.batch_size} > {per_process} images per process: using {batch_size}"
-    )
-loader = make_loader(
-    StoreDataset(store.images[train_idx], store.labels[train_idx], views, rgb),
-    batch_size,
-    cfg.data.num_workers,
-    train=True,
+rgb, plain, workers = in_chans == 3, eval_transform(norm), cfg.data.num_workers
+loader = split_loader(
+    store, "train", views, rgb, cfg.ssl.batch_size, workers, train=True, processes=accelerator.num_processes
 )
-plain = eval_transform(norm)
-bank_loader = make_loader(
-    StoreDataset(store.images[train_idx], store.labels[train_idx], plain, rgb),
-    256,
-    cfg.data.num_workers,
-    train=False,
-)
-val_loader = make_loader(
-    StoreDataset(store.images[val_idx], store.labels[val_idx], plain, rgb),
-    256,
-    cfg.data.num_workers,
-    train=False,
-)
+batch_size = loader.batch_size or 1
+bank_loader = split_loader(store, "train", plain, rgb, 256, workers)  # kNN bank: un-augmented training images
+val_loader = split_loader(store, "val", plain, rgb, 256, workers)
 
 optimizer = make_optimizer(model, cfg.ssl.optimizer, cfg.ssl.lr, cfg.ssl.weight_decay)
 model, optimizer, loader, bank_loader, val_loader = accelerator.prepare(

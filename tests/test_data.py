@@ -1,5 +1,6 @@
 import csv
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,23 @@ def test_missing_medmnist_file_offline_says_where_to_put_it(
         load_store(cfg(tmp_path, "pneumoniamnist.npz", cache_dir))
     msg = str(err.value)
     assert "could not be downloaded" in msg and str(tmp_path) in msg and "md5" in msg
+
+
+def test_missing_npz_without_medmnist_package_says_what_to_install(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "medmnist", None)  # as if the optional extra were not installed
+    with pytest.raises(DataError) as err:
+        load_store(cfg(tmp_path, "pneumoniamnist.npz", cache_dir))
+    assert "lowshot[medmnist]" in str(err.value) and str(tmp_path / "pneumoniamnist.npz") in str(err.value)
+
+
+def test_known_npz_verified_without_medmnist_package(
+    data_root: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "medmnist", None)
+    store = load_store(cfg(data_root, "breastmnist.npz", cache_dir, size=28))
+    assert store.classes == ["malignant", "normal, benign"]
 
 
 def test_missing_source_names_the_path(tmp_path: Path, cache_dir: Path) -> None:

@@ -546,6 +546,26 @@ def make_loader(ds: Dataset, batch_size: int, num_workers: int, train: bool) -> 
     )
 
 
+def split_loader(
+    store: Store,
+    split: str,
+    transform: Callable[[Image.Image], Any],
+    rgb: bool,
+    batch_size: int,
+    num_workers: int,
+    train: bool = False,
+    processes: int = 1,
+) -> DataLoader:
+    """A loader over one split of the store. For training, the batch shrinks to the images each of
+    ``processes`` gets, so dropping the last partial batch still leaves at least one step."""
+    idx = store.indices(split)
+    if train:
+        batch_size = max(1, min(batch_size, len(idx) // processes))
+    return make_loader(
+        StoreDataset(store.images[idx], store.labels[idx], transform, rgb), batch_size, num_workers, train
+    )
+
+
 def normalisation(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> dict[str, list[float]]:
     """Model mean/std for ``channels`` input channels (1: the mean of the RGB values)."""
     if channels == 1:
