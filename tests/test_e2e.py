@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +123,13 @@ def test_two_cpu_processes(data_root: Path, cache_dir: Path, tmp_path: Path) -> 
     )
     ft = check_test_report(tmp_path / "ft2")
     assert ft["test"]["n"] == 128  # gather_for_metrics: every test image once, none doubled
+    w = f"model.weights={tmp_path / 'pre2' / 'checkpoint'}"
+    ok(launch("finetune/train.py", ["--probe", *args, "name=probe2", w], tmp_path, two, env))
+    probe = check_test_report(tmp_path / "probe2")
+    assert (
+        probe["test"]["n"] == 128
+        and json.loads((tmp_path / "probe2" / "meta.json").read_text())["world_size"] == 2
+    )
 
 
 def test_busi_folder_pipeline(busi: Path, cache_dir: Path, tmp_path: Path) -> None:
@@ -137,6 +145,13 @@ def test_busi_folder_pipeline(busi: Path, cache_dir: Path, tmp_path: Path) -> No
     ok(launch("finetune/train.py", ["--probe", *args, "name=probe", "model.name=test_resnet", w], tmp_path))
     res = check_test_report(tmp_path / "probe")
     assert res["classes"] == ["benign", "malignant", "normal"] and len(res["test"]["per_class"]) == 3
+    ok(
+        launch(
+            "finetune/train.py", [*args, "name=ft", "model.name=test_resnet", "train.epochs=1", w], tmp_path
+        )
+    )
+    ft = check_test_report(tmp_path / "ft")
+    assert np.array(ft["test"]["confusion_matrix"]).shape == (3, 3)
 
 
 def test_bad_input_fails_fast_with_a_clear_message(data_root: Path, tmp_path: Path) -> None:
