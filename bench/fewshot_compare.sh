@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Few-shot and label-efficiency comparison of random-init, SimCLR (lowshot) and ImageNet backbones on
+# BreastMNIST (2-way) and RetinaMNIST (3-way episodes over 5 grades), 32 px, 2 CPU cores, seed 0.
+# Writes bench/results/fewshot/{breastmnist,retinamnist}_{label_efficiency.png,.md,runs.json}.
+#   usage: LOWSHOT_DATA_ROOT=../shared/data bash bench/fewshot_compare.sh [RUNS_DIR]
+set -euo pipefail
+runs=${1:-runs/fewshot-compare}
+out=bench/results/fewshot
+mkdir -p "$out"
+launch() { accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no "$@"; }
+common=(out_dir="$runs" data.size=32 track.group=fewshot-compare)
+for set in breastmnist retinamnist; do
+  if [ "$set" = breastmnist ]; then cfg=(); way=2; else cfg=(--config configs/retinamnist.yaml); way=3; fi
+  [ -f "$runs/$set-simclr/checkpoint/backbone.safetensors" ] ||
+    launch ssl/pretrain.py "${cfg[@]}" "${common[@]}" name=$set-simclr
+  fs=("${cfg[@]}" "${common[@]}" fewshot.n_way=$way)
+  launch fewshot/evaluate.py "${fs[@]}" name=$set-resnet18-random model.weights=none
+  launch fewshot/evaluate.py "${fs[@]}" name=$set-resnet18-simclr model.weights="$runs/$set-simclr/checkpoint"
+  launch fewshot/evaluate.py "${fs[@]}" name=$set-lite0-random model.name=tf_efficientnet_lite0
+  launch fewshot/evaluate.py "${fs[@]}" name=$set-lite0-imagenet model.name=tf_efficientnet_lite0 model.weights=efficientnet-lite0
+  lowshot curves "$runs"/$set-{resnet18-random,resnet18-simclr,lite0-random,lite0-imagenet} --out "$out/${set}_label_efficiency.png"
+  python - "$runs" "$set" "$out/${set}_runs.json" <<'PY'
+import json, sys
+from pathlib import Path
+runs, name, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+keep = {}
+for d in sorted(runs.glob(f"{name}-*")):
+    if (d / "results.json").is_file() and not d.name.endswith("simclr"):
+        r = json.loads((d / "results.json").read_text())
+        meta = json.loads((d / "meta.json").read_text())
+        keep[d.name] = {"command": meta["command"], "git_sha": meta["git_sha"], "episodes": r["rows"], "label_efficiency": r["label_efficiency"]}
+    elif d.name.endswith("simclr") and (d / "results.json").is_file():
+        keep[d.name] = {"command": json.loads((d / "meta.json").read_text())["command"], "results": json.loads((d / "results.json").read_text())}
+out.write_text(json.dumps(keep, indent=1))
+PY
+done
