@@ -221,3 +221,13 @@ def test_read_only_data_folder_is_never_written(busi: Path, tmp_path: Path, cach
     before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
     load_store(cfg(tmp_path, "ro", cache_dir / "other", size=16))
     assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+
+
+def test_label_budget_keeps_k_per_class(data_root: Path, cache_dir: Path) -> None:
+    a = load_store(cfg(data_root, "breastmnist.npz", cache_dir, size=28, train_per_class=5))
+    assert a.counts()["train"] == [5, 5] and a.counts()["test"] == [42, 114]
+    assert (a.split == "unlabelled").sum() == 546 - 10
+    b = load_store(cfg(data_root, "breastmnist.npz", cache_dir, size=28, train_per_class=5))
+    c = load_store(cfg(data_root, "breastmnist.npz", cache_dir, size=28, train_per_class=5, train_draw=1))
+    assert np.array_equal(a.indices("train"), b.indices("train"))  # seeded
+    assert not np.array_equal(a.indices("train"), c.indices("train"))  # another draw

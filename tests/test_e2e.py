@@ -226,3 +226,55 @@ def test_multi_gpu_launch_on_cpu_without_use_cpu_is_refused(data_root: Path, tmp
     assert (
         "2 processes were launched but Accelerate sees 1" in p.stderr and "ACCELERATE_USE_CPU=1" in p.stderr
     )
+
+
+def test_fewshot_script_and_curves(data_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """fewshot/evaluate.py on RetinaMNIST (3-way episodes over 5 grades), twice: the second run reads
+    the cached embeddings; then `lowshot curves` draws both runs in one figure."""
+    args = [
+        f"data.root={data_root}",
+        f"data.cache_dir={cache_dir}",
+        f"out_dir={tmp_path}",
+        "data.source=retinamnist.npz",
+        "data.size=28",
+        "model.name=test_resnet",
+        "fewshot.n_way=3",
+        "fewshot.episodes=200",
+        "fewshot.shots=[1,5]",
+        "fewshot.label_budgets=[1,5,0]",
+        "fewshot.draws=3",
+    ]
+    p = ok(launch("fewshot/evaluate.py", [*args, "name=a"], tmp_path))
+    assert "extracted" in p.stdout
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert [(r["shots"], r["classifier"]) for r in res["rows"]] == [
+        (k, c) for k in (1, 5) for c in ("prototype", "knn", "logreg")
+    ]
+    assert all(0.2 < r["accuracy"] < 0.9 and "auroc" not in r for r in res["rows"])  # 3-way: no AUROC
+    assert [r["labels_per_class"] for r in res["label_efficiency"]] == [1, 5, 0]
+    assert (tmp_path / "a" / "label_efficiency.png").is_file()
+    wb = list((tmp_path / "a" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert wb and b"label_efficiency" in wb[0].read_bytes()  # the figure went to W&B
+    p = ok(launch("fewshot/evaluate.py", [*args, "name=b", "fewshot.episodes=100"], tmp_path))
+    assert "from the cache" in p.stdout
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    c = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lowshot.cli",
+            "curves",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--out",
+            str(tmp_path / "c.png"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert c.returncode == 0, c.stderr
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and "| backbone |" in (
+        tmp_path / "c.md"
+    ).read_text()

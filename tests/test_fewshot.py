@@ -140,3 +140,22 @@ def test_embedding_cache_hits_and_invalidates(data_root: Path, tmp_path: Path) -
     _, hit4 = run()
     assert not hit4
     assert len(list((tmp_path / "cache" / "embeddings").glob("*.safetensors"))) == 3
+
+
+def test_label_efficiency_curve_shape_and_trend(tmp_path: Path) -> None:
+    from lowshot.fewshot import label_efficiency, plot_label_efficiency
+
+    g = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 100)
+    feats = torch.from_numpy(g.normal(size=(300, 16)) + 1.2 * np.eye(16)[labels]).float()
+    train, test = np.arange(0, 300, 2), np.arange(1, 300, 2)
+    rows = label_efficiency(feats, labels, train, test, [1, 5, 20, 0], draws=6, c=1.0, seed=0)
+    assert [r["labels_per_class"] for r in rows] == [1, 5, 20, 0]
+    assert [r["n_labels"] for r in rows] == [3, 15, 60, 150] and [r["draws"] for r in rows] == [6, 6, 6, 1]
+    for r in rows:
+        for m in ("accuracy", "balanced_accuracy", "auroc"):
+            assert r[f"{m}_low"] <= r[m] <= r[f"{m}_high"]
+    assert rows[0]["auroc"] < rows[2]["auroc"] < 1.0  # more labels, better probe
+    assert rows[-1]["auroc_low"] == rows[-1]["auroc_high"]  # one fit on all labels: nothing to draw
+    png = plot_label_efficiency({"a": rows, "b": rows}, "auroc", tmp_path / "c.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -47,6 +47,10 @@ class DataConfig:
     split_seed: int = 0
     cache_dir: str = ""  # decoded stores go here; "" = env LOWSHOT_CACHE or ~/.cache/lowshot
     limit: int = 0  # keep at most this many images per split (stratified); 0 = all. For smoke tests.
+    # Label budget: keep K labelled training images per class (0 = all), drawn by `train_draw`; the
+    # other training images get split 'unlabelled' and are not trained on.
+    train_per_class: int = 0
+    train_draw: int = 0
     # DataLoader workers per process; -1 = auto: none on CPU (the 2 cores are busy with the model),
     # up to 8 per process on GPU, where per-image PIL augmentation in one process starves the device.
     num_workers: int = -1

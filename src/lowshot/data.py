@@ -132,6 +132,8 @@ def load_store(cfg: DataConfig) -> Store:
     _warn_group_leaks(store)
     if cfg.limit:
         _apply_limit(store, cfg.limit, cfg.split_seed)
+    if cfg.train_per_class:
+        _label_budget(store, cfg.train_per_class, cfg.split_seed, cfg.train_draw)
     for f, why in store.skipped:
         log.warning("skipped %s: %s", f, why)
     return store
@@ -484,6 +486,17 @@ def _warn_group_leaks(store: Store) -> None:
             len(leaks),
             np.unique(store.groups)[leaks[:3]].tolist(),
         )
+
+
+def _label_budget(store: Store, k: int, seed: int, draw: int) -> None:
+    """Keep k training labels per class (all of a smaller class); mark the rest 'unlabelled'."""
+    rng = np.random.default_rng([seed, k, draw])
+    train = store.indices("train")
+    keep = np.concatenate(
+        [rng.permutation(train[store.labels[train] == c])[:k] for c in np.unique(store.labels[train])]
+    )
+    store.split = store.split.astype("<U10")
+    store.split[np.setdiff1d(train, keep)] = "unlabelled"
 
 
 def _apply_limit(store: Store, limit: int, seed: int) -> None:
