@@ -14,23 +14,29 @@ for set in breastmnist retinamnist; do
   [ -f "$runs/$set-simclr/checkpoint/backbone.safetensors" ] ||
     launch ssl/pretrain.py "${cfg[@]}" "${common[@]}" name=$set-simclr
   fs=("${cfg[@]}" "${common[@]}" fewshot.n_way=$way)
-  launch fewshot/evaluate.py "${fs[@]}" name=$set-resnet18-random model.weights=none
-  launch fewshot/evaluate.py "${fs[@]}" name=$set-resnet18-simclr model.weights="$runs/$set-simclr/checkpoint"
-  launch fewshot/evaluate.py "${fs[@]}" name=$set-lite0-random model.name=tf_efficientnet_lite0
-  launch fewshot/evaluate.py "${fs[@]}" name=$set-lite0-imagenet model.name=tf_efficientnet_lite0 model.weights=efficientnet-lite0
-  lowshot curves "$runs"/$set-{resnet18-random,resnet18-simclr,lite0-random,lite0-imagenet} --out "$out/${set}_label_efficiency.png"
+  fewshot() { [ -f "$runs/$1/results.json" ] || launch fewshot/evaluate.py "${fs[@]}" name="$1" "${@:2}"; }
+  fewshot $set-resnet18-random model.weights=none
+  fewshot $set-resnet18-simclr model.weights="$runs/$set-simclr/checkpoint"
+  fewshot $set-lite0-random model.name=tf_efficientnet_lite0
+  fewshot $set-lite0-imagenet model.name=tf_efficientnet_lite0 model.weights=efficientnet-lite0
+  # ImageNet weights were trained at 224 px: the same weights on the same images at 64 and 128 px
+  fewshot $set-lite0-imagenet-64px model.name=tf_efficientnet_lite0 model.weights=efficientnet-lite0 data.size=64
+  fewshot $set-lite0-imagenet-128px model.name=tf_efficientnet_lite0 model.weights=efficientnet-lite0 data.size=128
+  lowshot curves "$runs"/$set-{resnet18-random,resnet18-simclr,lite0-random,lite0-imagenet,lite0-imagenet-64px,lite0-imagenet-128px} \
+      --out "$out/${set}_label_efficiency.png"
   python - "$runs" "$set" "$out/${set}_runs.json" <<'PY'
 import json, sys
 from pathlib import Path
 runs, name, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 keep = {}
 for d in sorted(runs.glob(f"{name}-*")):
-    if (d / "results.json").is_file() and not d.name.endswith("simclr"):
-        r = json.loads((d / "results.json").read_text())
-        meta = json.loads((d / "meta.json").read_text())
+    if not (d / "results.json").is_file():
+        continue
+    r, meta = json.loads((d / "results.json").read_text()), json.loads((d / "meta.json").read_text())
+    if r["job"] == "pretrain":
+        keep[d.name] = {"command": meta["command"], "git_sha": meta["git_sha"], "results": r}
+    else:
         keep[d.name] = {"command": meta["command"], "git_sha": meta["git_sha"], "episodes": r["rows"], "label_efficiency": r["label_efficiency"]}
-    elif d.name.endswith("simclr") and (d / "results.json").is_file():
-        keep[d.name] = {"command": json.loads((d / "meta.json").read_text())["command"], "results": json.loads((d / "results.json").read_text())}
 out.write_text(json.dumps(keep, indent=1))
 PY
 done

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .config import ConfigError, parse_args
+from .config import ConfigError, load_yaml, parse_args
 from .data import DataError
 from .evaluation import format_report
 from .models import WeightsError
@@ -108,14 +108,17 @@ def curves(run_dirs: list[Path], out: Path, metric: str) -> None:
             raise SystemExit(
                 f"lowshot: error: {f} holds no label_efficiency (not a finished fewshot/evaluate.py run)"
             )
-        tag = weights_tag(res["model"], res["weights"])
+        tag = (
+            f"{weights_tag(res['model'], res['weights'])} · {load_yaml(Path(d) / 'config.yaml').data.size} px"
+        )
         data[f"{tag} ({Path(d).name})" if tag in data else tag] = res["label_efficiency"]
         names.add(res["data"])
     plot_label_efficiency(data, metric, out, " / ".join(sorted(names)))
     budgets = [r["labels_per_class"] for r in next(iter(data.values()))]
     head = " | ".join(str(int(k)) if k else "all" for k in budgets)
     table = [
-        f"test {metric}, mean [95% CI] over draws, by labelled images per class",
+        f"Test {'AUROC' if metric == 'auroc' else metric.replace('_', ' ')} of a linear probe, mean [95% CI] over "
+        "draws, by labelled training images per class",
         "",
         f"| backbone | {head} |",
         "|---" * (len(budgets) + 1) + "|",

@@ -275,7 +275,7 @@ def plot_label_efficiency(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2 + 0.22 * len(curves)), dpi=120)
     ticks: dict[float, str] = {}
     for name, rows in curves.items():
         finite = [r for r in rows if r["labels_per_class"]]
@@ -302,7 +302,8 @@ def plot_label_efficiency(
     ax.set_ylabel("test " + {"auroc": "AUROC"}.get(metric, metric.replace("_", " ")))
     ax.set_title(title or "label efficiency (linear probe, 95% band over draws)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # Below the axes: with several backbones a legend inside would hide the curves.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out)
