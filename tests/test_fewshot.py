@@ -159,3 +159,51 @@ def test_label_efficiency_curve_shape_and_trend(tmp_path: Path) -> None:
     assert rows[-1]["auroc_low"] == rows[-1]["auroc_high"]  # one fit on all labels: nothing to draw
     png = plot_label_efficiency({"a": rows, "b": rows}, "auroc", tmp_path / "c.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curves_pool_finetune_runs_by_label_budget(tmp_path: Path) -> None:
+    """`lowshot curves` turns finetune runs made with data.train_per_class=K into one curve with a
+    point per K (mean over the draws) next to a probe curve."""
+    import json
+
+    from lowshot.cli import curves
+    from lowshot.config import to_yaml
+
+    def run(name: str, job: str, k: int, auc: float, extra: dict) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        cfg = Config()
+        cfg.data.train_per_class = k
+        (d / "config.yaml").write_text(to_yaml(cfg))
+        metrics = {
+            m: {"value": auc, "low": 0.0, "high": 1.0} for m in ("accuracy", "balanced_accuracy", "auroc")
+        }
+        res = {"job": job, "model": "resnet18", "weights": "none", "data": "toy", **extra}
+        if job == "finetune":
+            res |= {"test": {"metrics": metrics}, "counts": {"train": [k or 50, k or 60]}}
+        (d / "results.json").write_text(json.dumps(res))
+        return d
+
+    le = [
+        {
+            "labels_per_class": k,
+            "n_labels": 2 * k,
+            "draws": 1,
+            **{f"{m}{s}": 0.6 for m in ("auroc",) for s in ("", "_low", "_high")},
+        }
+        for k in (2, 5)
+    ]
+    dirs = [run("probe", "fewshot", 0, 0.0, {"label_efficiency": le})]
+    dirs += [run(f"ft{k}-{d}", "finetune", k, 0.5 + 0.1 * d + k / 100, {}) for k in (2, 5) for d in (0, 1)]
+    dirs += [run("ftall", "finetune", 0, 0.9, {})]
+    curves(dirs, tmp_path / "c.png", "auroc")
+    table = (tmp_path / "c.md").read_text().splitlines()
+    assert table[2] == "| backbone | 2 | 5 | all |"
+    ft = next(line for line in table[4:] if "fine-tune" in line)
+    assert (
+        ft.startswith("| resnet18 · random init · 32 px · fine-tune | 0.570 [")
+        and "0.600 [" in ft
+        and "0.900 [0.900, 0.900]" in ft
+    )
+    probe = next(line for line in table[4:] if "probe" in line)
+    assert probe.endswith("| – |")  # the probe run had no 'all' point

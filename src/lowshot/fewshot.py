@@ -247,22 +247,31 @@ def label_efficiency(
             scores["accuracy"].append(float((prob.argmax(1) == y_test).mean()))
             scores["balanced_accuracy"].append(float(balanced_accuracy_score(y_test, prob.argmax(1))))
             scores["auroc"].append(auroc(y_test, prob))
-        row: dict[str, float] = {"labels_per_class": k, "draws": len(scores["auroc"]), "n_labels": len(pick)}
-        for m, v in scores.items():
-            a = np.asarray(v)
-            half = (
-                float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0
-            )
-            row.update(
-                {
-                    m: float(a.mean()),
-                    f"{m}_std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-                    f"{m}_low": float(a.mean()) - half,
-                    f"{m}_high": float(a.mean()) + half,
-                }
-            )
-        rows.append(row)
+        rows.append(summarise_draws(k, len(pick), scores))
     return rows
+
+
+def summarise_draws(k: int, n_labels: int, scores: dict[str, list[float]]) -> dict[str, float]:
+    """One label-efficiency point: for each metric its mean, standard deviation and 95% t-interval
+    over the draws (a single draw gives a zero-width interval)."""
+    row: dict[str, float] = {
+        "labels_per_class": k,
+        "draws": len(next(iter(scores.values()))),
+        "n_labels": n_labels,
+    }
+    for m, v in scores.items():
+        a = np.asarray(v, dtype=float)
+        sd = float(a.std(ddof=1)) if len(a) > 1 else 0.0
+        half = float(stats.t.ppf(0.975, len(a) - 1)) * sd / np.sqrt(len(a)) if len(a) > 1 else 0.0
+        row.update(
+            {
+                m: float(a.mean()),
+                f"{m}_std": sd,
+                f"{m}_low": float(a.mean()) - half,
+                f"{m}_high": float(a.mean()) + half,
+            }
+        )
+    return row
 
 
 def plot_label_efficiency(
