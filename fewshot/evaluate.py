@@ -84,7 +84,8 @@ for r in curve:
         f"  {k!s:>9} /class  AUROC {r['auroc']:.3f} [{r['auroc_low']:.3f}, {r['auroc_high']:.3f}]"
         f"  balanced acc {r['balanced_accuracy']:.3f} [{r['balanced_accuracy_low']:.3f}, {r['balanced_accuracy_high']:.3f}]"
     )
-if accelerator.is_main_process:
+if accelerator.is_main_process and curve:
+    run.log_table("label_efficiency_table", curve)
     png = plot_label_efficiency(
         {weights_tag(cfg.model.name, cfg.model.weights): curve},
         "auroc",

@@ -254,7 +254,8 @@ def test_fewshot_script_and_curves(data_root: Path, cache_dir: Path, tmp_path: P
     assert [r["labels_per_class"] for r in res["label_efficiency"]] == [1, 5, 0]
     assert (tmp_path / "a" / "label_efficiency.png").is_file()
     wb = list((tmp_path / "a" / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert wb and b"label_efficiency" in wb[0].read_bytes()  # the figure went to W&B
+    raw = wb[0].read_bytes() if wb else b""
+    assert b"label_efficiency" in raw and b"label_efficiency_table" in raw  # the figure and table went to W&B
     p = ok(launch("fewshot/evaluate.py", [*args, "name=b", "fewshot.episodes=100"], tmp_path))
     assert "from the cache" in p.stdout
     env = {**os.environ, "MPLBACKEND": "Agg"}

@@ -60,16 +60,15 @@ def weights_kind(weights: str) -> str:
 
 
 def weights_tag(name: str, weights: str) -> str:
-    """A short legend label: 'resnet18 · random init', '... · SimCLR <run>', '... · efficientnet-lite0'."""
+    """A short legend label: 'resnet18 · random init', 'resnet18 · checkpoint <run>', '… · efficientnet-lite0'."""
     kind = weights_kind(weights)
-    what = {"none": "random init", "hub": "hub weights"}.get(kind)
-    if what is None:
+    if kind in ("checkpoint", "file"):
         p = Path(weights).expanduser()
         what = (
-            weights
-            if kind == "package"
-            else f"{'checkpoint' if kind == 'checkpoint' else 'file'} {p.parent.name if p.name == 'checkpoint' else p.name}"
+            f"{kind} {p.parent.name if p.name == 'checkpoint' else p.name}"  # the run's name, or the file's
         )
+    else:
+        what = {"none": "random init", "hub": "hub weights"}.get(kind, weights)
     return f"{name} · {what}"
 
 

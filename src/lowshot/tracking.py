@@ -194,6 +194,15 @@ class Run:
 
             self.accelerator.get_tracker("wandb", unwrap=True).log({key: wandb.Image(str(path))})
 
+    def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
+        """Rows of equal keys as a W&B table (main process)."""
+        if self.accelerator.is_main_process and self.cfg.track.log_with == "wandb" and rows:
+            import wandb
+
+            keys = list(rows[0])
+            table = wandb.Table(columns=list[str | int](keys), data=[[r[k] for k in keys] for r in rows])
+            self.accelerator.get_tracker("wandb", unwrap=True).log({key: table})
+
     def finish(self, results: dict[str, Any]) -> None:
         """Write ``results.json``, put the headline numbers in the W&B summary, close trackers."""
         if self.accelerator.is_main_process:
