@@ -139,12 +139,10 @@ def load_store(cfg: DataConfig) -> Store:
     return store
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file's bytes, read in chunks (md5 for MedMNIST files, sha1 for weights)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def _medmnist_info(path: Path) -> tuple[str, int, dict[str, Any]] | None:
@@ -196,7 +194,7 @@ def _load_npz(path: Path, size: int) -> Store:
     if not path.exists():
         _download_medmnist(path)
     want = _expected_md5(path)
-    if want is not None and (got := _md5(path)) != want:
+    if want is not None and (got := file_digest(path, "md5")) != want:
         raise DataError(
             f"{path} is corrupt or not the official file: md5 {got}, expected {want}. Download it again."
         )
@@ -488,13 +486,18 @@ def _warn_group_leaks(store: Store) -> None:
         )
 
 
+def draw_per_class(labels: np.ndarray, pool: np.ndarray, k: int, seed: list[int]) -> np.ndarray:
+    """k random indices of ``pool`` per class (all of a class with fewer; k = 0: all), seeded."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate(
+        [rng.permutation(pool[labels[pool] == c])[: k or None] for c in np.unique(labels[pool])]
+    )
+
+
 def _label_budget(store: Store, k: int, seed: int, draw: int) -> None:
     """Keep k training labels per class (all of a smaller class); mark the rest 'unlabelled'."""
-    rng = np.random.default_rng([seed, k, draw])
     train = store.indices("train")
-    keep = np.concatenate(
-        [rng.permutation(train[store.labels[train] == c])[:k] for c in np.unique(store.labels[train])]
-    )
+    keep = draw_per_class(store.labels, train, k, [seed, k, draw])
     store.split = store.split.astype("<U10")
     store.split[np.setdiff1d(train, keep)] = "unlabelled"
 

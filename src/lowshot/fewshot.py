@@ -27,6 +27,7 @@ from scipy import stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
+from .data import draw_per_class
 from .evaluation import auroc
 
 CLASSIFIERS = ("prototype", "knn", "logreg")
@@ -234,13 +235,7 @@ def label_efficiency(
     for k in budgets:
         scores: dict[str, list[float]] = {"accuracy": [], "balanced_accuracy": [], "auroc": []}
         for d in range(draws if k else 1):  # all labels: one fit, nothing to draw
-            rng = np.random.default_rng([seed, k, d])
-            pick = np.concatenate(
-                [
-                    rng.permutation(train_idx[labels[train_idx] == cls])[: k or None]
-                    for cls in np.unique(labels[train_idx])
-                ]
-            )
+            pick = draw_per_class(labels, train_idx, k, [seed, k, d])
             clf = LogisticRegression(C=c, max_iter=2000).fit(x[pick], labels[pick])
             prob = np.zeros((len(test_idx), int(labels.max()) + 1))
             prob[:, clf.classes_] = clf.predict_proba(x[test_idx])

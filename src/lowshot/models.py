@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import Config, ModelConfig, load_yaml, to_yaml
-from .data import Store, cache_root, eval_transform, normalisation, split_loader
+from .data import Store, cache_root, eval_transform, file_digest, normalisation, split_loader
 
 CHECKPOINT_WEIGHTS = "backbone.safetensors"
 CHECKPOINT_CONFIG = "config.yaml"
@@ -274,12 +274,7 @@ def weights_fingerprint(weights: str) -> str:
 
         return f"{weights}=={version(PACKAGED_WEIGHTS[weights][0].replace('_', '-'))}"
     path = Path(weights).expanduser()
-    path = path / CHECKPOINT_WEIGHTS if kind == "checkpoint" else path
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path / CHECKPOINT_WEIGHTS if kind == "checkpoint" else path, "sha1")
 
 
 def embedding_key(cfg: Config, store: Store, in_chans: int) -> str:
