@@ -41,8 +41,16 @@ run = Run(accelerator, cfg, "pretrain", store.name, overrides)
 backbone, in_chans, norm = backbone_for(cfg, store.grayscale)
 model, views = METHODS[cfg.ssl.method](backbone, backbone.num_features, cfg, store.grayscale, norm)
 rgb, plain, workers = in_chans == 3, eval_transform(norm), cfg.data.num_workers
+# SimCLR uses no labels: the training split plus any images left unlabelled by data.train_per_class.
 loader = split_loader(
-    store, "train", views, rgb, cfg.ssl.batch_size, workers, train=True, processes=accelerator.num_processes
+    store,
+    ("train", "unlabelled"),
+    views,
+    rgb,
+    cfg.ssl.batch_size,
+    workers,
+    train=True,
+    processes=accelerator.num_processes,
 )
 batch_size = loader.batch_size or 1
 bank_loader = split_loader(store, "train", plain, rgb, 256, workers)  # kNN bank: un-augmented training images

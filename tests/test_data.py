@@ -227,6 +227,7 @@ def test_label_budget_keeps_k_per_class(data_root: Path, cache_dir: Path) -> Non
     a = load_store(cfg(data_root, "breastmnist.npz", cache_dir, size=28, train_per_class=5))
     assert a.counts()["train"] == [5, 5] and a.counts()["test"] == [42, 114]
     assert (a.split == "unlabelled").sum() == 546 - 10
+    assert len(a.indices("train", "unlabelled")) == 546  # what SimCLR pretrains on: every training image
     b = load_store(cfg(data_root, "breastmnist.npz", cache_dir, size=28, train_per_class=5))
     c = load_store(cfg(data_root, "breastmnist.npz", cache_dir, size=28, train_per_class=5, train_draw=1))
     assert np.array_equal(a.indices("train"), b.indices("train"))  # seeded

@@ -76,8 +76,9 @@ class Store:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def indices(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.split == split)
+    def indices(self, *splits: str) -> np.ndarray:
+        """Store rows in any of ``splits`` ('train', 'val', 'test', 'unlabelled')."""
+        return np.flatnonzero(np.isin(self.split, splits))
 
     def counts(self) -> dict[str, list[int]]:
         """Images per class in each split, e.g. ``{'train': [147, 399], ...}``."""
@@ -564,7 +565,7 @@ def make_loader(ds: Dataset, batch_size: int, num_workers: int, train: bool) -> 
 
 def split_loader(
     store: Store,
-    split: str,
+    split: str | tuple[str, ...],
     transform: Callable[[Image.Image], Any],
     rgb: bool,
     batch_size: int,
@@ -572,9 +573,9 @@ def split_loader(
     train: bool = False,
     processes: int = 1,
 ) -> DataLoader:
-    """A loader over one split of the store. For training, the batch shrinks to the images each of
-    ``processes`` gets, so dropping the last partial batch still leaves at least one step."""
-    idx = store.indices(split)
+    """A loader over one split (or a tuple of splits) of the store. For training, the batch shrinks to
+    the images each of ``processes`` gets, so dropping the last partial batch still leaves a step."""
+    idx = store.indices(*((split,) if isinstance(split, str) else split))
     if train:
         batch_size = max(1, min(batch_size, len(idx) // processes))
     return make_loader(
