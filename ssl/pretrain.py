@@ -4,9 +4,10 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ssl/pretrain.py ...   # 2 CPU processes
 
 Writes ``out_dir/<name>/checkpoint/`` (backbone.safetensors + config.yaml): pass that folder to
-``finetune/train.py model.weights=...``. Labels are never used for training; the validation labels
-only feed the online kNN monitor, because the contrastive loss alone says little about the
-representation. The test split is not read.
+``finetune/train.py model.weights=...``. Labels are never used for training; the training and
+validation labels only feed the online kNN monitor (training images as the bank, validation images as
+queries), because the contrastive loss alone says little about the representation. The test split
+is not read.
 """
 
 import sys
