@@ -1,4 +1,5 @@
-"""The ``lowshot`` command: ``quickstart`` (pretrain → probe → fine-tune → test report) and ``show``.
+"""The ``lowshot`` command: ``quickstart`` (pretrain → probe → fine-tune → test report), ``check``
+(duplicates and leakage), ``show`` (test reports) and ``curves`` (label efficiency).
 
 The training jobs themselves are the entry scripts ``ssl/pretrain.py`` and ``finetune/train.py``,
 run through ``accelerate launch``; this command chains them for the Quickstart.
@@ -156,6 +157,38 @@ def curves(run_dirs: list[Path], out: Path, metric: str) -> None:
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
+def check(argv: list[str]) -> int:
+    """``lowshot check [--config F] [key=value ...] [--warn-only]``: exit 1 on leakage or label conflicts."""
+    from .check import check_store, plot_pairs, summary
+    from .data import load_store
+
+    cfg, _ = parse_args(argv)
+    store = load_store(cfg.data)
+    report, images = check_store(store, cfg.data, cfg.check.hash_threshold)
+    out = Path(cfg.out_dir) / (cfg.name or f"check-{store.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    sheet = plot_pairs(report, images, out / "pairs.png", cfg.check.sheet_pairs)
+    print(summary(report))
+    for r in sorted(report["pairs"], key=lambda r: (not r["cross_class"], not r["cross_split"]))[:10]:
+        flags = " ".join(
+            f for f, on in (("LABEL-CONFLICT", r["cross_class"]), ("ACROSS-SPLITS", r["cross_split"])) if on
+        )
+        print(
+            f"  {r['kind']:<5} {r['distance_bits']:>2} bits  {r['a']['path']} [{r['a']['label']}, {r['a']['split']}]  ~  "
+            f"{r['b']['path']} [{r['b']['label']}, {r['b']['split']}]  {flags}"
+        )
+    print(f"report: {out / 'report.json'}" + (f", sheet: {sheet}" if sheet else ""))
+    bad = report["cross_split_pairs"] or report["cross_class_pairs"] or report["groups_across_splits"]
+    if bad and not cfg.check.warn_only:
+        print(
+            "lowshot check: leakage across splits or label conflicts found (--warn-only to exit 0)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
@@ -164,6 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser(
         "quickstart", help="pretrain → probe → fine-tune → test report; takes --config FILE and key=value"
+    )
+    sub.add_parser(
+        "check",
+        help="duplicates, leakage across splits, label conflicts; takes --config, key=value, --warn-only",
     )
     s = sub.add_parser("show", help="print the test report of finished runs")
     s.add_argument("run_dirs", nargs="+", type=Path)
@@ -175,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["quickstart"]:  # the rest are lowshot settings, parsed by lowshot.config
             quickstart(argv[1:])
+        elif argv[:1] == ["check"]:
+            raise SystemExit(check(argv[1:]))
         else:
             args = parser.parse_args(argv)
             if args.cmd == "show":

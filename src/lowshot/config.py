@@ -23,7 +23,7 @@ DATA_ROOT_ENV = "LOWSHOT_DATA_ROOT"
 CACHE_ENV = "LOWSHOT_CACHE"
 
 # Bare ``--flag`` arguments and the boolean key each one sets to true.
-FLAGS = {"probe": "train.probe"}
+FLAGS = {"probe": "train.probe", "warn-only": "check.warn_only"}
 
 
 class ConfigError(ValueError):
@@ -179,6 +179,15 @@ class FewShotConfig:
 
 
 @dataclass
+class CheckConfig:
+    """`lowshot check`: duplicates, leakage across splits, label conflicts."""
+
+    hash_threshold: int = 4  # near duplicates: dHash distance in bits (of 64) at or below this
+    sheet_pairs: int = 24  # flagged pairs drawn in pairs.png
+    warn_only: bool = False  # exit 0 even with leakage or label conflicts (--warn-only)
+
+
+@dataclass
 class EvalConfig:
     bootstrap: int = 1000  # resamples of the test split for confidence intervals
     ci: float = 0.95
@@ -209,6 +218,7 @@ class Config:
     ssl: SSLConfig = field(default_factory=SSLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
 

@@ -357,7 +357,8 @@ def _cache_file(files: list[Path], name: str, cfg: DataConfig) -> Path:
 
 
 def decode_image(path: Path, size: int) -> np.ndarray:
-    """Decode one file to (size, size, C) uint8, C = 1 for grayscale content, else 3.
+    """Decode one file to (size, size, C) uint8, C = 1 for grayscale content, else 3 (size 0: the
+    native resolution, padded to a square).
 
     Modes are handled explicitly: 16-bit and float grayscale are scaled to 8 bits by their own
     min-max (the window the image uses), alpha is composited onto black, palettes are expanded, and
@@ -391,7 +392,7 @@ def _square_resize(a: np.ndarray, size: int) -> np.ndarray:
         sq = np.zeros((s, s, c), dtype=np.uint8)
         sq[(s - h) // 2 : (s - h) // 2 + h, (s - w) // 2 : (s - w) // 2 + w] = a
         a = sq
-    if a.shape[0] != size:
+    if size > 0 and a.shape[0] != size:
         im = Image.fromarray(a[..., 0] if c == 1 else a)
         a = np.asarray(im.resize((size, size), Image.Resampling.BICUBIC))
         a = a[..., None] if a.ndim == 2 else a

@@ -1,0 +1,178 @@
+"""The dataset checker: exact and near-duplicate images, and where they leak.
+
+Small medical sets are rarely clean: the same scan exported twice, once per class, or under two
+patients. A duplicate pair across splits inflates test scores; across classes it is a label
+conflict. For every image of a source (decoded at its native resolution, modes normalised as the
+training data are) the checker computes
+
+- a SHA-1 of the decoded pixels: equal digests are **exact** duplicates, whatever the file bytes;
+- a 64-bit difference hash (dHash: brightness gradients of a 9x8 grayscale thumbnail, Krawetz 2013):
+  pairs within ``check.hash_threshold`` differing bits are **near** duplicates;
+
+and reports pairs across splits (leakage), across classes (label conflicts), and groups (patients)
+that span splits, as a terminal summary, ``report.json`` and ``pairs.png`` (the flagged pairs side
+by side, with their paths and labels, to judge at a glance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .config import DataConfig
+from .data import Store, decode_image, source_path
+
+
+def native_images(store: Store, cfg: DataConfig) -> list[np.ndarray]:
+    """Every store image at its native resolution, (H, W, C) uint8, in store order."""
+    src = source_path(cfg)
+    if src.suffix == ".npz":
+        with np.load(src, allow_pickle=False) as z:
+            raw = {s: z[f"{s}_images"] for s in ("train", "val", "test")}
+        out = []
+        for p in store.paths:
+            split, i = str(p).split(":", 1)[1].split("/")
+            a = raw[split][int(i)]
+            out.append(a if a.ndim == 3 else a[..., None])
+        return out
+    return [decode_image(Path(p), 0) for p in store.paths]
+
+
+def dhash(a: np.ndarray) -> np.ndarray:
+    """(H, W, C) uint8 → 64 bools: is each pixel of a 9x8 grayscale thumbnail darker than its right neighbour."""
+    im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("L")
+    t = np.asarray(im.resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+    return (t[:, 1:] > t[:, :-1]).ravel()
+
+
+def near_pairs(bits: np.ndarray, threshold: int, chunk: int = 512) -> list[tuple[int, int, int]]:
+    """(i, j, distance) with i < j and Hamming distance <= threshold, for (N, 64) bool hashes."""
+    x = bits.astype(np.uint8)
+    pairs = []
+    for lo in range(0, len(x), chunk):
+        d = (x[lo : lo + chunk, None, :] != x[None, :, :]).sum(2)  # (chunk, N) differing bits
+        for a, b in zip(*np.nonzero(d <= threshold), strict=True):
+            i = lo + int(a)
+            if i < int(b):
+                pairs.append((i, int(b), int(d[a, b])))
+    return pairs
+
+
+def check_store(store: Store, cfg: DataConfig, threshold: int) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """All findings on a loaded store (see the module docstring), JSON-ready, and the native images."""
+    images = native_images(store, cfg)
+    digests = [hashlib.sha1(a.tobytes() + str(a.shape).encode()).hexdigest() for a in images]
+    bits = np.stack([dhash(a) for a in images])
+    exact = {(i, j) for g in _groups_of(digests) for k, i in enumerate(g) for j in g[k + 1 :]}
+    pairs = [(i, j, 0, "exact") for i, j in sorted(exact)]
+    pairs += [(i, j, d, "near") for i, j, d in near_pairs(bits, threshold) if (i, j) not in exact]
+    rows = []
+    for i, j, d, kind in pairs:
+        rows.append(
+            {
+                "kind": kind,
+                "distance_bits": d,
+                "a": _describe(store, i),
+                "b": _describe(store, j),
+                "cross_split": bool(store.split[i] != store.split[j]),
+                "cross_class": bool(store.labels[i] != store.labels[j]),
+            }
+        )
+    # Groups that span splits (only meaningful when the source gives patient/study ids).
+    groups_given = not np.array_equal(store.groups, store.paths)
+    spanning = []
+    if groups_given:
+        by_group: dict[str, set[str]] = defaultdict(set)
+        for g, s in zip(store.groups, store.split, strict=True):
+            by_group[str(g)].add(str(s))
+        spanning = sorted(g for g, s in by_group.items() if len(s) > 1)
+    shapes = Counter(f"{a.shape[1]}x{a.shape[0]}x{a.shape[2]}" for a in images)
+    return {
+        "source": str(source_path(cfg)),
+        "images": len(images),
+        "classes": store.classes,
+        "counts": store.counts(),
+        "native_sizes": dict(shapes.most_common(10)),
+        "skipped_files": [{"file": f, "why": w} for f, w in store.skipped],
+        "hash_threshold_bits": threshold,
+        "pairs": rows,
+        "exact_pairs": sum(r["kind"] == "exact" for r in rows),
+        "near_pairs": sum(r["kind"] == "near" for r in rows),
+        "cross_split_pairs": sum(r["cross_split"] for r in rows),
+        "cross_class_pairs": sum(r["cross_class"] for r in rows),
+        "groups_across_splits": spanning,
+    }, images
+
+
+def _groups_of(keys: list[str]) -> list[list[int]]:
+    idx: dict[str, list[int]] = defaultdict(list)
+    for i, k in enumerate(keys):
+        idx[k].append(i)
+    return [g for g in idx.values() if len(g) > 1]
+
+
+def _describe(store: Store, i: int) -> dict[str, Any]:
+    return {
+        "index": i,
+        "path": str(store.paths[i]),
+        "label": store.classes[store.labels[i]],
+        "split": str(store.split[i]),
+    }
+
+
+def summary(report: dict[str, Any]) -> str:
+    c = report["counts"]
+    lines = [
+        f"{report['source']}: {report['images']} images, classes {report['classes']}",
+        "  per split and class: " + ", ".join(f"{s} {c[s]}" for s in ("train", "val", "test")),
+        f"  native sizes: {report['native_sizes']}",
+        f"  skipped files: {len(report['skipped_files'])}",
+        f"  exact duplicate pairs: {report['exact_pairs']}; near duplicates (dHash <= {report['hash_threshold_bits']} bits): {report['near_pairs']}",
+        f"  pairs across splits (leakage): {report['cross_split_pairs']}",
+        f"  pairs across classes (label conflicts): {report['cross_class_pairs']}",
+        f"  groups in more than one split: {len(report['groups_across_splits'])}",
+    ]
+    return "\n".join(lines)
+
+
+def plot_pairs(report: dict[str, Any], images: list[np.ndarray], path: Path, most: int) -> Path | None:
+    """A sheet of the flagged pairs, label conflicts first, then leaks, then the rest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(
+        report["pairs"], key=lambda r: (not r["cross_class"], not r["cross_split"], r["distance_bits"])
+    )[:most]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), 2, figsize=(6, 3 * len(rows)), dpi=80, squeeze=False)
+    for ax_row, r in zip(axes, rows, strict=True):
+        for ax, side in zip(ax_row, ("a", "b"), strict=True):
+            a = images[r[side]["index"]]  # native resolution
+            ax.imshow(a[..., 0] if a.shape[-1] == 1 else a, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(
+                f"{Path(r[side]['path']).name[:30]}\n{r[side]['label']} · {r[side]['split']}", fontsize=8
+            )
+            ax.axis("off")
+        flags = [
+            f for f, on in (("LABEL CONFLICT", r["cross_class"]), ("ACROSS SPLITS", r["cross_split"])) if on
+        ]
+        ax_row[0].text(
+            0,
+            -0.35,
+            f"{r['kind']} ({r['distance_bits']} bits) {' '.join(flags)}",
+            transform=ax_row[0].transAxes,
+            fontsize=8,
+            color="red" if flags else "black",
+        )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
