@@ -157,9 +157,9 @@ def plot_pairs(report: dict[str, Any], images: list[np.ndarray], path: Path, mos
         for ax, side in zip(ax_row, ("a", "b"), strict=True):
             a = images[r[side]["index"]]  # native resolution
             ax.imshow(a[..., 0] if a.shape[-1] == 1 else a, cmap="gray", vmin=0, vmax=255)
-            ax.set_title(
-                f"{Path(r[side]['path']).name[:30]}\n{r[side]['label']} · {r[side]['split']}", fontsize=8
-            )
+            p = r[side]["path"]
+            name = p.split(":", 1)[1] if ".npz:" in p else Path(p).name  # npz rows: 'split/index'
+            ax.set_title(f"{name[:30]}\n{r[side]['label']} · {r[side]['split']}", fontsize=8)
             ax.axis("off")
         flags = [
             f for f, on in (("LABEL CONFLICT", r["cross_class"]), ("ACROSS SPLITS", r["cross_split"])) if on
