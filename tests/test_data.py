@@ -173,6 +173,10 @@ def test_csv_manifest_grouped_split(busi: Path, tmp_path: Path, cache_dir: Path)
     assert len(store.labels) == 195 and store.num_classes == 3
     for g in np.unique(store.groups):
         assert len(np.unique(store.split[store.groups == g])) == 1, f"group {g} spans two splits"
+    assert data_mod.groups_across_splits(store) == []
+    store.split[np.flatnonzero(store.groups == store.groups[0])[:1]] = "test"  # move one image of a patient
+    store.split[np.flatnonzero(store.groups == store.groups[0])[1:]] = "train"
+    assert data_mod.groups_across_splits(store) == [store.groups[0]]
     assert set(np.unique(store.split)) == {"train", "val", "test"}
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .config import DataConfig
-from .data import Store, decode_image, source_path
+from .data import Store, decode_image, groups_across_splits, source_path
 
 
 def native_images(store: Store, cfg: DataConfig) -> list[np.ndarray]:
@@ -83,14 +83,6 @@ def check_store(store: Store, cfg: DataConfig, threshold: int) -> tuple[dict[str
                 "cross_class": bool(store.labels[i] != store.labels[j]),
             }
         )
-    # Groups that span splits (only meaningful when the source gives patient/study ids).
-    groups_given = not np.array_equal(store.groups, store.paths)
-    spanning = []
-    if groups_given:
-        by_group: dict[str, set[str]] = defaultdict(set)
-        for g, s in zip(store.groups, store.split, strict=True):
-            by_group[str(g)].add(str(s))
-        spanning = sorted(g for g, s in by_group.items() if len(s) > 1)
     shapes = Counter(f"{a.shape[1]}x{a.shape[0]}x{a.shape[2]}" for a in images)
     return {
         "source": str(source_path(cfg)),
@@ -105,7 +97,7 @@ def check_store(store: Store, cfg: DataConfig, threshold: int) -> tuple[dict[str
         "near_pairs": sum(r["kind"] == "near" for r in rows),
         "cross_split_pairs": sum(r["cross_split"] for r in rows),
         "cross_class_pairs": sum(r["cross_class"] for r in rows),
-        "groups_across_splits": spanning,
+        "groups_across_splits": groups_across_splits(store),  # none when each image is its own group
     }, images
 
 
@@ -123,6 +115,20 @@ def _describe(store: Store, i: int) -> dict[str, Any]:
         "label": store.classes[store.labels[i]],
         "split": str(store.split[i]),
     }
+
+
+def ranked(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The flagged pairs, label conflicts first, then leaks across splits, then the rest; closest first."""
+    return sorted(
+        report["pairs"], key=lambda r: (not r["cross_class"], not r["cross_split"], r["distance_bits"])
+    )
+
+
+def flags(row: dict[str, Any]) -> str:
+    """'LABEL-CONFLICT ACROSS-SPLITS', either, or ''."""
+    return " ".join(
+        f for f, on in (("LABEL-CONFLICT", row["cross_class"]), ("ACROSS-SPLITS", row["cross_split"])) if on
+    )
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -147,9 +153,7 @@ def plot_pairs(report: dict[str, Any], images: list[np.ndarray], path: Path, mos
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted(
-        report["pairs"], key=lambda r: (not r["cross_class"], not r["cross_split"], r["distance_bits"])
-    )[:most]
+    rows = ranked(report)[:most]
     if not rows:
         return None
     fig, axes = plt.subplots(len(rows), 2, figsize=(6, 3 * len(rows)), dpi=80, squeeze=False)
@@ -161,16 +165,14 @@ def plot_pairs(report: dict[str, Any], images: list[np.ndarray], path: Path, mos
             name = p.split(":", 1)[1] if ".npz:" in p else Path(p).name  # npz rows: 'split/index'
             ax.set_title(f"{name[:30]}\n{r[side]['label']} · {r[side]['split']}", fontsize=8)
             ax.axis("off")
-        flags = [
-            f for f, on in (("LABEL CONFLICT", r["cross_class"]), ("ACROSS SPLITS", r["cross_split"])) if on
-        ]
+        marks = flags(r)
         ax_row[0].text(
             0,
             -0.35,
-            f"{r['kind']} ({r['distance_bits']} bits) {' '.join(flags)}",
+            f"{r['kind']} ({r['distance_bits']} bits) {marks}",
             transform=ax_row[0].transAxes,
             fontsize=8,
-            color="red" if flags else "black",
+            color="red" if marks else "black",
         )
     fig.tight_layout()
     fig.savefig(path)

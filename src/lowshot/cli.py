@@ -55,9 +55,8 @@ def _launch(script: str, args: list[str]) -> None:
     n = torch.cuda.device_count()
     flags = ["--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
     flags += ["--multi_gpu", "--num_processes", str(n)] if n > 1 else ["--num_processes", "1"]
-    if (
-        n == 0
-    ):  # without --cpu, accelerate launch pins a CPU run to OMP_NUM_THREADS=1: ~1.7x slower on 2 cores
+    # Without --cpu, accelerate launch pins a CPU run to OMP_NUM_THREADS=1: ~1.7x slower on 2 cores.
+    if n == 0:
         flags.append("--cpu")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, str(repo_root() / script), *args]
     print("\n$ accelerate launch " + " ".join([*flags, script, *args]), flush=True)
@@ -159,7 +158,7 @@ def curves(run_dirs: list[Path], out: Path, metric: str) -> None:
 
 def check(argv: list[str]) -> int:
     """``lowshot check [--config F] [key=value ...] [--warn-only]``: exit 1 on leakage or label conflicts."""
-    from .check import check_store, plot_pairs, summary
+    from .check import check_store, flags, plot_pairs, ranked, summary
     from .data import load_store
 
     cfg, _ = parse_args(argv)
@@ -170,13 +169,10 @@ def check(argv: list[str]) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=1))
     sheet = plot_pairs(report, images, out / "pairs.png", cfg.check.sheet_pairs)
     print(summary(report))
-    for r in sorted(report["pairs"], key=lambda r: (not r["cross_class"], not r["cross_split"]))[:10]:
-        flags = " ".join(
-            f for f, on in (("LABEL-CONFLICT", r["cross_class"]), ("ACROSS-SPLITS", r["cross_split"])) if on
-        )
+    for r in ranked(report)[:10]:
         print(
             f"  {r['kind']:<5} {r['distance_bits']:>2} bits  {r['a']['path']} [{r['a']['label']}, {r['a']['split']}]  ~  "
-            f"{r['b']['path']} [{r['b']['label']}, {r['b']['split']}]  {flags}"
+            f"{r['b']['path']} [{r['b']['label']}, {r['b']['split']}]  {flags(r)}"
         )
     print(f"report: {out / 'report.json'}" + (f", sheet: {sheet}" if sheet else ""))
     bad = report["cross_split_pairs"] or report["cross_class_pairs"] or report["groups_across_splits"]

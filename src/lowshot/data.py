@@ -474,17 +474,22 @@ def _fill_splits(store: Store, cfg: DataConfig, missing: list[str]) -> None:
         )
 
 
-def _warn_group_leaks(store: Store) -> None:
-    _, g = np.unique(store.groups, return_inverse=True)
+def groups_across_splits(store: Store) -> list[str]:
+    """The groups (patients) that have images in more than one split, sorted."""
+    names, g = np.unique(store.groups, return_inverse=True)
     _, s = np.unique(store.split, return_inverse=True)
     pairs = np.unique(np.stack([g.ravel(), s.ravel()], 1), axis=0)  # distinct (group, split) pairs
-    leaks = np.flatnonzero(np.bincount(pairs[:, 0]) > 1)
-    if len(leaks):
+    return [str(n) for n in names[np.flatnonzero(np.bincount(pairs[:, 0]) > 1)]]
+
+
+def _warn_group_leaks(store: Store) -> None:
+    leaks = groups_across_splits(store)
+    if leaks:
         log.warning(
             "%d groups (patients) span more than one split, e.g. %s: scores will be optimistic. Drop the 'split' "
             "column to let lowshot split by group.",
             len(leaks),
-            np.unique(store.groups)[leaks[:3]].tolist(),
+            leaks[:3],
         )
 
 

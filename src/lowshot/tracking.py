@@ -187,21 +187,28 @@ class Run:
             self.metrics_file.flush()
         self.accelerator.log(metrics, step=step)
 
+    def _wandb(self) -> Any:
+        """The W&B run on the main process when tracking with W&B, else None."""
+        if self.accelerator.is_main_process and self.cfg.track.log_with == "wandb":
+            return self.accelerator.get_tracker("wandb", unwrap=True)
+        return None
+
     def log_image(self, key: str, path: Path) -> None:
         """A PNG of the run directory into the W&B run (main process)."""
-        if self.accelerator.is_main_process and self.cfg.track.log_with == "wandb":
+        if (wb := self._wandb()) is not None:
             import wandb
 
-            self.accelerator.get_tracker("wandb", unwrap=True).log({key: wandb.Image(str(path))})
+            wb.log({key: wandb.Image(str(path))})
 
     def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
         """Rows of equal keys as a W&B table (main process)."""
-        if self.accelerator.is_main_process and self.cfg.track.log_with == "wandb" and rows:
+        if (wb := self._wandb()) is not None and rows:
             import wandb
 
             keys = list(rows[0])
-            table = wandb.Table(columns=list[str | int](keys), data=[[r[k] for k in keys] for r in rows])
-            self.accelerator.get_tracker("wandb", unwrap=True).log({key: table})
+            wb.log(
+                {key: wandb.Table(columns=list[str | int](keys), data=[[r[k] for k in keys] for r in rows])}
+            )
 
     def finish(self, results: dict[str, Any]) -> None:
         """Write ``results.json``, put the headline numbers in the W&B summary, close trackers."""
@@ -210,11 +217,10 @@ class Run:
             self._write_meta()
             (self.dir / "results.json").write_text(json.dumps(results, indent=2))
             self.metrics_file.close()
-            if self.cfg.track.log_with == "wandb":
-                summary = {
-                    k: v for k, v in flatten(results).items() if isinstance(v, (int, float, str, bool))
-                }
-                self.accelerator.get_tracker("wandb", unwrap=True).summary.update(summary)
+        if (wb := self._wandb()) is not None:
+            wb.summary.update(
+                {k: v for k, v in flatten(results).items() if isinstance(v, (int, float, str, bool))}
+            )
         self.accelerator.end_training()
 
 
