@@ -5,9 +5,13 @@
 
 --probe: the backbone is frozen (eval mode, so BatchNorm statistics stay frozen too), embeddings are
 extracted once, and a multinomial logistic regression (L-BFGS) is fitted with its L2 strength chosen
-on the validation split. Fine-tune: AdamW/SGD, warmup + cosine, no weight decay on norms/biases,
-early stopping on validation AUROC keeping a copy of the best weights. Either way the test split is
-read once, at the end, by the selected model; results.json holds every metric with a bootstrap CI.
+on the validation split. Fine-tune: AdamW/Adam/SGD, warmup + cosine or step decay, no weight decay on
+norms/biases, early stopping on validation AUROC keeping a copy of the best weights; each epoch also
+scores the un-augmented training images. Before training, identical images across splits stop the
+run (check.leakage). The test split is sealed while anything is selected and read once, at the end,
+by the selected model (the read is logged in the lockbox ledger). results.json holds every metric
+with a bootstrap CI and the calibration (temperature fitted on validation); predictions.npz and the
+report figures sit beside it.
 """
 
 import sys
@@ -19,11 +23,12 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowshot.check import leakage_guard
 from lowshot.cli import user_errors
 from lowshot.config import parse_args
-from lowshot.data import eval_transform, load_store, split_loader, train_transform
-from lowshot.evaluation import auroc, classification_report, format_report
-from lowshot.finetune import EarlyStopping, fit_probe, make_optimizer, warmup_cosine
+from lowshot.data import eval_transform, load_store, split_loader, store_loader, train_transform
+from lowshot.evaluation import auroc, final_reports, format_report
+from lowshot.finetune import EarlyStopping, fit_probe, lr_schedule, make_optimizer
 from lowshot.models import backbone_for, cached_embeddings, save_checkpoint
 from lowshot.tracking import Run, make_accelerator
 
@@ -34,17 +39,13 @@ accelerator = make_accelerator(cfg)
 set_seed(cfg.seed)
 with accelerator.main_process_first():
     store = load_store(cfg.data)
+leakage = leakage_guard(store, cfg)  # identical images in two splits: stop, warn or drop (check.leakage)
+store.seal()  # the lockbox: from here until the final evaluation, reading the test split raises
 accelerator.print(store.describe())
 run = Run(accelerator, cfg, job, store.name, overrides)
 
 backbone, in_chans, norm = backbone_for(cfg, store.grayscale)
 rgb, plain, workers = in_chans == 3, eval_transform(norm), cfg.data.num_workers
-
-
-def report(y: np.ndarray, prob: np.ndarray) -> dict:
-    return classification_report(y, prob, store.classes, cfg.eval.bootstrap, cfg.eval.ci, cfg.seed)
-
-
 results: dict = {
     "job": job,
     "data": store.name,
@@ -52,6 +53,7 @@ results: dict = {
     "counts": store.counts(),
     "model": cfg.model.name,
     "weights": cfg.model.weights,
+    "leakage": leakage,
 }
 
 if cfg.train.probe:
@@ -60,8 +62,8 @@ if cfg.train.probe:
     # statistics frozen) and cached; the test rows are scored only at the end, by the selected probe.
     backbone.requires_grad_(False)
     feats, cache_hit = cached_embeddings(cfg, store, backbone, in_chans, norm, accelerator)
-    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (
-        (feats.numpy()[store.indices(s)], store.labels[store.indices(s)]) for s in ("train", "val", "test")
+    (x_tr, y_tr), (x_va, y_va) = (
+        (feats.numpy()[store.indices(s)], store.labels[store.indices(s)]) for s in ("train", "val")
     )
     accelerator.print(f"probe: embeddings {tuple(feats.shape)}{' (from the cache)' if cache_hit else ''}")
     clf, c, curve = fit_probe(x_tr, y_tr, x_va, y_va, cfg.train.probe_cs, cfg.seed)
@@ -70,10 +72,16 @@ if cfg.train.probe:
             {"probe/C": point["C"], "val/auroc": point["val_auroc"], "val/accuracy": point["val_accuracy"]},
             step=i,
         )
-    results["selected"] = {"C": c, "val_auroc": max(p["val_auroc"] for p in curve), "curve": curve}
-    results["val"] = report(y_va, clf.predict_proba(x_va))
+    results["selected"] = {"C": c, "val_auroc": max(p["val_auroc"] for p in curve), "candidates": len(curve)}
+    results["curve"] = curve
     # The lockbox: the test embeddings are scored only now, once, by the selected probe.
-    results["test"] = report(y_te, clf.predict_proba(x_te))
+    test_rows = run.open_test(store)
+    val_prob, val_y, test_prob, test_y = (
+        clf.predict_proba(x_va),
+        y_va,
+        clf.predict_proba(feats.numpy()[test_rows]),
+        store.labels[test_rows],
+    )
     if accelerator.is_main_process:
         # The probe as plain arrays: standardise with mean/scale, then logits = x @ coef.T + intercept.
         scaler, lr = clf[0], clf[-1]
@@ -85,21 +93,24 @@ if cfg.train.probe:
 else:
     # ---- full fine-tune with early stopping on validation AUROC --------------------------------------
     model = nn.Sequential(backbone, nn.Linear(backbone.num_features, store.num_classes))
-    aug = train_transform(cfg.data.size, cfg.train.crop_min_scale, cfg.train.hflip, cfg.train.vflip, norm)
+    tc = cfg.train
+    aug = train_transform(cfg.data.size, tc.crop_min_scale, tc.hflip, tc.vflip, norm) if tc.augment else plain
     n = accelerator.num_processes
-    train_l = split_loader(store, "train", aug, rgb, cfg.train.batch_size, workers, train=True, processes=n)
-    optimizer = make_optimizer(
-        model, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, cfg.train.momentum
+    train_l = split_loader(store, "train", aug, rgb, tc.batch_size, workers, train=True, processes=n)
+    optimizer = make_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, tc.momentum)
+    model, optimizer, train_l, val_l, train_eval_l = accelerator.prepare(
+        model,
+        optimizer,
+        train_l,
+        split_loader(store, "val", plain, rgb, 256, workers),
+        split_loader(store, "train", plain, rgb, 256, workers),  # un-augmented, for the clean curve
     )
-    model, optimizer, train_l, val_l = accelerator.prepare(
-        model, optimizer, train_l, split_loader(store, "val", plain, rgb, 256, workers)
-    )
-    spe = len(train_l)
-    scheduler = warmup_cosine(
-        optimizer, cfg.train.warmup_epochs * spe, cfg.train.epochs * spe, cfg.train.min_lr_ratio
-    )
+    scheduler = lr_schedule(optimizer, tc, len(train_l))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     stopper = EarlyStopping(cfg.train.patience)
+
+    def nll(prob: np.ndarray, y: np.ndarray) -> float:
+        return float(-np.log(np.clip(prob[np.arange(len(y)), y], 1e-12, None)).mean())
 
     def predict(loader: torch.utils.data.DataLoader) -> tuple[np.ndarray, np.ndarray]:
         """(N, K) softmax probabilities and (N,) labels over all processes."""
@@ -137,15 +148,18 @@ else:
             "epoch": epoch + 1,
             "train/loss": float(accelerator.reduce(total / seen, reduction="mean")),
             "train/accuracy_augmented": correct / seen,
-            "val/loss": float(
-                nn.functional.nll_loss(
-                    torch.log(torch.from_numpy(val_prob).clamp_min(1e-12)), torch.from_numpy(val_y).long()
-                )
-            ),
+            "val/loss": nll(val_prob, val_y),
             "val/auroc": val_auc,
             "val/accuracy": float((val_prob.argmax(1) == val_y).mean()),
             "lr": scheduler.get_last_lr()[0],
         }
+        if tc.eval_train:  # the same images without augmentation or dropout, in eval mode
+            tr_prob, tr_y = predict(train_eval_l)
+            metrics |= {
+                "train/loss_clean": nll(tr_prob, tr_y),
+                "train/accuracy_clean": float((tr_prob.argmax(1) == tr_y).mean()),
+                "train/auroc_clean": auroc(tr_y, tr_prob),
+            }
         run.log(metrics, step=epoch + 1)
         accelerator.print(
             " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
@@ -154,12 +168,15 @@ else:
             accelerator.print(f"early stop: no better validation AUROC for {cfg.train.patience} epochs")
             break
     stopper.restore(accelerator.unwrap_model(model))
-    results["selected"] = {"epoch": stopper.best_epoch, "val_auroc": stopper.best_score}
+    results["selected"] = {
+        "epoch": stopper.best_epoch,
+        "val_auroc": stopper.best_score,
+        "candidates": epoch + 1,
+    }
     val_prob, val_y = predict(val_l)
-    results["val"] = report(val_y, val_prob)
     # The lockbox: the test split is loaded and scored only now, by the restored best model.
-    test_prob, test_y = predict(accelerator.prepare(split_loader(store, "test", plain, rgb, 256, workers)))
-    results["test"] = report(test_y, test_prob)
+    test_rows = run.open_test(store)
+    test_prob, test_y = predict(accelerator.prepare(store_loader(store, test_rows, plain, rgb, workers)))
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         save_checkpoint(
@@ -173,6 +190,14 @@ else:
             str(run.dir / "checkpoint" / "head.safetensors"),
         )
 
+results |= final_reports((val_y, val_prob), (test_y, test_prob), store.classes, cfg.eval, cfg.seed)
+run.save_predictions(
+    val_prob=val_prob,
+    val_y=val_y,
+    test_prob=test_prob,
+    test_y=test_y,
+    test_path=store.paths[test_rows].astype(str),
+)
 accelerator.print(format_report(results["val"], f"validation ({job}, selected)"))
 accelerator.print(format_report(results["test"], f"TEST ({job}, evaluated once)"))
 run.finish(results)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lowshot.check import check_store, dhash, near_pairs
+from lowshot.check import check_store
+from lowshot.data import dhash, near_pairs
 from lowshot.cli import check
 from lowshot.config import DataConfig
 from lowshot.data import load_store

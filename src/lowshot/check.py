@@ -16,16 +16,17 @@ by side, with their paths and labels, to judge at a glance).
 
 from __future__ import annotations
 
-import hashlib
-from collections import Counter, defaultdict
+import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from .config import DataConfig
-from .data import Store, decode_image, groups_across_splits, source_path
+from .config import Config, DataConfig
+from .data import SPLITS, DataError, Store, decode_image, duplicate_pairs, groups_across_splits, source_path
+
+log = logging.getLogger(__name__)
 
 
 def native_images(store: Store, cfg: DataConfig) -> list[np.ndarray]:
@@ -43,36 +44,11 @@ def native_images(store: Store, cfg: DataConfig) -> list[np.ndarray]:
     return [decode_image(Path(p), 0) for p in store.paths]
 
 
-def dhash(a: np.ndarray) -> np.ndarray:
-    """(H, W, C) uint8 → 64 bools: is each pixel of a 9x8 grayscale thumbnail darker than its right neighbour."""
-    im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("L")
-    t = np.asarray(im.resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
-    return (t[:, 1:] > t[:, :-1]).ravel()
-
-
-def near_pairs(bits: np.ndarray, threshold: int, chunk: int = 512) -> list[tuple[int, int, int]]:
-    """(i, j, distance) with i < j and Hamming distance <= threshold, for (N, 64) bool hashes."""
-    x = bits.astype(np.uint8)
-    pairs = []
-    for lo in range(0, len(x), chunk):
-        d = (x[lo : lo + chunk, None, :] != x[None, :, :]).sum(2)  # (chunk, N) differing bits
-        for a, b in zip(*np.nonzero(d <= threshold), strict=True):
-            i = lo + int(a)
-            if i < int(b):
-                pairs.append((i, int(b), int(d[a, b])))
-    return pairs
-
-
 def check_store(store: Store, cfg: DataConfig, threshold: int) -> tuple[dict[str, Any], list[np.ndarray]]:
     """All findings on a loaded store (see the module docstring), JSON-ready, and the native images."""
     images = native_images(store, cfg)
-    digests = [hashlib.sha1(a.tobytes() + str(a.shape).encode()).hexdigest() for a in images]
-    bits = np.stack([dhash(a) for a in images])
-    exact = {(i, j) for g in _groups_of(digests) for k, i in enumerate(g) for j in g[k + 1 :]}
-    pairs = [(i, j, 0, "exact") for i, j in sorted(exact)]
-    pairs += [(i, j, d, "near") for i, j, d in near_pairs(bits, threshold) if (i, j) not in exact]
     rows = []
-    for i, j, d, kind in pairs:
+    for i, j, d, kind in duplicate_pairs(images, threshold):
         rows.append(
             {
                 "kind": kind,
@@ -99,13 +75,6 @@ def check_store(store: Store, cfg: DataConfig, threshold: int) -> tuple[dict[str
         "cross_class_pairs": sum(r["cross_class"] for r in rows),
         "groups_across_splits": groups_across_splits(store),  # none when each image is its own group
     }, images
-
-
-def _groups_of(keys: list[str]) -> list[list[int]]:
-    idx: dict[str, list[int]] = defaultdict(list)
-    for i, k in enumerate(keys):
-        idx[k].append(i)
-    return [g for g in idx.values() if len(g) > 1]
 
 
 def _describe(store: Store, i: int) -> dict[str, Any]:
@@ -178,3 +147,49 @@ def plot_pairs(report: dict[str, Any], images: list[np.ndarray], path: Path, mos
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
+    """The fast part of the check, run by every training script before it trains (store resolution).
+
+    Identical images in two splits are leakage: ``check.leakage`` = error raises, warn logs, drop marks
+    the copy in the earlier split (train before val before test) 'dropped', so the test split stays as
+    published. Near duplicates across splits are only counted and logged: a person judges them with
+    ``lowshot check``. Returns ``{"exact_across_splits", "near_across_splits", "dropped"}``.
+    """
+    pairs = duplicate_pairs(store.images, cfg.data.duplicate_bits)
+    rank = {s: i for i, s in enumerate(SPLITS)}
+    cross = [(i, j, kind) for i, j, _, kind in pairs if store.split[i] != store.split[j]]
+    cross = [(i, j, k) for i, j, k in cross if store.split[i] in rank and store.split[j] in rank]
+    exact = [(i, j) for i, j, k in cross if k == "exact"]
+    out: dict[str, Any] = {"exact_across_splits": len(exact), "near_across_splits": len(cross) - len(exact)}
+    out["dropped"] = []
+    if exact:
+        shown = ", ".join(f"{store.paths[i]} ~ {store.paths[j]}" for i, j in exact[:3])
+        msg = (
+            f"{store.name}: {len(exact)} image(s) appear in two splits (identical pixels), e.g. {shown}: "
+            f"test scores would be optimistic."
+        )
+        if cfg.check.leakage == "error":
+            raise DataError(
+                msg + " Fix the split, or pass check.leakage=drop (drop the train/val copy; the test split "
+                "stays as published) or --warn-only (train anyway). See `lowshot check` for the pairs."
+            )
+        if cfg.check.leakage == "drop":
+            drop = sorted(
+                {i if rank[str(store.split[i])] < rank[str(store.split[j])] else j for i, j in exact}
+            )
+            store.split = store.split.astype("<U10")
+            out["dropped"] = [str(store.paths[i]) for i in drop]
+            store.split[drop] = "dropped"
+            log.warning("%s Dropped the earlier-split copies: %s", msg, out["dropped"])
+        else:
+            log.warning("%s Training anyway (check.leakage=warn).", msg)
+    if out["near_across_splits"]:
+        log.warning(
+            "%s: %d near-duplicate pair(s) (dHash <= %d bits) across splits; look at them with `lowshot check`",
+            store.name,
+            out["near_across_splits"],
+            cfg.data.duplicate_bits,
+        )
+    return out

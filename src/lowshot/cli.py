@@ -1,5 +1,7 @@
 """The ``lowshot`` command: ``quickstart`` (pretrain → probe → fine-tune → test report), ``check``
-(duplicates and leakage), ``show`` (test reports) and ``curves`` (label efficiency).
+(duplicates and leakage), ``show`` (test reports), ``report`` (Markdown + figures: what a number is
+worth, aggregated over seeds/folds), ``compare`` (two runs on the same test images) and ``curves``
+(label efficiency).
 
 The training jobs themselves are the entry scripts ``ssl/pretrain.py`` and ``finetune/train.py``,
 run through ``accelerate launch``; this command chains them for the Quickstart.
@@ -157,13 +159,14 @@ def curves(run_dirs: list[Path], out: Path, metric: str) -> None:
 
 
 def check(argv: list[str]) -> int:
-    """``lowshot check [--config F] [key=value ...] [--warn-only]``: exit 1 on leakage or label conflicts."""
+    """``lowshot check [--config F] [key=value ...] [--warn-only]``: exit 1 on leakage or label conflicts
+    (unless check.leakage is warn or drop)."""
     from .check import check_store, flags, plot_pairs, ranked, summary
     from .data import load_store
 
     cfg, _ = parse_args(argv)
     store = load_store(cfg.data)
-    report, images = check_store(store, cfg.data, cfg.check.hash_threshold)
+    report, images = check_store(store, cfg.data, cfg.data.duplicate_bits)
     out = Path(cfg.out_dir) / (cfg.name or f"check-{store.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -176,7 +179,7 @@ def check(argv: list[str]) -> int:
         )
     print(f"report: {out / 'report.json'}" + (f", sheet: {sheet}" if sheet else ""))
     bad = report["cross_split_pairs"] or report["cross_class_pairs"] or report["groups_across_splits"]
-    if bad and not cfg.check.warn_only:
+    if bad and cfg.check.leakage == "error":
         print(
             "lowshot check: leakage across splits or label conflicts found (--warn-only to exit 0)",
             file=sys.stderr,
@@ -204,6 +207,15 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("run_dirs", nargs="+", type=Path)
     c.add_argument("--out", type=Path, required=True, help="PNG to write")
     c.add_argument("--metric", default="auroc", choices=["auroc", "accuracy", "balanced_accuracy"])
+    r = sub.add_parser(
+        "report", help="Markdown report with figures of finished train runs (several: aggregated)"
+    )
+    r.add_argument("run_dirs", nargs="+", type=Path)
+    r.add_argument("--out", type=Path, required=True, help="folder for report.md and its figures")
+    k = sub.add_parser("compare", help="is run B better than run A on the same test images, by how much")
+    k.add_argument("run_a", type=Path)
+    k.add_argument("run_b", type=Path)
+    k.add_argument("--bootstrap", type=int, default=2000)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         if argv[:1] == ["quickstart"]:  # the rest are lowshot settings, parsed by lowshot.config
@@ -214,9 +226,17 @@ def main(argv: list[str] | None = None) -> None:
             args = parser.parse_args(argv)
             if args.cmd == "show":
                 show(args.run_dirs)
+            elif args.cmd in ("report", "compare"):
+                from . import report
+
+                if args.cmd == "report":
+                    print(f"wrote {report.write_report(args.run_dirs, args.out)}")
+                else:
+                    a, b = report.load_run(args.run_a), report.load_run(args.run_b)
+                    print(report.format_compare(report.compare(a, b, args.bootstrap)))
             else:
                 curves(args.run_dirs, args.out, args.metric)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, FileNotFoundError) as err:
         raise SystemExit(f"lowshot: error: {err}") from None
 
 

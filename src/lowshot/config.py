@@ -22,8 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 DATA_ROOT_ENV = "LOWSHOT_DATA_ROOT"
 CACHE_ENV = "LOWSHOT_CACHE"
 
-# Bare ``--flag`` arguments and the boolean key each one sets to true.
-FLAGS = {"probe": "train.probe", "warn-only": "check.warn_only"}
+# Bare ``--flag`` arguments and the (key, value) each one sets.
+FLAGS = {"probe": ("train.probe", "true"), "warn-only": ("check.leakage", "warn")}
 
 
 class ConfigError(ValueError):
@@ -45,6 +45,14 @@ class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     split_seed: int = 0
+    # k-fold cross-validation: folds > 1 re-splits train+val (never test) into `folds` stratified,
+    # grouped folds and validates on fold `fold`; repeat with other split_seed values.
+    folds: int = 0
+    fold: int = 0
+    # Images that are identical or near-identical (dHash within `duplicate_bits` of 64) share a group
+    # whenever lowshot splits, so a duplicate pair never straddles train/val/test or two folds.
+    group_duplicates: bool = True
+    duplicate_bits: int = 4
     cache_dir: str = ""  # decoded stores go here; "" = env LOWSHOT_CACHE or ~/.cache/lowshot
     limit: int = 0  # keep at most this many images per split (stratified); 0 = all. For smoke tests.
     # Label budget: keep K labelled training images per class (0 = all), drawn by `train_draw`; the
@@ -62,6 +70,11 @@ class DataConfig:
             raise ConfigError("data.val_fraction and data.test_fraction must lie in (0, 1)")
         if self.size < 8:
             raise ConfigError(f"data.size={self.size} px is too small; use 28 or more")
+        if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
+            raise ConfigError(
+                f"data.folds={self.folds}, data.fold={self.fold}: use folds=0 (fixed split) or folds>=2 "
+                f"with 0 <= fold < folds"
+            )
 
 
 @dataclass
@@ -72,6 +85,9 @@ class ModelConfig:
     weights: str = "none"
     drop_rate: float = 0.0  # dropout before the classifier (timm drop_rate)
     drop_path_rate: float = 0.0  # stochastic depth (timm drop_path_rate)
+    # ResNets at 28-32 px: a stride-1 3x3 first conv and no max-pool (the CIFAR / MedMNIST-28 ResNet),
+    # so a 28 px image still leaves a 4x4 map after the last stage instead of 1x1.
+    small_input_stem: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model keyword arguments
 
 
@@ -129,20 +145,28 @@ class TrainConfig:
     )
     epochs: int = 30
     batch_size: int = 64  # per process
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: str = "adamw"  # adamw | adam | sgd
     lr: float = 5e-4
+    schedule: str = "cosine"  # cosine (after warmup) | step (x gamma at each milestone)
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of epochs
+    gamma: float = 0.1
     min_lr_ratio: float = 0.01
     weight_decay: float = 0.05  # not applied to norms and biases
     momentum: float = 0.9  # sgd only
     warmup_epochs: int = 2
     patience: int = 10  # epochs without a better validation AUROC before stopping
     label_smoothing: float = 0.0
+    augment: bool = True  # False: no augmentation at all (the MedMNIST protocol)
     crop_min_scale: float = 0.7  # training-time random resized crop
     hflip: float = 0.5
     vflip: float = 0.0
+    # Each epoch, also score the *un-augmented* training images in eval mode: augmentation and dropout
+    # are why the running training accuracy can sit below validation; this curve cannot.
+    eval_train: bool = True
 
     def __post_init__(self) -> None:
-        _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _choice("train.optimizer", self.optimizer, ("adamw", "adam", "sgd"))
+        _choice("train.schedule", self.schedule, ("cosine", "step"))
         _positive("train", epochs=self.epochs, batch_size=self.batch_size, patience=self.patience)
 
 
@@ -182,15 +206,24 @@ class FewShotConfig:
 class CheckConfig:
     """`lowshot check`: duplicates, leakage across splits, label conflicts."""
 
-    hash_threshold: int = 4  # near duplicates: dHash distance in bits (of 64) at or below this
     sheet_pairs: int = 24  # flagged pairs drawn in pairs.png
-    warn_only: bool = False  # exit 0 even with leakage or label conflicts (--warn-only)
+    # Identical images across splits (leakage): "error" stops `lowshot check` (exit 1) and every training
+    # script; "warn" (--warn-only) goes on; "drop" removes the train/val copies, leaving the test split as
+    # published. Near duplicates (data.duplicate_bits) and label conflicts are reported, for a person to judge.
+    leakage: str = "error"
+
+    def __post_init__(self) -> None:
+        _choice("check.leakage", self.leakage, ("error", "warn", "drop"))
 
 
 @dataclass
 class EvalConfig:
     bootstrap: int = 1000  # resamples of the test split for confidence intervals
     ci: float = 0.95
+    calibration_bins: int = 15  # equal-width confidence bins for ECE and the reliability diagram
+    # Fit one softmax temperature on the validation split (Guo et al., 2017) and report test calibration
+    # with it; accuracy and AUROC do not change (a temperature keeps the ranking and the argmax).
+    temperature_scaling: bool = True
 
 
 @dataclass
@@ -302,7 +335,7 @@ def parse_args(argv: list[str]) -> tuple[Config, list[str]]:
             key, raw = arg.lstrip("-").split("=", 1)
             overrides.append((key, raw))
         elif arg.startswith("--") and arg[2:] in FLAGS:
-            overrides.append((FLAGS[arg[2:]], "true"))
+            overrides.append(FLAGS[arg[2:]])
         elif arg.startswith("--"):
             key = arg[2:]
             if key in all_keys():

@@ -12,7 +12,14 @@ Every image is decoded once, padded to a square and resized to ``data.size`` px,
 ``(N, H, W, C)`` with ``C`` 1 (grayscale) or 3 (RGB). File-based stores are cached under
 ``data.cache_dir`` keyed by the file listing (paths, sizes, mtimes) and the size, so the read-only
 data folder is never written. Sources without a split get a seeded split, stratified by label and
-grouped by ``group`` so that no patient spans two splits.
+grouped by ``group`` so that no patient spans two splits; identical and near-identical images
+(dHash) are put in one group first, so a duplicate pair never straddles two splits or two folds.
+With ``data.folds`` = k, train+val are re-split into k grouped, stratified folds (the test split is
+never touched) and fold ``data.fold`` validates.
+
+The test split is a lockbox: a training script calls :meth:`Store.seal` before any selection, after
+which every read of the test rows raises :class:`LockboxError` until :meth:`Store.unseal` is called,
+once, for the final evaluation.
 """
 
 from __future__ import annotations
@@ -52,6 +59,10 @@ class DataError(ValueError):
     """Bad or missing input data; the message names the file and the fix."""
 
 
+class LockboxError(RuntimeError):
+    """The test split was read while sealed, i.e. before model selection had finished."""
+
+
 @dataclass
 class Store:
     """Decoded images with labels, splits and groups.
@@ -67,6 +78,9 @@ class Store:
     classes: list[str]
     name: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) not decoded
+    source_groups: np.ndarray | None = None  # the source's own groups, before duplicates were merged
+    sealed: bool = False  # True: the test rows cannot be read (see seal / unseal)
+    test_reads: int = 0  # how often the test split was unsealed in this process
 
     @property
     def grayscale(self) -> bool:
@@ -78,7 +92,29 @@ class Store:
 
     def indices(self, *splits: str) -> np.ndarray:
         """Store rows in any of ``splits`` ('train', 'val', 'test', 'unlabelled')."""
+        if self.sealed and "test" in splits:
+            raise LockboxError(
+                "the test split is sealed: epochs, learning rates and probe strengths must be chosen on "
+                "train/val only. Read it once, after selection, through Store.unseal()."
+            )
         return np.flatnonzero(np.isin(self.split, splits))
+
+    def seal(self) -> None:
+        """Lock the test split until :meth:`unseal` (call before any model selection)."""
+        self.sealed = True
+
+    def unseal(self) -> np.ndarray:
+        """Open the test split for the final evaluation; returns its rows. Counted in ``test_reads``."""
+        self.sealed = False
+        self.test_reads += 1
+        return self.indices("test")
+
+    def test_digest(self) -> str:
+        """SHA-1 of the test images and labels: which lockbox a ledger entry refers to."""
+        rows = np.flatnonzero(self.split == "test")
+        h = hashlib.sha1(np.ascontiguousarray(self.images[rows]).data)
+        h.update(np.ascontiguousarray(self.labels[rows]).data)
+        return h.hexdigest()[:16]
 
     def counts(self) -> dict[str, list[int]]:
         """Images per class in each split, e.g. ``{'train': [147, 399], ...}``."""
@@ -127,10 +163,15 @@ def load_store(cfg: DataConfig) -> Store:
         store.images = np.clip(luma + 0.5, 0, 255).astype(np.uint8)[..., None]
     elif cfg.color == "rgb" and store.grayscale:
         store.images = np.repeat(store.images, 3, axis=-1)
+    _warn_group_leaks(store)  # the source's own split, by its own groups (duplicates: the leakage check)
+    if cfg.group_duplicates:
+        store.source_groups = store.groups
+        store.groups = duplicate_groups(store, cfg.duplicate_bits)
     missing = [s for s in SPLITS if not (store.split == s).any()]
     if missing:
         _fill_splits(store, cfg, missing)
-    _warn_group_leaks(store)
+    if cfg.folds:
+        _assign_fold(store, cfg)
     if cfg.limit:
         _apply_limit(store, cfg.limit, cfg.split_seed)
     if cfg.train_per_class:
@@ -419,6 +460,90 @@ def _stack(imgs: list[np.ndarray]) -> np.ndarray:
     return np.stack(imgs)
 
 
+# -------------------------------------------------------------------------------------------- duplicates
+
+
+def dhash(a: np.ndarray) -> np.ndarray:
+    """(H, W, C) uint8 → 64 bools: is each pixel of a 9x8 grayscale thumbnail darker than its right
+    neighbour (difference hash, Krawetz 2013; robust to resizing, re-encoding and small edits)."""
+    im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("L")
+    t = np.asarray(im.resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+    return (t[:, 1:] > t[:, :-1]).ravel()
+
+
+def pixel_digest(a: np.ndarray) -> str:
+    """SHA-1 of decoded pixels and shape: equal for identical images whatever their file bytes."""
+    return hashlib.sha1(np.ascontiguousarray(a).data.tobytes() + str(a.shape).encode()).hexdigest()
+
+
+def near_pairs(bits: np.ndarray, threshold: int, chunk: int = 2048) -> list[tuple[int, int, int]]:
+    """(i, j, distance) with i < j and Hamming distance <= threshold, for (N, 64) bool hashes."""
+    x = np.packbits(bits.astype(bool), axis=1).view(">u8")[:, 0]  # (N,) one 64-bit word per hash
+    pairs = []
+    for lo in range(0, len(x), chunk):
+        d = np.bitwise_count(x[lo : lo + chunk, None] ^ x[None, :])  # (chunk, N) differing bits
+        for a, b in zip(*np.nonzero(d <= threshold), strict=True):
+            i = lo + int(a)
+            if i < int(b):
+                pairs.append((i, int(b), int(d[a, b])))
+    return pairs
+
+
+def duplicate_pairs(images: np.ndarray | list[np.ndarray], threshold: int) -> list[tuple[int, int, int, str]]:
+    """(i, j, bits, 'exact' | 'near') for every identical pair and every other pair within ``threshold``
+    dHash bits, i < j."""
+    digests: dict[str, list[int]] = {}
+    for i, a in enumerate(images):
+        digests.setdefault(pixel_digest(a), []).append(i)
+    exact = {(i, j) for g in digests.values() for k, i in enumerate(g) for j in g[k + 1 :]}
+    pairs = [(i, j, 0, "exact") for i, j in sorted(exact)]
+    bits = np.stack([dhash(a) for a in images])
+    return pairs + [(i, j, d, "near") for i, j, d in near_pairs(bits, threshold) if (i, j) not in exact]
+
+
+def duplicate_groups(store: Store, threshold: int, max_neighbours: int = 8) -> np.ndarray:
+    """``store.groups`` merged along duplicate pairs (union-find): images linked by a chain of exact or
+    near duplicates, or by a shared group, get one group name (the smallest member's).
+
+    An image "near" more than ``max_neighbours`` others has a hash that does not discriminate (fundus
+    photos: a bright disc on black; dHash puts most of RetinaMNIST within 4 bits of each other), so
+    its near links are ignored rather than chaining half the data set into one group."""
+    parent = np.arange(len(store.labels))
+    pairs = duplicate_pairs(store.images, threshold)
+    degree = np.bincount([i for i, j, _, k in pairs if k == "near" for i in (i, j)], minlength=len(parent))
+    vague = degree > max_neighbours
+    if vague.any():
+        log.warning(
+            "%s: %d images are within %d dHash bits of more than %d others; the hash cannot tell them apart, "
+            "so their near-duplicate links are not used for grouping (exact duplicates still are)",
+            store.name,
+            int(vague.sum()),
+            threshold,
+            max_neighbours,
+        )
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    _, first = np.unique(store.groups, return_inverse=True)
+    links = [(i, j) for i, j, _, k in pairs if k == "exact" or not (vague[i] or vague[j])]
+    for g in range(first.max() + 1 if len(first) else 0):  # rows of one original group stay together
+        rows = np.flatnonzero(first == g)
+        links += [(int(rows[0]), int(r)) for r in rows[1:]]
+    for i, j in links:
+        a, b = root(i), root(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    merged = store.groups[[root(i) for i in range(len(parent))]]
+    before, after = len(np.unique(store.groups)), len(np.unique(merged))
+    if after < before:
+        log.info("duplicates: %d groups merged into %d, so copies stay in one split", before, after)
+    return merged
+
+
 # ------------------------------------------------------------------------------------------------ splits
 
 
@@ -474,9 +599,24 @@ def _fill_splits(store: Store, cfg: DataConfig, missing: list[str]) -> None:
         )
 
 
+def _assign_fold(store: Store, cfg: DataConfig) -> None:
+    """k-fold cross-validation: train+val become k stratified, grouped folds (seeded by
+    ``split_seed``); fold ``cfg.fold`` is 'val', the others 'train'. The test split is untouched."""
+    pool = np.flatnonzero(np.isin(store.split, ("train", "val")))
+    _, codes = np.unique(store.groups[pool], return_inverse=True)
+    if len(np.unique(codes)) < cfg.folds:
+        raise DataError(f"{store.name}: {len(np.unique(codes))} groups cannot fill {cfg.folds} folds")
+    kfold = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.split_seed)
+    _, held = list(kfold.split(np.zeros(len(pool)), store.labels[pool], codes))[cfg.fold]
+    store.split[pool] = "train"
+    store.split[pool[held]] = "val"
+
+
 def groups_across_splits(store: Store) -> list[str]:
-    """The groups (patients) that have images in more than one split, sorted."""
-    names, g = np.unique(store.groups, return_inverse=True)
+    """The source's groups (patients) that have images in more than one split, sorted."""
+    names, g = np.unique(
+        store.groups if store.source_groups is None else store.source_groups, return_inverse=True
+    )
     _, s = np.unique(store.split, return_inverse=True)
     pairs = np.unique(np.stack([g.ravel(), s.ravel()], 1), axis=0)  # distinct (group, split) pairs
     return [str(n) for n in names[np.flatnonzero(np.bincount(pairs[:, 0]) > 1)]]
@@ -522,8 +662,9 @@ def _apply_limit(store: Store, limit: int, seed: int) -> None:
                 idx = np.random.default_rng(seed).choice(idx, limit, replace=False)
         keep.append(np.sort(idx))
     k = np.concatenate(keep)
-    for name in ("images", "labels", "split", "groups", "paths"):
-        setattr(store, name, getattr(store, name)[k])
+    for name in ("images", "labels", "split", "groups", "paths", "source_groups"):
+        if getattr(store, name) is not None:
+            setattr(store, name, getattr(store, name)[k])
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -566,6 +707,15 @@ def make_loader(ds: Dataset, batch_size: int, num_workers: int, train: bool) -> 
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+    )
+
+
+def store_loader(
+    store: Store, rows: np.ndarray, transform: Callable[[Image.Image], Any], rgb: bool, num_workers: int
+) -> DataLoader:
+    """An evaluation loader (in order, batches of 256) over the given store rows."""
+    return make_loader(
+        StoreDataset(store.images[rows], store.labels[rows], transform, rgb), 256, num_workers, False
     )
 
 

@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
 from .data import draw_per_class
-from .evaluation import auroc
+from .evaluation import auroc, mean_ci
 
 CLASSIFIERS = ("prototype", "knn", "logreg")
 
@@ -255,17 +254,8 @@ def summarise_draws(k: int, n_labels: int, scores: dict[str, list[float]]) -> di
         "n_labels": n_labels,
     }
     for m, v in scores.items():
-        a = np.asarray(v, dtype=float)
-        sd = float(a.std(ddof=1)) if len(a) > 1 else 0.0
-        half = float(stats.t.ppf(0.975, len(a) - 1)) * sd / np.sqrt(len(a)) if len(a) > 1 else 0.0
-        row.update(
-            {
-                m: float(a.mean()),
-                f"{m}_std": sd,
-                f"{m}_low": float(a.mean()) - half,
-                f"{m}_high": float(a.mean()) + half,
-            }
-        )
+        s = mean_ci(v)
+        row.update({m: s["mean"], f"{m}_std": s["std"], f"{m}_low": s["low"], f"{m}_high": s["high"]})
     return row
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import Config, ModelConfig, load_yaml, to_yaml
-from .data import Store, cache_root, eval_transform, file_digest, normalisation, split_loader
+from .data import Store, cache_root, eval_transform, file_digest, normalisation, store_loader
 
 CHECKPOINT_WEIGHTS = "backbone.safetensors"
 CHECKPOINT_CONFIG = "config.yaml"
@@ -108,6 +108,8 @@ def create_backbone(cfg: ModelConfig, in_chans: int = 3, img_size: int | None = 
         drop_path_rate=cfg.drop_path_rate,
         **cfg.kwargs,
     )
+    if cfg.small_input_stem:
+        kwargs["small_input_stem"] = True
     kind = weights_kind(cfg.weights)
     if kind == "package":
         want = PACKAGED_WEIGHTS[cfg.weights][2]
@@ -187,7 +189,23 @@ def reachable(url: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _create(name: str, img_size: int | None, **kwargs: Any) -> nn.Module:
+def _create(name: str, img_size: int | None, small_input_stem: bool = False, **kwargs: Any) -> nn.Module:
+    model = _timm_create(name, img_size, **kwargs)
+    if small_input_stem:
+        conv = getattr(model, "conv1", None)
+        if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+            raise WeightsError(
+                f"model.small_input_stem needs a timm ResNet with a single-conv stem (conv1 + maxpool); "
+                f"{name} has none. Use e.g. model.name=resnet18"
+            )
+        # (B, C, 28, 28) → (B, 64, 28, 28): a 3x3 stride-1 conv replaces the 7x7 stride-2 conv and the
+        # stride-2 max-pool (He et al., 2016, CIFAR variant; MedMNIST v2's ResNet-18 (28)).
+        model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()  # type: ignore[assignment]
+    return model
+
+
+def _timm_create(name: str, img_size: int | None, **kwargs: Any) -> nn.Module:
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
         raise WeightsError(
@@ -283,7 +301,7 @@ def embedding_key(cfg: Config, store: Store, in_chans: int) -> str:
     h = hashlib.sha1()
     seed = cfg.seed if weights_kind(cfg.model.weights) == "none" else "-"
     h.update(
-        f"v1|{cfg.model.name}|{weights_fingerprint(cfg.model.weights)}|{in_chans}|{seed}|{cfg.model.kwargs}".encode()
+        f"v1|{cfg.model.name}|{weights_fingerprint(cfg.model.weights)}|{in_chans}|{seed}|{cfg.model.kwargs}|{cfg.model.small_input_stem}".encode()
     )
     h.update(np.ascontiguousarray(store.images).data)
     h.update(np.ascontiguousarray(store.labels).data)
@@ -298,21 +316,16 @@ def cached_embeddings(
     norm: dict[str, list[float]],
     accelerator: Accelerator,
 ) -> tuple[torch.Tensor, bool]:
-    """(N, D) float32 embeddings of every store image, in store order; True if read from the cache."""
+    """(N, D) float32 embeddings of every store image, in store order; True if read from the cache.
+
+    Extraction reads no labels, so it covers the sealed test split too; scoring those rows stays locked."""
     path = cache_root(cfg.data) / "embeddings" / f"{embedding_key(cfg, store, in_chans)}.safetensors"
     if path.is_file():
         return load_file(path)["features"], True
     backbone.to(accelerator.device)
-    plain = eval_transform(norm)
-    order, parts = [], []
-    for split in ("train", "val", "test"):
-        loader = accelerator.prepare(
-            split_loader(store, split, plain, in_chans == 3, 256, cfg.data.num_workers)
-        )
-        parts.append(embed(backbone, loader, accelerator)[0])
-        order.append(torch.from_numpy(store.indices(split)))
-    feats = torch.empty(len(store.labels), parts[0].shape[1])
-    feats[torch.cat(order)] = torch.cat(parts)  # back to store order
+    every = np.arange(len(store.labels))
+    loader = store_loader(store, every, eval_transform(norm), in_chans == 3, cfg.data.num_workers)
+    feats = embed(backbone, accelerator.prepare(loader), accelerator)[0]
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

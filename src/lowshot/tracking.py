@@ -6,6 +6,10 @@ git sha, exact command and versions, ``metrics.jsonl``, ``results.json``, checkp
 job_type, tags, the resolved config, per-epoch metrics and the final results as the summary.
 Without an API key W&B runs offline (``run_dir/wandb/offline-run-*``, ``wandb sync`` uploads it later)
 and never waits for a network.
+
+The test split's lockbox ledger lives in the cache folder (``lockbox/<data>-<test digest>.jsonl``):
+every run that opens a test split appends a line, so a report can say how often that test set had
+already been looked at, i.e. how far its number may be the best of many tries.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from .config import Config, ConfigError, flatten, to_dict, to_yaml
+from .data import Store, cache_root
 from .models import reachable, weights_kind
 
 log = logging.getLogger(__name__)
@@ -210,13 +216,51 @@ class Run:
                 {key: wandb.Table(columns=list[str | int](keys), data=[[r[k] for k in keys] for r in rows])}
             )
 
+    def open_test(self, store: Store) -> np.ndarray:
+        """Unseal the store's test split for the final evaluation and record it in the lockbox ledger;
+        returns the test rows. How often that test split was opened before goes into meta.json."""
+        rows = store.unseal()
+        ledger = cache_root(self.cfg.data) / "lockbox" / f"{store.name}-{store.test_digest()}.jsonl"
+        if self.accelerator.is_main_process:
+            ledger.parent.mkdir(parents=True, exist_ok=True)
+            before = (
+                [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.is_file() else []
+            )
+            entry = {
+                "run": str(self.dir.resolve()),
+                "job": self.job_type,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            with open(ledger, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            self.meta["lockbox"] = {
+                "ledger": str(ledger),
+                "opened_before": len(before),
+                "runs_before": len({e["run"] for e in before}),
+                "reads_this_run": store.test_reads,
+            }
+            self._write_meta()
+        return rows
+
+    def save_predictions(self, **arrays: np.ndarray) -> None:
+        """``predictions.npz`` (e.g. val_prob, val_y, test_prob, test_y, test_path): what `lowshot report`
+        and `lowshot compare` read; two runs compare only on the same test images."""
+        if self.accelerator.is_main_process:
+            np.savez_compressed(self.dir / "predictions.npz", **arrays)
+
     def finish(self, results: dict[str, Any]) -> None:
-        """Write ``results.json``, put the headline numbers in the W&B summary, close trackers."""
+        """Write ``results.json``, draw the run's report figures (learning curves, ROC, confusion matrix,
+        reliability) into the run directory and W&B, put the headline numbers in the W&B summary, close
+        trackers."""
         if self.accelerator.is_main_process:
             self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             self._write_meta()
             (self.dir / "results.json").write_text(json.dumps(results, indent=2))
             self.metrics_file.close()
+            from .report import run_figures  # matplotlib only where a report is drawn
+
+            for key, path in run_figures(self.dir).items():
+                self.log_image(f"report/{key}", path)
         if (wb := self._wandb()) is not None:
             wb.summary.update(
                 {k: v for k, v in flatten(results).items() if isinstance(v, (int, float, str, bool))}

@@ -1,0 +1,407 @@
+"""`lowshot report RUN_DIR [RUN_DIR ...]`: what a run's number is worth, as Markdown with PNG figures.
+
+Per run (from its ``results.json``, ``metrics.jsonl``, ``predictions.npz``, ``meta.json``):
+
+- learning curves: training loss/accuracy on *augmented* batches (train mode) and on the *clean*
+  training images (eval mode), next to validation; augmentation and dropout are why validation can
+  sit above the running training curve. A probe run shows validation AUROC against its L2 strength;
+- ROC of the test split with a bootstrap 95% band, the confusion matrix, a reliability diagram
+  (before and after the temperature fitted on validation);
+- "how much to believe this": the CI widths, what one test and one validation image are worth in
+  points, the validation→test gap, how many candidates the validation split chose among, how often
+  the test split had been opened before (the lockbox ledger), leakage found before training.
+
+Several runs (seeds, folds) that differ only in seed / fold / split seed / name are aggregated:
+mean, standard deviation and t-CI across runs, next to each run's own bootstrap CI. Two or more runs
+on the same test images get paired comparisons against the first (paired bootstrap; DeLong for a
+binary AUROC).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from .evaluation import delong, mean_ci, paired_bootstrap
+
+HEADLINE = ("auroc", "accuracy", "balanced_accuracy", "macro_f1", "ece", "brier")
+# Settings that make runs repeats of one experiment rather than different experiments.
+REPEAT_KEYS = {"seed", "name", "data.fold", "data.split_seed", "data.train_draw", "track.group", "track.tags"}
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    """A finished run's files; raises FileNotFoundError naming what is missing."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.json").is_file():
+        raise FileNotFoundError(
+            f"{run_dir}: no results.json; point `lowshot report` at a finished finetune/train.py run directory"
+        )
+    run: dict[str, Any] = {"dir": run_dir, "name": run_dir.name}
+    run["results"] = json.loads((run_dir / "results.json").read_text())
+    run["meta"] = json.loads((run_dir / "meta.json").read_text()) if (run_dir / "meta.json").is_file() else {}
+    lines = (
+        (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    )
+    run["metrics"] = [json.loads(line) for line in lines if line.strip()]
+    preds = run_dir / "predictions.npz"
+    run["pred"] = dict(np.load(preds, allow_pickle=False)) if preds.is_file() else None
+    import yaml
+
+    run["config"] = (
+        yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    )
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def run_figures(run_dir: Path, dest: Path | None = None) -> dict[str, Path]:
+    """Draw a finished train run's figures into ``dest`` (default: the run directory); {name: path}.
+    Runs without predictions (pretraining, few-shot) give none."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "predictions.npz").is_file() or not (run_dir / "results.json").is_file():
+        return {}
+    run = load_run(run_dir)
+    dest = Path(dest or run_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = {
+        "learning_curves": plot_learning_curves(run, dest / "learning_curves.png"),
+        "roc": plot_roc(run, dest / "roc.png"),
+        "confusion": plot_confusion(run, dest / "confusion.png"),
+        "reliability": plot_reliability(run, dest / "reliability.png"),
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def plot_learning_curves(run: dict[str, Any], path: Path) -> Path | None:
+    plt = _plt()
+    res, rows = run["results"], [r for r in run["metrics"] if "epoch" in r]
+    if res.get("curve"):  # a probe: validation AUROC against the inverse L2 strength C
+        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+        c = [p["C"] for p in res["curve"]]
+        ax.semilogx(c, [p["val_auroc"] for p in res["curve"]], "o-", label="val AUROC")
+        ax.semilogx(c, [p["val_accuracy"] for p in res["curve"]], "s--", label="val accuracy")
+        ax.axvline(res["selected"]["C"], color="gray", ls=":", label=f"selected C={res['selected']['C']:g}")
+        ax.set(xlabel="C (inverse L2 strength)", ylabel="validation score", title="probe selection")
+        ax.legend(fontsize=8)
+    elif rows:
+        ep = [r["epoch"] for r in rows]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+        series = (
+            ("train/loss", "train loss (augmented, train mode)", "C0", "--"),
+            ("train/loss_clean", "train loss (clean, eval mode)", "C0", "-"),
+            ("val/loss", "val loss", "C1", "-"),
+        )
+        for key, label, color, ls in series:
+            if key in rows[0]:
+                axes[0].plot(ep, [r[key] for r in rows], color=color, ls=ls, label=label)
+        for key, label, color, ls in (
+            ("train/accuracy_augmented", "train acc (augmented)", "C0", "--"),
+            ("train/accuracy_clean", "train acc (clean)", "C0", "-"),
+            ("val/accuracy", "val acc", "C1", "-"),
+            ("val/auroc", "val AUROC", "C2", "-"),
+        ):
+            if key in rows[0]:
+                axes[1].plot(ep, [r[key] for r in rows], color=color, ls=ls, label=label)
+        for ax, name in zip(axes, ("loss (cross-entropy)", "score"), strict=True):
+            ax.axvline(res["selected"]["epoch"], color="gray", ls=":", label="selected epoch")
+            ax.set(xlabel="epoch", ylabel=name)
+            ax.legend(fontsize=7)
+        axes[0].set_yscale("log")
+    else:
+        return None
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def roc_band(
+    y: np.ndarray, score: np.ndarray, n_boot: int = 500, ci: float = 0.95, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr grid (101,), tpr, low, high): the ROC interpolated on a grid and its percentile band over
+    bootstrap resamples of the test images (resamples with one class are skipped)."""
+    grid = np.linspace(0, 1, 101)
+    fpr, tpr, _ = roc_curve(y, score)
+    rng = np.random.default_rng(seed)
+    curves = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        if len(np.unique(y[i])) < 2:
+            continue
+        f, t, _ = roc_curve(y[i], score[i])
+        curves.append(np.interp(grid, f, t))
+    lo, hi = np.quantile(np.array(curves), [(1 - ci) / 2, (1 + ci) / 2], axis=0)
+    return grid, np.interp(grid, fpr, tpr), lo, hi
+
+
+def plot_roc(run: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    p, classes = run["pred"], run["results"]["classes"]
+    y, prob = p["test_y"].astype(int), p["test_prob"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.2), dpi=100)
+    shown = [1] if len(classes) == 2 else list(range(len(classes)))  # binary: the positive class only
+    for c in shown:
+        grid, tpr, lo, hi = roc_band((y == c).astype(int), prob[:, c])
+        (line,) = ax.plot(grid, tpr, label=f"{classes[c]} vs rest" if len(shown) > 1 else classes[c])
+        ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2)
+    a = run["results"]["test"]["metrics"]["auroc"]
+    ax.plot([0, 1], [0, 1], color="gray", ls=":")
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=f"test ROC, AUROC {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}]",
+    )
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(run: dict[str, Any], path: Path) -> Path:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    plt = _plt()
+    cm = np.array(run["results"]["test"]["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(4.2, 3.8), dpi=100)
+    ConfusionMatrixDisplay(cm, display_labels=[c[:14] for c in run["results"]["classes"]]).plot(
+        ax=ax, colorbar=False, cmap="Blues"
+    )
+    ax.set_title(f"test confusion matrix (n={cm.sum()})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(run: dict[str, Any], path: Path) -> Path | None:
+    plt = _plt()
+    cal = run["results"].get("calibration")
+    if not cal:
+        return None
+    fig, ax = plt.subplots(figsize=(4.5, 4.2), dpi=100)
+    for key, label, color in (("test", "as trained", "C0"), ("test_scaled", "temperature-scaled", "C1")):
+        if key not in cal:
+            continue
+        b = cal[key]["bins"]
+        extra = f", T={cal['temperature']:.2f}" if key == "test_scaled" else ""
+        ax.plot(
+            [r["confidence"] for r in b],
+            [r["accuracy"] for r in b],
+            "o-",
+            color=color,
+            label=f"{label}: ECE {cal[key]['ece']:.3f}{extra}",
+        )
+        for r in b:  # marker area ~ images in the bin: a dot of 2 images says little
+            ax.scatter(r["confidence"], r["accuracy"], s=4 * r["n"], color=color, alpha=0.25)
+    ax.plot([0, 1], [0, 1], color="gray", ls=":")
+    ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_title("test reliability (dot area = images in bin)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- text
+
+
+def believe(run: dict[str, Any]) -> list[str]:
+    """The "how much to believe this" bullet points of one run."""
+    res, meta = run["results"], run["meta"]
+    test, val, sel = res["test"], res["val"], res["selected"]
+    a, acc = test["metrics"]["auroc"], test["metrics"]["accuracy"]
+    notes = [
+        f"Test: {test['n']} images, so one image moves accuracy by {100 / test['n']:.2f} points; the 95% CI "
+        f"is {100 * (a['high'] - a['low']):.1f} points wide for AUROC and {100 * (acc['high'] - acc['low']):.1f} "
+        f"for accuracy.",
+        f"Validation: {val['n']} images (one image = {100 / val['n']:.2f} accuracy points).",
+    ]
+    k = sel.get("candidates", 1)
+    what = "epochs" if "epoch" in sel else "L2 strengths"
+    if k > 1:
+        warn = " **Warning:**" if val["n"] < 300 else ""
+        notes.append(
+            f"Selection:{warn} the model is the best of {k} {what} on those {val['n']} validation images, so its "
+            f"validation AUROC ({sel['val_auroc']:.3f}) is optimistic by construction; report the test number."
+        )
+    gap = sel["val_auroc"] - a["value"]
+    half = (a["high"] - a["low"]) / 2
+    verdict = (
+        "larger than the test CI half-width: suspect selection on a small validation split, a shift between "
+        "splits, or leakage"
+        if abs(gap) > half
+        else "within the test CI half-width: consistent with noise"
+    )
+    notes.append(f"Validation→test gap: {100 * gap:+.1f} AUROC points ({verdict}).")
+    lock = meta.get("lockbox")
+    if lock:
+        if lock.get("opened_before", 0):
+            notes.append(
+                f"**Lockbox:** this test split had been opened {lock['opened_before']} times before (by "
+                f"{lock['runs_before']} runs; ledger `{lock['ledger']}`). If this configuration was chosen after "
+                f"seeing those numbers, the test number is itself selected and optimistic."
+            )
+        else:
+            notes.append("Lockbox: this was the first run to open this test split.")
+    leak = res.get("leakage") or {}
+    if leak.get("exact_across_splits") or leak.get("near_across_splits"):
+        notes.append(
+            f"**Leakage check:** {leak.get('exact_across_splits', 0)} identical and {leak.get('near_across_splits', 0)} "
+            f"near-identical image pairs across splits"
+            + (f"; dropped {leak['dropped']}" if leak.get("dropped") else "")
+            + ". Run `lowshot check` to look at them."
+        )
+    if test.get("degenerate"):
+        notes.append("**Degenerate:** the model predicts one class for every test image.")
+    cal = res.get("calibration", {})
+    if "test_scaled" in cal:
+        notes.append(
+            f"Calibration: test ECE {cal['test']['ece']:.3f}, {cal['test_scaled']['ece']:.3f} after a temperature "
+            f"T={cal['temperature']:.2f} fitted on validation (accuracy and AUROC do not change)."
+        )
+    return notes
+
+
+def _metric_row(name: str, m: dict[str, float]) -> str:
+    return f"| {name} | {m['value']:.3f} | [{m['low']:.3f}, {m['high']:.3f}] |"
+
+
+def _experiment_key(run: dict[str, Any]) -> str:
+    from .config import flatten
+
+    flat = flatten(run["config"])
+    return json.dumps({k: v for k, v in sorted(flat.items()) if k not in REPEAT_KEYS}, default=str)
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs grouped into experiments (same config but for seed / fold / split seed / name); per group,
+    mean/std/t-CI of each headline test metric and of the selected validation AUROC."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        groups[_experiment_key(r)].append(r)
+    out = []
+    for members in groups.values():
+        row: dict[str, Any] = {"runs": [m["name"] for m in members], "n": len(members)}
+        row["test"] = {
+            m: mean_ci([r["results"]["test"]["metrics"][m]["value"] for r in members]) for m in HEADLINE
+        }
+        row["val_selected_auroc"] = mean_ci([r["results"]["selected"]["val_auroc"] for r in members])
+        c = members[0]["config"]
+        row["label"] = f"{c['model']['name']} · {c['model']['weights']} · {members[0]['results']['job']}"
+        row["folds"] = c["data"].get("folds", 0)
+        out.append(row)
+    return out
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """B − A on the same test images: paired bootstrap of every headline metric, DeLong for 2 classes."""
+    pa, pb = a["pred"], b["pred"]
+    if pa is None or pb is None:
+        raise FileNotFoundError(f"{a['dir'] if pa is None else b['dir']} has no predictions.npz")
+    if len(pa["test_path"]) != len(pb["test_path"]) or (pa["test_path"] != pb["test_path"]).any():
+        raise ValueError(
+            f"{a['name']} and {b['name']} were tested on different images; a paired comparison needs the same test split"
+        )
+    y = pa["test_y"].astype(int)
+    out: dict[str, Any] = {"a": a["name"], "b": b["name"], "n": len(y)}
+    out["paired_bootstrap"] = paired_bootstrap(y, pa["test_prob"], pb["test_prob"], n_boot, 0.95, seed)
+    if pa["test_prob"].shape[1] == 2:
+        out["delong"] = delong(y, pa["test_prob"][:, 1], pb["test_prob"][:, 1])
+    return out
+
+
+def format_compare(c: dict[str, Any]) -> str:
+    lines = [f"B = {c['b']} vs A = {c['a']} on the same {c['n']} test images (B − A, 95% CI, two-sided p)"]
+    lines.append("| metric | A | B | B − A | 95% CI | p |")
+    lines.append("|---|---|---|---|---|---|")
+    for m in HEADLINE:
+        d = c["paired_bootstrap"][m]
+        lines.append(
+            f"| {m} (paired bootstrap) | {d['a']:.3f} | {d['b']:.3f} | {d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | {d['p']:.3f} |"
+        )
+    if "delong" in c:
+        d = c["delong"]
+        lines.append(
+            f"| auroc (DeLong) | {d['auroc_a']:.3f} | {d['auroc_b']:.3f} | {d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | {d['p']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(run_dirs: list[Path], out: Path) -> Path:
+    """``out/report.md`` with each run's figures under ``out/<run name>/``; returns the Markdown path."""
+    runs = [load_run(d) for d in run_dirs]
+    out.mkdir(parents=True, exist_ok=True)
+    md = ["# lowshot report", ""]
+    if len(runs) > 1:
+        md += [
+            "## Across runs",
+            "",
+            "Runs that differ only in seed, fold or split seed are one experiment: the mean, "
+            "standard deviation and 95% t-interval are over its runs (n), the spread that a reader's rerun "
+            "would see; each run's own bootstrap CI (below) is the spread from its finite test split.",
+            "",
+        ]
+        md += [
+            "| experiment | n | test AUROC mean ± sd [95% CI] | test accuracy mean ± sd [95% CI] | selected val AUROC (mean) |",
+            "|---|---|---|---|---|",
+        ]
+        for g in aggregate(runs):
+            t = g["test"]
+            fold = f" · {g['folds']}-fold" if g["folds"] else ""
+            md.append(
+                f"| {g['label']}{fold} | {g['n']} | {t['auroc']['mean']:.3f} ± {t['auroc']['std']:.3f} [{t['auroc']['low']:.3f}, {t['auroc']['high']:.3f}] "
+                f"| {t['accuracy']['mean']:.3f} ± {t['accuracy']['std']:.3f} [{t['accuracy']['low']:.3f}, {t['accuracy']['high']:.3f}] "
+                f"| {g['val_selected_auroc']['mean']:.3f} |"
+            )
+        md.append("")
+        same = [r for r in runs[1:] if r["pred"] is not None and runs[0]["pred"] is not None]
+        if same:
+            md += ["## Paired comparisons with the first run", ""]
+            for r in same:
+                try:
+                    md += [format_compare(compare(runs[0], r)), ""]
+                except ValueError as err:
+                    md += [f"{r['name']}: {err}", ""]
+    for r in runs:
+        res, meta = r["results"], r["meta"]
+        md += [f"## {r['name']}", ""]
+        md.append(
+            f"{res['job']} · {res['data']} · {res['model']} · weights `{res['weights']}` · seed {meta.get('seed')} · "
+            f"git {meta.get('git_sha')}  "
+        )
+        md += [f"`{meta.get('command', '')}`", ""]
+        md += ["| test metric | value | 95% bootstrap CI |", "|---|---|---|"]
+        md += [_metric_row(m, res["test"]["metrics"][m]) for m in HEADLINE]
+        md += ["", "### How much to believe this", ""]
+        md += [f"- {n}" for n in believe(r)]
+        md.append("")
+        (out / r["name"]).mkdir(parents=True, exist_ok=True)
+        figs = run_figures(r["dir"], out / r["name"])
+        for key, path in figs.items():
+            md.append(f"![{key}]({path.relative_to(out).as_posix()})")
+        md.append("")
+        if (r["dir"] / "config.yaml").is_file():
+            shutil.copy(r["dir"] / "config.yaml", out / r["name"] / "config.yaml")
+    path = out / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    return path
