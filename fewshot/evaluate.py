@@ -16,6 +16,7 @@ import time
 import torch
 from accelerate.utils import set_seed
 
+from lowshot.check import leakage_guard
 from lowshot.cli import user_errors
 from lowshot.config import parse_args
 from lowshot.data import load_store
@@ -30,6 +31,7 @@ accelerator = make_accelerator(cfg)
 set_seed(cfg.seed)
 with accelerator.main_process_first():
     store = load_store(cfg.data)
+leakage = leakage_guard(store, cfg)  # identical images in two splits: stop, warn or drop
 accelerator.print(store.describe())
 run = Run(accelerator, cfg, "fewshot", store.name, overrides)
 
@@ -106,5 +108,6 @@ run.finish(
         "embedding_cache_hit": cache_hit,
         "rows": rows,
         "label_efficiency": curve,
+        "leakage": leakage,
     }
 )

@@ -19,6 +19,7 @@ from lightly.utils.benchmarking import knn_predict
 from sklearn.metrics import balanced_accuracy_score
 from tqdm.auto import tqdm
 
+from lowshot.check import leakage_guard
 from lowshot.cli import user_errors
 from lowshot.config import ConfigError, parse_args
 from lowshot.data import eval_transform, load_store, split_loader
@@ -35,6 +36,7 @@ accelerator = make_accelerator(cfg)
 set_seed(cfg.seed, device_specific=True)  # each process draws its own augmentations
 with accelerator.main_process_first():  # the first process decodes and caches; the others read the cache
     store = load_store(cfg.data)
+leakage = leakage_guard(store, cfg)  # identical images in two splits: stop, warn or drop
 accelerator.print(store.describe())
 run = Run(accelerator, cfg, "pretrain", store.name, overrides)
 
@@ -148,6 +150,7 @@ run.finish(
         "global_batch": global_batch,
         "negatives_per_anchor": 2 * global_batch - 2,
         **knn,
+        "leakage": leakage,
     }
 )
 accelerator.print(

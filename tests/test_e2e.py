@@ -48,6 +48,7 @@ def common(data_root: Path, cache_dir: Path, out: Path, source: str) -> list[str
         "eval.bootstrap=100",
         "ssl.batch_size=64",
         "ssl.knn_every=1",
+        "check.leakage=drop",  # BreastMNIST's official split holds one image twice (test_protocol.py)
     ]
 
 

@@ -2,7 +2,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from lowshot.evaluation import auroc, classification_report
+from lowshot.evaluation import (
+    auroc,
+    calibration,
+    classification_report,
+    delong,
+    fit_temperature,
+    mean_ci,
+    paired_bootstrap,
+    with_temperature,
+)
 
 
 def _probs(p1: np.ndarray) -> np.ndarray:
@@ -55,3 +64,104 @@ def test_degenerate_predictor_is_flagged() -> None:
     assert r["metrics"]["balanced_accuracy"]["value"] == 0.5
     ok = classification_report(y, _probs(np.r_[np.full(20, 0.2), np.full(80, 0.9)]), ["a", "b"], n_boot=50)
     assert not ok["degenerate"]
+
+
+# ------------------------------------------------------------------------------ calibration
+
+
+def _calibrated(n: int, rng: np.random.Generator, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities that are calibrated by construction: y is drawn from them."""
+    prob = rng.dirichlet(np.full(k, 0.7), n)
+    y = (rng.random(n)[:, None] > prob.cumsum(1)).sum(1)
+    return y, prob
+
+
+def test_ece_of_a_calibrated_predictor_is_near_zero_and_of_an_overconfident_one_is_not() -> None:
+    rng = np.random.default_rng(0)
+    y, prob = _calibrated(100_000, rng)
+    cal = calibration(y, prob, bins=15)
+    assert cal["ece"] < 0.01
+    sharp = with_temperature(prob, 0.3)  # same ranking, overconfident
+    assert calibration(y, sharp)["ece"] > 0.05
+    assert sum(b["n"] for b in cal["bins"]) == len(y)
+
+
+def test_brier_and_ece_known_values() -> None:
+    y = np.array([0, 1, 1, 0])
+    onehot = np.eye(2)[y]
+    assert calibration(y, onehot)["brier"] == 0.0 and calibration(y, onehot)["ece"] == 0.0
+    assert calibration(y, np.full((4, 2), 0.5))["brier"] == pytest.approx(0.5)
+    # 4 images all at confidence 0.9, half right: ECE = |0.5 - 0.9| = 0.4
+    assert calibration(y, np.tile([0.9, 0.1], (4, 1)))["ece"] == pytest.approx(0.4)
+
+
+def test_temperature_scaling_recovers_the_temperature_and_keeps_the_ranking() -> None:
+    rng = np.random.default_rng(1)
+    y, prob = _calibrated(20_000, rng, k=3)
+    hot = with_temperature(prob, 1 / 2.5)  # logits x 2.5: overconfident
+    t = fit_temperature(hot, y)
+    assert t == pytest.approx(2.5, rel=0.1)
+    fixed = with_temperature(hot, t)
+    assert (fixed.argmax(1) == hot.argmax(1)).all()
+    yb, pb = _calibrated(2000, rng)  # two classes: the ranking of p(class 1) is kept, so AUROC is too
+    assert auroc(yb, with_temperature(pb, 0.4)) == pytest.approx(auroc(yb, pb))
+    assert calibration(y, fixed)["ece"] < calibration(y, hot)["ece"]
+
+
+# ------------------------------------------------------------------- intervals and comparisons
+
+
+def test_t_interval_over_runs_covers_the_mean_95_percent_of_the_time() -> None:
+    rng = np.random.default_rng(2)
+    hits = [(s := mean_ci(rng.normal(0.8, 0.03, 5)))["low"] <= 0.8 <= s["high"] for _ in range(4000)]
+    assert 0.935 <= np.mean(hits) <= 0.965
+    one = mean_ci([0.7])
+    assert one["low"] == one["high"] == 0.7 and one["n"] == 1
+
+
+def test_bootstrap_ci_of_accuracy_covers_the_true_value() -> None:
+    """A predictor that is right with probability 0.8 on 150 images: the 95% percentile bootstrap
+    interval should hold 0.8 in about 95% of repeated test sets (percentile intervals run a bit low)."""
+    rng = np.random.default_rng(3)
+    hits = []
+    for rep in range(150):
+        y = rng.integers(0, 2, 150)
+        right = rng.random(150) < 0.8
+        pred = np.where(right, y, 1 - y)
+        prob = np.eye(2)[pred] * 0.8 + 0.1
+        m = classification_report(y, prob, ["a", "b"], n_boot=300, seed=rep)["metrics"]["accuracy"]
+        hits.append(m["low"] <= 0.8 <= m["high"])
+    assert 0.88 <= np.mean(hits) <= 0.99
+
+
+def test_delong_matches_auroc_and_holds_its_level_under_the_null() -> None:
+    rng = np.random.default_rng(4)
+    rejections, ses, boot_sds = 0, [], []
+    for rep in range(300):
+        y = rng.integers(0, 2, 120)
+        base = y + rng.normal(0, 1.2, 120)  # two equally good, correlated scores
+        a, b = base + rng.normal(0, 0.6, 120), base + rng.normal(0, 0.6, 120)
+        d = delong(y, a, b)
+        assert d["auroc_a"] == pytest.approx(roc_auc_score(y, a))
+        rejections += d["p"] < 0.05
+        if rep < 10:
+            ses.append(d["se"])
+            pb = paired_bootstrap(y, np.stack([-a, a], 1), np.stack([-b, b], 1), n_boot=400, seed=rep)
+            boot_sds.append((pb["auroc"]["high"] - pb["auroc"]["low"]) / (2 * 1.96))
+    assert 0.02 <= rejections / 300 <= 0.09  # nominal 0.05
+    assert np.mean(ses) == pytest.approx(np.mean(boot_sds), rel=0.25)  # two estimates of one SE
+    same = delong(y, a, a)
+    assert same["diff"] == 0.0 and same["p"] == 1.0
+
+
+def test_paired_bootstrap_finds_a_real_difference_and_none_between_equals() -> None:
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 200)
+    good = np.stack(
+        [1 - (p := np.clip(0.5 + 0.35 * (2 * y - 1) + rng.normal(0, 0.15, 200), 0.01, 0.99)), p], 1
+    )
+    coin = rng.dirichlet([1, 1], 200)
+    better = paired_bootstrap(y, coin, good, n_boot=500)
+    assert better["auroc"]["diff"] > 0.3 and better["auroc"]["low"] > 0 and better["auroc"]["p"] < 0.01
+    equal = paired_bootstrap(y, good, good, n_boot=200)
+    assert equal["accuracy"]["diff"] == 0.0 and equal["accuracy"]["p"] == 1.0

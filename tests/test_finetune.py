@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from lowshot.finetune import EarlyStopping, fit_probe, make_optimizer, warmup_cosine
+from lowshot.config import TrainConfig
+from lowshot.finetune import EarlyStopping, fit_probe, lr_schedule, make_optimizer, warmup_cosine
 
 
 def test_early_stopping_keeps_a_copy_not_a_reference() -> None:
@@ -58,3 +59,19 @@ def test_probe_chooses_regularisation_on_validation() -> None:
     assert len(curve) == 5 and c == max(curve, key=lambda p: p["val_auroc"])["C"]
     assert clf.predict_proba(xv).shape == (200, 2)
     assert max(p["val_auroc"] for p in curve) > 0.75
+
+
+def test_step_schedule_is_medmnist_protocol() -> None:
+    """100 epochs, lr x0.1 at 50% and 75%: epochs 1-50 at 1e-3, 51-75 at 1e-4, 76-100 at 1e-5."""
+    tc = TrainConfig(optimizer="adam", lr=1e-3, schedule="step", epochs=100, milestones=[0.5, 0.75])
+    opt = make_optimizer(nn.Linear(2, 2), tc.optimizer, tc.lr, 0.0)
+    assert isinstance(opt, torch.optim.Adam)
+    sched = lr_schedule(opt, tc, steps_per_epoch=4)
+    lrs = []
+    for _ in range(100 * 4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    per_epoch = lrs[::4]
+    assert per_epoch[49] == pytest.approx(1e-3) and per_epoch[50] == pytest.approx(1e-4)
+    assert per_epoch[74] == pytest.approx(1e-4) and per_epoch[75] == pytest.approx(1e-5)

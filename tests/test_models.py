@@ -162,3 +162,21 @@ def test_packaged_imagenet_weights_classify_photographs() -> None:
     assert _same(m, full, x)
     with pytest.raises(WeightsError, match=re.escape("model.name=tf_efficientnet_lite0")):
         create_backbone(ModelConfig(name="resnet18", weights="efficientnet-lite0"))
+
+
+def test_small_input_stem_keeps_spatial_resolution_and_round_trips(tmp_path: Path) -> None:
+    """The CIFAR / MedMNIST-28 ResNet: 28 px in, a 4x4 map after the last stage (1x1 with the ImageNet stem)."""
+    cfg = ModelConfig(name="resnet18", small_input_stem=True)
+    m = create_backbone(cfg, in_chans=1)
+    assert tuple(m.conv1.weight.shape) == (64, 1, 3, 3) and m.conv1.stride == (1, 1)
+    x = torch.randn(2, 1, 28, 28)
+    assert m.forward_features(x).shape[-2:] == (4, 4)
+    assert create_backbone(ModelConfig(name="resnet18"), in_chans=1).forward_features(x).shape[-2:] == (1, 1)
+    full = Config(model=cfg)
+    save_checkpoint(tmp_path / "ck", m, full, {"in_chans": 1})
+    back = create_backbone(
+        ModelConfig(name="resnet18", small_input_stem=True, weights=str(tmp_path / "ck")), 1
+    )
+    assert _same(m, back, x)
+    with pytest.raises(WeightsError, match="small_input_stem"):
+        create_backbone(ModelConfig(name="test_vit", small_input_stem=True), img_size=32)

@@ -24,7 +24,16 @@ from typing import Any
 import numpy as np
 
 from .config import Config, DataConfig
-from .data import SPLITS, DataError, Store, decode_image, duplicate_pairs, groups_across_splits, source_path
+from .data import (
+    SPLITS,
+    DataError,
+    Store,
+    decode_image,
+    duplicate_pairs,
+    fingerprints,
+    groups_across_splits,
+    source_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +53,40 @@ def native_images(store: Store, cfg: DataConfig) -> list[np.ndarray]:
     return [decode_image(Path(p), 0) for p in store.paths]
 
 
-def check_store(store: Store, cfg: DataConfig, threshold: int) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """All findings on a loaded store (see the module docstring), JSON-ready, and the native images."""
+def embedding_pairs(feats: np.ndarray, threshold: float, chunk: int = 2048) -> list[tuple[int, int, float]]:
+    """(i, j, cosine) with i < j and cosine similarity >= threshold, for (N, D) embeddings."""
+    x = feats / np.clip(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12, None)
+    out = []
+    for lo in range(0, len(x), chunk):
+        sim = x[lo : lo + chunk] @ x.T  # (chunk, N)
+        for a, b in zip(*np.nonzero(sim >= threshold), strict=True):
+            if lo + int(a) < int(b):
+                out.append((lo + int(a), int(b), float(sim[a, b])))
+    return out
+
+
+def check_store(
+    store: Store, cfg: DataConfig, threshold: int, feats: np.ndarray | None = None, cosine: float = 1.0
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """All findings on a loaded store (see the module docstring), JSON-ready, and the native images.
+
+    With ``feats`` (N, D), pairs the hashes missed but whose embeddings have cosine >= ``cosine`` are
+    added as kind 'embedding' (a backbone sees content where dHash sees only brightness gradients)."""
     images = native_images(store, cfg)
+    pairs, vague = duplicate_pairs(*fingerprints(images), threshold)
+    found: list[tuple[int, int, int, str, float | None]] = [(i, j, d, kind, None) for i, j, d, kind in pairs]
+    if feats is not None:
+        seen = {(i, j) for i, j, *_ in found}
+        found += [
+            (i, j, -1, "embedding", c) for i, j, c in embedding_pairs(feats, cosine) if (i, j) not in seen
+        ]
     rows = []
-    for i, j, d, kind in duplicate_pairs(images, threshold):
+    for i, j, d, kind, cos in found:
         rows.append(
             {
                 "kind": kind,
                 "distance_bits": d,
+                "cosine": cos,
                 "a": _describe(store, i),
                 "b": _describe(store, j),
                 "cross_split": bool(store.split[i] != store.split[j]),
@@ -71,6 +105,10 @@ def check_store(store: Store, cfg: DataConfig, threshold: int) -> tuple[dict[str
         "pairs": rows,
         "exact_pairs": sum(r["kind"] == "exact" for r in rows),
         "near_pairs": sum(r["kind"] == "near" for r in rows),
+        "embedding_pairs": sum(r["kind"] == "embedding" for r in rows),
+        # images whose dHash is within reach of many others: their near pairs are not listed
+        "hash_blind_images": int(vague.sum()),
+        "cosine_threshold": cosine if feats is not None else None,
         "cross_split_pairs": sum(r["cross_split"] for r in rows),
         "cross_class_pairs": sum(r["cross_class"] for r in rows),
         "groups_across_splits": groups_across_splits(store),  # none when each image is its own group
@@ -89,8 +127,20 @@ def _describe(store: Store, i: int) -> dict[str, Any]:
 def ranked(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The flagged pairs, label conflicts first, then leaks across splits, then the rest; closest first."""
     return sorted(
-        report["pairs"], key=lambda r: (not r["cross_class"], not r["cross_split"], r["distance_bits"])
+        report["pairs"],
+        key=lambda r: (
+            not r["cross_class"],
+            not r["cross_split"],
+            r["kind"] == "embedding",
+            r["distance_bits"],
+            -(r["cosine"] or 0),
+        ),
     )
+
+
+def closeness(row: dict[str, Any]) -> str:
+    """'3 bits' for hash pairs, 'cos 0.985' for embedding pairs."""
+    return f"cos {row['cosine']:.3f}" if row["kind"] == "embedding" else f"{row['distance_bits']} bits"
 
 
 def flags(row: dict[str, Any]) -> str:
@@ -107,7 +157,20 @@ def summary(report: dict[str, Any]) -> str:
         "  per split and class: " + ", ".join(f"{s} {c[s]}" for s in ("train", "val", "test")),
         f"  native sizes: {report['native_sizes']}",
         f"  skipped files: {len(report['skipped_files'])}",
-        f"  exact duplicate pairs: {report['exact_pairs']}; near duplicates (dHash <= {report['hash_threshold_bits']} bits): {report['near_pairs']}",
+        f"  exact duplicate pairs: {report['exact_pairs']}; near duplicates (dHash <= {report['hash_threshold_bits']} bits): {report['near_pairs']}"
+        + (
+            f"; by embedding (cosine >= {report['cosine_threshold']}): {report['embedding_pairs']}"
+            if report.get("cosine_threshold") is not None
+            else ""
+        ),
+        *(
+            [
+                f"  images the hash cannot tell apart: {report['hash_blind_images']} (their near pairs are not "
+                "listed; check.embeddings=true compares content)"
+            ]
+            if report.get("hash_blind_images")
+            else []
+        ),
         f"  pairs across splits (leakage): {report['cross_split_pairs']}",
         f"  pairs across classes (label conflicts): {report['cross_class_pairs']}",
         f"  groups in more than one split: {len(report['groups_across_splits'])}",
@@ -138,7 +201,7 @@ def plot_pairs(report: dict[str, Any], images: list[np.ndarray], path: Path, mos
         ax_row[0].text(
             0,
             -0.35,
-            f"{r['kind']} ({r['distance_bits']} bits) {marks}",
+            f"{r['kind']} ({closeness(r)}) {marks}",
             transform=ax_row[0].transAxes,
             fontsize=8,
             color="red" if marks else "black",
@@ -150,14 +213,15 @@ def plot_pairs(report: dict[str, Any], images: list[np.ndarray], path: Path, mos
 
 
 def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
-    """The fast part of the check, run by every training script before it trains (store resolution).
+    """The fast part of the check, run by every training script before it trains (on the fingerprints
+    taken when the images were decoded, so it sees what `lowshot check` sees).
 
     Identical images in two splits are leakage: ``check.leakage`` = error raises, warn logs, drop marks
     the copy in the earlier split (train before val before test) 'dropped', so the test split stays as
     published. Near duplicates across splits are only counted and logged: a person judges them with
     ``lowshot check``. Returns ``{"exact_across_splits", "near_across_splits", "dropped"}``.
     """
-    pairs = duplicate_pairs(store.images, cfg.data.duplicate_bits)
+    pairs, _ = duplicate_pairs(*store.fingerprints(), cfg.data.duplicate_bits)
     rank = {s: i for i, s in enumerate(SPLITS)}
     cross = [(i, j, kind) for i, j, _, kind in pairs if store.split[i] != store.split[j]]
     cross = [(i, j, k) for i, j, k in cross if store.split[i] in rank and store.split[j] in rank]

@@ -68,20 +68,27 @@ def _launch(script: str, args: list[str]) -> None:
 
 
 def quickstart(extra: list[str]) -> Path:
-    """Pretrain with SimCLR, probe and fine-tune that backbone, print the test reports.
+    """Pretrain with SimCLR, probe and fine-tune that backbone, print the test reports, write a report.
 
-    ``extra`` overrides apply to all three jobs (e.g. ``data.source=busi``, ``--config FILE``)."""
+    ``extra`` overrides apply to all three jobs (e.g. ``data.source=busi``, ``--config FILE``). Identical
+    images across the source's own split are dropped from train/val (check.leakage=drop; BreastMNIST's
+    official split holds one), unless ``extra`` says otherwise."""
     cfg, _ = parse_args(extra)  # fail early on a bad override, before any training
     group = cfg.name or f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
     base = Path(cfg.out_dir) / group
     ckpt = base / "pretrain" / "checkpoint"
-    common = [*extra, f"track.group={group}"]
+    told = any(a.lstrip("-").startswith("check.leakage") or a == "--warn-only" for a in extra)
+    common = [*([] if told else ["check.leakage=drop"]), *extra, f"track.group={group}"]
     _launch("ssl/pretrain.py", [*common, f"name={group}/pretrain"])
     _launch("finetune/train.py", ["--probe", *common, f"name={group}/probe", f"model.weights={ckpt}"])
     _launch("finetune/train.py", [*common, f"name={group}/finetune", f"model.weights={ckpt}"])
     print()
     show([base / "probe", base / "finetune"])
+    from .report import write_report
+
+    md = write_report([base / "probe", base / "finetune"], base / "report")
     print(f"all three runs: {base}/  (config.yaml, metrics.jsonl, results.json, checkpoint/, wandb/)")
+    print(f"report (figures, paired comparison, how much to believe the numbers): {md}")
     return base
 
 
@@ -161,12 +168,22 @@ def curves(run_dirs: list[Path], out: Path, metric: str) -> None:
 def check(argv: list[str]) -> int:
     """``lowshot check [--config F] [key=value ...] [--warn-only]``: exit 1 on leakage or label conflicts
     (unless check.leakage is warn or drop)."""
-    from .check import check_store, flags, plot_pairs, ranked, summary
+    from .check import check_store, closeness, flags, plot_pairs, ranked, summary
     from .data import load_store
 
     cfg, _ = parse_args(argv)
     store = load_store(cfg.data)
-    report, images = check_store(store, cfg.data, cfg.data.duplicate_bits)
+    feats = None
+    if (
+        cfg.check.embeddings
+    ):  # the configured backbone (model.name, model.weights), through the embedding cache
+        from accelerate import Accelerator
+
+        from .models import backbone_for, cached_embeddings
+
+        backbone, in_chans, norm = backbone_for(cfg, store.grayscale)
+        feats = cached_embeddings(cfg, store, backbone, in_chans, norm, Accelerator(cpu=False))[0].numpy()
+    report, images = check_store(store, cfg.data, cfg.data.duplicate_bits, feats, cfg.check.cosine)
     out = Path(cfg.out_dir) / (cfg.name or f"check-{store.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -174,7 +191,7 @@ def check(argv: list[str]) -> int:
     print(summary(report))
     for r in ranked(report)[:10]:
         print(
-            f"  {r['kind']:<5} {r['distance_bits']:>2} bits  {r['a']['path']} [{r['a']['label']}, {r['a']['split']}]  ~  "
+            f"  {r['kind']:<9} {closeness(r):>9}  {r['a']['path']} [{r['a']['label']}, {r['a']['split']}]  ~  "
             f"{r['b']['path']} [{r['b']['label']}, {r['b']['split']}]  {flags(r)}"
         )
     print(f"report: {out / 'report.json'}" + (f", sheet: {sheet}" if sheet else ""))

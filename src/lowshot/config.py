@@ -207,6 +207,11 @@ class CheckConfig:
     """`lowshot check`: duplicates, leakage across splits, label conflicts."""
 
     sheet_pairs: int = 24  # flagged pairs drawn in pairs.png
+    # Also pair images whose embeddings (model.name / model.weights: ImageNet weights or a SimCLR
+    # checkpoint) have cosine similarity >= `cosine`: dHash sees brightness gradients only and is blind
+    # on look-alike modalities (fundus photos), a backbone sees content.
+    embeddings: bool = False
+    cosine: float = 0.97
     # Identical images across splits (leakage): "error" stops `lowshot check` (exit 1) and every training
     # script; "warn" (--warn-only) goes on; "drop" removes the train/val copies, leaving the test split as
     # published. Near duplicates (data.duplicate_bits) and label conflicts are reported, for a person to judge.
@@ -222,7 +227,7 @@ class EvalConfig:
     ci: float = 0.95
     calibration_bins: int = 15  # equal-width confidence bins for ECE and the reliability diagram
     # Fit one softmax temperature on the validation split (Guo et al., 2017) and report test calibration
-    # with it; accuracy and AUROC do not change (a temperature keeps the ranking and the argmax).
+    # with it. Accuracy does not change (the argmax stays), nor does a binary AUROC (the ranking stays).
     temperature_scaling: bool = True
 
 

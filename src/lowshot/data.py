@@ -79,6 +79,9 @@ class Store:
     name: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) not decoded
     source_groups: np.ndarray | None = None  # the source's own groups, before duplicates were merged
+    # Of each image at its native resolution, taken when decoding: (N, 64) dHash bits, (N,) pixel SHA-1.
+    hashes: np.ndarray | None = None
+    digests: np.ndarray | None = None
     sealed: bool = False  # True: the test rows cannot be read (see seal / unseal)
     test_reads: int = 0  # how often the test split was unsealed in this process
 
@@ -98,6 +101,13 @@ class Store:
                 "train/val only. Read it once, after selection, through Store.unseal()."
             )
         return np.flatnonzero(np.isin(self.split, splits))
+
+    def fingerprints(self) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 64) dHash bits and (N,) pixel digests of the native images (of the store images if the
+        source gave none)."""
+        if self.hashes is None or self.digests is None:
+            self.hashes, self.digests = fingerprints(list(self.images))
+        return self.hashes, self.digests
 
     def seal(self) -> None:
         """Lock the test split until :meth:`unseal` (call before any model selection)."""
@@ -247,9 +257,10 @@ def _load_npz(path: Path, size: int) -> Store:
     keys = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
     if absent := [k for k in keys if k not in npz.files]:
         raise DataError(f"{path} lacks the MedMNIST keys {absent} (has {npz.files})")
-    images, labels, split, paths = [], [], [], []
+    images, labels, split, paths, prints = [], [], [], [], []
     for s in SPLITS:
         x = npz[f"{s}_images"]
+        prints.append(fingerprints(list(x if x.ndim == 4 else x[..., None])))
         y = npz[f"{s}_labels"].reshape(len(x), -1)
         if y.shape[1] != 1:
             raise DataError(
@@ -267,6 +278,8 @@ def _load_npz(path: Path, size: int) -> Store:
         split=np.array(split),
         groups=np.array(paths),  # MedMNIST ships no patient ids: each image is its own group
         paths=np.array(paths),
+        hashes=np.concatenate([h for h, _ in prints]),
+        digests=np.concatenate([d for _, d in prints]),
         classes=classes,
         name=path.stem,
     )
@@ -346,17 +359,18 @@ def _load_files(
     cache = _cache_file(files, name, cfg)
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:
-            kept = z["kept"]
-            images = z["images"]
+            kept, images, hashes, digests = z["kept"], z["images"], z["hashes"], z["digests"]
             bad = json.loads(str(z["skipped"]))
     else:
-        kept_l, imgs, bad = [], [], []
+        kept_l, imgs, natives, bad = [], [], [], []
         for i, f in enumerate(files):
             if f.suffix.lower() not in IMAGE_SUFFIXES and f.suffix:
                 bad.append((str(f), f"not an image file (suffix {f.suffix})"))
                 continue
             try:
-                imgs.append(decode_image(f, cfg.size))
+                native = decode_image(f, 0)  # padded to a square; fingerprinted at full resolution
+                imgs.append(_square_resize(native, cfg.size))
+                natives.append(fingerprints([native]))
                 kept_l.append(i)
             except FileNotFoundError:
                 bad.append((str(f), "missing (manifest paths are relative to the manifest's folder)"))
@@ -366,9 +380,11 @@ def _load_files(
             raise DataError(f"no readable images in {name}: {bad[:3]}")
         kept = np.array(kept_l)
         images = _stack(imgs)
+        hashes = np.concatenate([h for h, _ in natives])
+        digests = np.concatenate([d for _, d in natives])
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, images=images, kept=kept, skipped=json.dumps(bad))
+        np.savez(tmp, images=images, kept=kept, skipped=json.dumps(bad), hashes=hashes, digests=digests)
         os.replace(tmp, cache)  # atomic: a killed run never leaves a half-written cache
     classes = sorted(set(labels))
     lab = np.array([classes.index(labels[i]) for i in kept], dtype=np.int64)
@@ -382,6 +398,8 @@ def _load_files(
         classes=classes,
         name=name,
         skipped=skipped + [(str(b[0]), str(b[1])) for b in bad],
+        hashes=hashes,
+        digests=digests,
     )
 
 
@@ -390,7 +408,7 @@ def cache_root(cfg: DataConfig) -> Path:
 
 
 def _cache_file(files: list[Path], name: str, cfg: DataConfig) -> Path:
-    h = hashlib.sha1(f"v1|{cfg.size}".encode())
+    h = hashlib.sha1(f"v2|{cfg.size}".encode())
     for f in files:
         st = f.stat() if f.exists() else None
         h.update(f"{f.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
@@ -489,37 +507,45 @@ def near_pairs(bits: np.ndarray, threshold: int, chunk: int = 2048) -> list[tupl
     return pairs
 
 
-def duplicate_pairs(images: np.ndarray | list[np.ndarray], threshold: int) -> list[tuple[int, int, int, str]]:
+def fingerprints(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 64) dHash bits and (N,) pixel SHA-1 digests of (H, W, C) uint8 images."""
+    if not images:
+        return np.zeros((0, 64), bool), np.zeros(0, "<U40")
+    return np.stack([dhash(a) for a in images]), np.array([pixel_digest(a) for a in images])
+
+
+def duplicate_pairs(
+    bits: np.ndarray, digests: np.ndarray, threshold: int, max_neighbours: int = 8
+) -> tuple[list[tuple[int, int, int, str]], np.ndarray]:
     """(i, j, bits, 'exact' | 'near') for every identical pair and every other pair within ``threshold``
-    dHash bits, i < j."""
-    digests: dict[str, list[int]] = {}
-    for i, a in enumerate(images):
-        digests.setdefault(pixel_digest(a), []).append(i)
-    exact = {(i, j) for g in digests.values() for k, i in enumerate(g) for j in g[k + 1 :]}
-    pairs = [(i, j, 0, "exact") for i, j in sorted(exact)]
-    bits = np.stack([dhash(a) for a in images])
-    return pairs + [(i, j, d, "near") for i, j, d in near_pairs(bits, threshold) if (i, j) not in exact]
+    dHash bits, i < j; and the (N,) mask of images whose hash does not discriminate.
 
-
-def duplicate_groups(store: Store, threshold: int, max_neighbours: int = 8) -> np.ndarray:
-    """``store.groups`` merged along duplicate pairs (union-find): images linked by a chain of exact or
-    near duplicates, or by a shared group, get one group name (the smallest member's).
-
-    An image "near" more than ``max_neighbours`` others has a hash that does not discriminate (fundus
-    photos: a bright disc on black; dHash puts most of RetinaMNIST within 4 bits of each other), so
-    its near links are ignored rather than chaining half the data set into one group."""
-    parent = np.arange(len(store.labels))
-    pairs = duplicate_pairs(store.images, threshold)
-    degree = np.bincount([i for i, j, _, k in pairs if k == "near" for i in (i, j)], minlength=len(parent))
+    An image "near" more than ``max_neighbours`` others has a hash that cannot tell it apart (fundus
+    photos: a bright disc on black; dHash puts most of RetinaMNIST within 4 bits of each other): its
+    near pairs are left out rather than flooding the list and chaining half the set into one group."""
+    same: dict[str, list[int]] = {}
+    for i, d in enumerate(digests):
+        same.setdefault(str(d), []).append(i)
+    exact = {(i, j) for g in same.values() for k, i in enumerate(g) for j in g[k + 1 :]}
+    near = [(i, j, d) for i, j, d in near_pairs(bits, threshold) if (i, j) not in exact]
+    degree = np.bincount([k for i, j, _ in near for k in (i, j)], minlength=len(digests))
     vague = degree > max_neighbours
+    pairs = [(i, j, 0, "exact") for i, j in sorted(exact)]
+    return pairs + [(i, j, d, "near") for i, j, d in near if not (vague[i] or vague[j])], vague
+
+
+def duplicate_groups(store: Store, threshold: int) -> np.ndarray:
+    """``store.groups`` merged along duplicate pairs (union-find): images linked by a chain of exact or
+    near duplicates, or by a shared group, get one group name (the smallest member's)."""
+    parent = np.arange(len(store.labels))
+    pairs, vague = duplicate_pairs(*store.fingerprints(), threshold)
     if vague.any():
         log.warning(
-            "%s: %d images are within %d dHash bits of more than %d others; the hash cannot tell them apart, "
-            "so their near-duplicate links are not used for grouping (exact duplicates still are)",
+            "%s: %d images are within %d dHash bits of many others; the hash cannot tell them apart, so only "
+            "their exact duplicates are grouped (`lowshot check check.embeddings=true` compares content)",
             store.name,
             int(vague.sum()),
             threshold,
-            max_neighbours,
         )
 
     def root(i: int) -> int:
@@ -529,7 +555,7 @@ def duplicate_groups(store: Store, threshold: int, max_neighbours: int = 8) -> n
         return i
 
     _, first = np.unique(store.groups, return_inverse=True)
-    links = [(i, j) for i, j, _, k in pairs if k == "exact" or not (vague[i] or vague[j])]
+    links = [(i, j) for i, j, _, _ in pairs]
     for g in range(first.max() + 1 if len(first) else 0):  # rows of one original group stay together
         rows = np.flatnonzero(first == g)
         links += [(int(rows[0]), int(r)) for r in rows[1:]]
@@ -662,7 +688,7 @@ def _apply_limit(store: Store, limit: int, seed: int) -> None:
                 idx = np.random.default_rng(seed).choice(idx, limit, replace=False)
         keep.append(np.sort(idx))
     k = np.concatenate(keep)
-    for name in ("images", "labels", "split", "groups", "paths", "source_groups"):
+    for name in ("images", "labels", "split", "groups", "paths", "source_groups", "hashes", "digests"):
         if getattr(store, name) is not None:
             setattr(store, name, getattr(store, name)[k])
 

@@ -13,17 +13,12 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
 import numpy as np
 from scipy import optimize, stats
 from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
     confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
 )
 
 from .config import EvalConfig
@@ -31,20 +26,41 @@ from .config import EvalConfig
 log = logging.getLogger(__name__)
 
 
+def _binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney statistic: the share of (positive, negative) pairs ranked correctly,
+    ties ½; NaN without both classes. Ranks instead of a ROC curve: ~20x faster inside a bootstrap."""
+    n1 = int(positive.sum())
+    n0 = len(positive) - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = stats.rankdata(score)
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
 def auroc(y: np.ndarray, prob: np.ndarray) -> float:
-    """Binary AUROC of class 1, or macro one-vs-rest AUROC for more classes; NaN if a class is absent.
+    """Binary AUROC of class 1, or macro one-vs-rest AUROC for more classes (as scikit-learn's
+    ``roc_auc_score(multi_class="ovr", average="macro")``); NaN if a class is absent.
 
     y: (N,) int labels; prob: (N, K) class probabilities (rows sum to 1).
     """
     k = prob.shape[1]
     present = np.unique(y)
-    if len(present) < 2:
+    if len(present) < 2 or (k > 2 and len(present) < k):
         return float("nan")
     if k == 2:
-        return float(roc_auc_score(y, prob[:, 1]))
-    if len(present) < k:
-        return float("nan")
-    return float(roc_auc_score(y, prob, multi_class="ovr", average="macro", labels=np.arange(k)))
+        return _binary_auc(y == 1, prob[:, 1])
+    return float(np.mean([_binary_auc(y == c, prob[:, c]) for c in range(k)]))
+
+
+def _ece(y: np.ndarray, prob: np.ndarray, bins: int) -> tuple[float, np.ndarray]:
+    """ECE and each image's confidence bin (bin b holds confidences in (b/bins, (b+1)/bins])."""
+    conf = prob.max(1)
+    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    correct = (prob.argmax(1) == y).astype(float)
+    gap = np.abs(
+        np.bincount(which, correct, bins) - np.bincount(which, conf, bins)
+    )  # per-bin |sum acc - sum conf|
+    return float(gap.sum() / max(1, len(y))), which
 
 
 def calibration(y: np.ndarray, prob: np.ndarray, bins: int = 15) -> dict[str, Any]:
@@ -57,18 +73,16 @@ def calibration(y: np.ndarray, prob: np.ndarray, bins: int = 15) -> dict[str, An
     """
     y = np.asarray(y).astype(int)
     conf, pred = prob.max(1), prob.argmax(1)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)  # bin b holds (e_b, e_b+1]
-    table, ece = [], 0.0
+    ece, which = _ece(y, prob, bins)
+    table = []
     for b in range(bins):
         m = which == b
         if m.any():
             acc, c = float((pred[m] == y[m]).mean()), float(conf[m].mean())
-            ece += m.mean() * abs(acc - c)
             table.append(
                 {
-                    "low": float(edges[b]),
-                    "high": float(edges[b + 1]),
+                    "low": b / bins,
+                    "high": (b + 1) / bins,
                     "confidence": c,
                     "accuracy": acc,
                     "n": int(m.sum()),
@@ -201,25 +215,26 @@ def delong(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, ci: float = 
 
 
 def _scalars(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
-    """Every scalar metric of one (resampled) prediction set."""
+    """Every scalar metric of one (resampled) prediction set, from its confusion matrix (the same
+    definitions as scikit-learn's, with zero_division=0; about 0.5 ms, so 1000 resamples stay cheap)."""
     k = prob.shape[1]
     pred = prob.argmax(1)
-    labels = np.arange(k)
-    cm = confusion_matrix(y, pred, labels=labels)
-    prec, rec, f1, _ = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-    tn = cm.sum() - cm.sum(0) - cm.sum(1) + np.diag(cm)
-    fp = cm.sum(0) - np.diag(cm)
-    spec = np.divide(tn, tn + fp, out=np.full(k, np.nan), where=(tn + fp) > 0)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a resample can lack a class: expected, handled
-        out = {
-            "accuracy": float(accuracy_score(y, pred)),
-            "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-            "auroc": auroc(y, prob),
-            "macro_f1": float(f1.mean()),
-        }
-    cal = calibration(y, prob)
-    out["ece"], out["brier"] = cal["ece"], cal["brier"]
+    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)  # rows: truth, columns: prediction
+    tp, support, predicted = np.diag(cm).astype(float), cm.sum(1), cm.sum(0)
+    with np.errstate(all="ignore"):
+        rec = np.where(support > 0, tp / support, 0.0)
+        prec = np.where(predicted > 0, tp / predicted, 0.0)
+        f1 = np.where(prec + rec > 0, 2 * prec * rec / (prec + rec), 0.0)
+        tn, fp = len(y) - support - predicted + tp, predicted - tp
+        spec = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
+    out = {
+        "accuracy": float(tp.sum() / len(y)),
+        "balanced_accuracy": float(rec[support > 0].mean()),  # over the classes present
+        "auroc": auroc(y, prob),
+        "macro_f1": float(f1.mean()),
+        "ece": _ece(y, prob, 15)[0],
+        "brier": float(((prob - np.eye(k)[y]) ** 2).sum(1).mean()),
+    }
     for c in range(k):
         out[f"class{c}.sensitivity"] = float(rec[c])  # = recall
         out[f"class{c}.specificity"] = float(spec[c])

@@ -201,7 +201,7 @@ def _create(name: str, img_size: int | None, small_input_stem: bool = False, **k
         # (B, C, 28, 28) → (B, 64, 28, 28): a 3x3 stride-1 conv replaces the 7x7 stride-2 conv and the
         # stride-2 max-pool (He et al., 2016, CIFAR variant; MedMNIST v2's ResNet-18 (28)).
         model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()  # type: ignore[assignment]
+        model.maxpool = nn.Identity()
     return model
 
 

@@ -277,7 +277,7 @@ def believe(run: dict[str, Any]) -> list[str]:
     if "test_scaled" in cal:
         notes.append(
             f"Calibration: test ECE {cal['test']['ece']:.3f}, {cal['test_scaled']['ece']:.3f} after a temperature "
-            f"T={cal['temperature']:.2f} fitted on validation (accuracy and AUROC do not change)."
+            f"T={cal['temperature']:.2f} fitted on validation (accuracy does not change)."
         )
     return notes
 

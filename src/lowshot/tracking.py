@@ -68,6 +68,17 @@ def make_accelerator(cfg: Config) -> Accelerator:
             "ACCELERATE_USE_CPU=1 (e.g. `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...` "
             "or `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 ...`)."
         )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if accelerator.device.type == "cpu" and launched == 1 and torch.get_num_threads() == 1 and cores > 1:
+        # `accelerate launch` and `accelerate launch --cpu` (without --num_processes 1) export
+        # OMP_NUM_THREADS=1: one core of many, ~1.7x slower here on 2 cores.
+        log.warning(
+            "this CPU run uses 1 thread of %d cores (OMP_NUM_THREADS=%s). Launch with "
+            "`accelerate launch --cpu --num_processes 1 ...` or set OMP_NUM_THREADS=%d.",
+            cores,
+            os.environ.get("OMP_NUM_THREADS", "unset"),
+            cores,
+        )
     return accelerator
 
 
@@ -246,7 +257,7 @@ class Run:
         """``predictions.npz`` (e.g. val_prob, val_y, test_prob, test_y, test_path): what `lowshot report`
         and `lowshot compare` read; two runs compare only on the same test images."""
         if self.accelerator.is_main_process:
-            np.savez_compressed(self.dir / "predictions.npz", **arrays)
+            np.savez_compressed(self.dir / "predictions.npz", allow_pickle=False, **arrays)
 
     def finish(self, results: dict[str, Any]) -> None:
         """Write ``results.json``, draw the run's report figures (learning curves, ROC, confusion matrix,
@@ -261,6 +272,9 @@ class Run:
 
             for key, path in run_figures(self.dir).items():
                 self.log_image(f"report/{key}", path)
+            if "test" in results:  # the headline test metrics with their CIs, as a W&B table too
+                rows = [{"metric": m, **v} for m, v in results["test"]["metrics"].items()]
+                self.log_table("report/test_metrics", rows)
         if (wb := self._wandb()) is not None:
             wb.summary.update(
                 {k: v for k, v in flatten(results).items() if isinstance(v, (int, float, str, bool))}
