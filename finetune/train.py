@@ -74,14 +74,11 @@ if cfg.train.probe:
         )
     results["selected"] = {"C": c, "val_auroc": max(p["val_auroc"] for p in curve), "candidates": len(curve)}
     results["curve"] = curve
-    # The lockbox: the test embeddings are scored only now, once, by the selected probe.
-    test_rows = run.open_test(store)
-    val_prob, val_y, test_prob, test_y = (
-        clf.predict_proba(x_va),
-        y_va,
-        clf.predict_proba(feats.numpy()[test_rows]),
-        store.labels[test_rows],
-    )
+    val_prob, val_y = clf.predict_proba(x_va), y_va
+
+    def score(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return clf.predict_proba(feats.numpy()[rows]), store.labels[rows]
+
     if accelerator.is_main_process:
         # The probe as plain arrays: standardise with mean/scale, then logits = x @ coef.T + intercept.
         scaler, lr = clf[0], clf[-1]
@@ -174,9 +171,10 @@ else:
         "candidates": epoch + 1,
     }
     val_prob, val_y = predict(val_l)
-    # The lockbox: the test split is loaded and scored only now, by the restored best model.
-    test_rows = run.open_test(store)
-    test_prob, test_y = predict(accelerator.prepare(store_loader(store, test_rows, plain, rgb, workers)))
+
+    def score(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return predict(accelerator.prepare(store_loader(store, rows, plain, rgb, workers)))
+
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         save_checkpoint(
@@ -190,15 +188,20 @@ else:
             str(run.dir / "checkpoint" / "head.safetensors"),
         )
 
-results |= final_reports((val_y, val_prob), (test_y, test_prob), store.classes, cfg.eval, cfg.seed)
-run.save_predictions(
-    val_prob=val_prob,
-    val_y=val_y,
-    test_prob=test_prob,
-    test_y=test_y,
-    test_path=store.paths[test_rows].astype(str),
+# The lockbox: the test split is opened only now, once, for the selected model (never with eval.test=false).
+test, arrays = (
+    None,
+    {"val_prob": val_prob, "val_y": val_y, "val_path": store.paths[store.indices("val")].astype(str)},
 )
+if cfg.eval.test:
+    test_rows = run.open_test(store)
+    test_prob, test_y = score(test_rows)
+    test = (test_y, test_prob)
+    arrays |= {"test_prob": test_prob, "test_y": test_y, "test_path": store.paths[test_rows].astype(str)}
+results |= final_reports((val_y, val_prob), test, store.classes, cfg.eval, cfg.seed)
+run.save_predictions(**arrays)
 accelerator.print(format_report(results["val"], f"validation ({job}, selected)"))
-accelerator.print(format_report(results["test"], f"TEST ({job}, evaluated once)"))
+if test is not None:
+    accelerator.print(format_report(results["test"], f"TEST ({job}, evaluated once)"))
 run.finish(results)
 accelerator.print(f"results: {run.dir / 'results.json'}")

@@ -69,6 +69,9 @@ def check_wandb_offline(run: Path, job: str) -> None:
     assert b"data.source" in raw and b"train.lr" in raw  # the resolved config
     assert job.encode() in raw
     assert (b"test.metrics.auroc.value" if job != "pretrain" else b"final_loss") in raw  # the summary
+    if job != "pretrain":  # the report's figures and metric table went to W&B too
+        media = {p.name.split("_")[0] for p in (run / "wandb").glob("offline-run-*/files/media/*/report/*")}
+        assert media >= {"roc", "confusion", "reliability", "learning", "test"}, media
 
 
 def test_breastmnist_pretrain_probe_finetune(data_root: Path, cache_dir: Path, tmp_path: Path) -> None:
@@ -85,8 +88,8 @@ def test_breastmnist_pretrain_probe_finetune(data_root: Path, cache_dir: Path, t
     p = ok(launch("finetune/train.py", ["--probe", *args, "name=probe", f"model.weights={ckpt}"], tmp_path))
     assert "TEST (probe, evaluated once)" in p.stdout
     probe = check_test_report(tmp_path / "probe")
-    assert probe["selected"]["C"] in [p["C"] for p in probe["selected"]["curve"]]
-    assert probe["test"]["n"] == 156 and len(probe["selected"]["curve"]) >= 5
+    assert probe["selected"]["C"] in [p["C"] for p in probe["curve"]]
+    assert probe["test"]["n"] == 156 and len(probe["curve"]) >= 5
     check_wandb_offline(tmp_path / "probe", "probe")
 
     ok(launch("finetune/train.py", [*args, "name=ft", f"model.weights={ckpt}", "train.epochs=2"], tmp_path))
@@ -169,7 +172,13 @@ def test_bad_input_fails_fast_with_a_clear_message(data_root: Path, tmp_path: Pa
     (tmp_path / "done" / "config.yaml").write_text("seed: 0\n")
     p = launch(
         "finetune/train.py",
-        [f"data.root={data_root}", "track.log_with=none", f"out_dir={tmp_path}", "name=done"],
+        [
+            f"data.root={data_root}",
+            "track.log_with=none",
+            f"out_dir={tmp_path}",
+            "name=done",
+            "check.leakage=drop",
+        ],
         tmp_path,
     )
     assert p.returncode != 0 and "already holds a run" in p.stderr
@@ -198,6 +207,8 @@ def test_quickstart_command(data_root: Path, cache_dir: Path, tmp_path: Path) ->
         assert (tmp_path / "qs" / job / "results.json").is_file()
     assert "qs/probe: TEST probe" in p.stdout and "qs/finetune: TEST finetune" in p.stdout
     assert "selected on validation: C=" in p.stdout and "selected on validation: epoch" in p.stdout
+    report = (tmp_path / "qs" / "report" / "report.md").read_text()  # the two runs, compared, with figures
+    assert "Paired comparisons" in report and (tmp_path / "qs" / "report" / "finetune" / "roc.png").is_file()
     bad = subprocess.run(
         [sys.executable, "-m", "lowshot.cli", "quickstart", "ssl.epoch=3"],
         capture_output=True,

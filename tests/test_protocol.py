@@ -186,12 +186,17 @@ def runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
             ("ft0", ["seed=0"]),
             ("ft1", ["seed=1"]),
             ("fold1", ["data.folds=3", "data.fold=1"]),
+            ("select-only", ["data.folds=3", "data.fold=2", "eval.test=false"]),
         ):
             events = _run_train([*base, *extra, f"name={name}"], mp)
             selects = [sealed for e, sealed in events if e == "select"]
             assert selects and all(selects), (name, events)  # every selection step ran with test sealed
-            assert [e for e, _ in events].count("unseal") == 1, events  # test read exactly once ...
-            assert events[-1][0] == "unseal"  # ... after the last selection step
+            opened = [e for e, _ in events].count("unseal")
+            if name == "select-only":
+                assert opened == 0  # a selection-only run never opens the lockbox
+            else:
+                assert opened == 1, events  # test read exactly once ...
+                assert events[-1][0] == "unseal"  # ... after the last selection step
             found[name] = out / name
     finally:
         mp.undo()
@@ -199,7 +204,12 @@ def runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 
 
 def test_selection_never_reads_test_and_results_are_complete(runs: dict[str, Path]) -> None:
+    only = json.loads((runs["select-only"] / "results.json").read_text())
+    assert "test" not in only and "lockbox" not in json.loads((runs["select-only"] / "meta.json").read_text())
+    assert "test_prob" not in np.load(runs["select-only"] / "predictions.npz")
     for name, d in runs.items():
+        if name == "select-only":
+            continue
         res = json.loads((d / "results.json").read_text())
         meta = json.loads((d / "meta.json").read_text())
         assert res["test"]["n"] == 80 and meta["lockbox"]["reads_this_run"] == 1
@@ -228,6 +238,10 @@ def test_report_aggregates_seeds_and_compares_runs(runs: dict[str, Path], tmp_pa
             assert f"]({run}/{fig}.png)" in md
     c = compare(load_run(runs["ft0"]), load_run(runs["ft1"]))
     assert c["n"] == 80 and -1 <= c["delong"]["diff"] <= 1
+    with pytest.raises(ValueError, match="no test predictions"):
+        compare(load_run(runs["ft0"]), load_run(runs["select-only"]))
+    md = write_report([runs["fold1"], runs["select-only"]], tmp_path / "cv").read_text()
+    assert "Selection-only run" in md and "| val |" in md
 
 
 def test_refused_leak_is_one_clear_line(data_root: Path, tmp_path: Path) -> None:

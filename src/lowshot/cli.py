@@ -98,7 +98,8 @@ def show(run_dirs: list[Path]) -> None:
         if not f.is_file():
             raise SystemExit(f"lowshot: error: {f} does not exist (did the run finish?)")
         res = json.loads(f.read_text())
-        print(format_report(res["test"], f"{d}: TEST {res['job']} ({res['model']}, {res['data']})"))
+        split = "test" if "test" in res else "val"  # val: a selection-only run (eval.test=false)
+        print(format_report(res[split], f"{d}: {split.upper()} {res['job']} ({res['model']}, {res['data']})"))
         sel = res["selected"]
         what = f"C={sel['C']:g}" if "C" in sel else f"epoch {sel['epoch']}"
         print(f"  selected on validation: {what} (val AUROC {sel['val_auroc']:.3f})\n")
@@ -246,11 +247,14 @@ def main(argv: list[str] | None = None) -> None:
             elif args.cmd in ("report", "compare"):
                 from . import report
 
-                if args.cmd == "report":
-                    print(f"wrote {report.write_report(args.run_dirs, args.out)}")
-                else:
-                    a, b = report.load_run(args.run_a), report.load_run(args.run_b)
-                    print(report.format_compare(report.compare(a, b, args.bootstrap)))
+                try:
+                    if args.cmd == "report":
+                        print(f"wrote {report.write_report(args.run_dirs, args.out)}")
+                    else:
+                        a, b = report.load_run(args.run_a), report.load_run(args.run_b)
+                        print(report.format_compare(report.compare(a, b, args.bootstrap)))
+                except ValueError as err:  # runs that cannot be compared: other test images, no predictions
+                    raise SystemExit(f"lowshot: error: {err}") from None
             else:
                 curves(args.run_dirs, args.out, args.metric)
     except (*USER_ERRORS, FileNotFoundError) as err:

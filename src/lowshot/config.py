@@ -225,6 +225,9 @@ class CheckConfig:
 class EvalConfig:
     bootstrap: int = 1000  # resamples of the test split for confidence intervals
     ci: float = 0.95
+    # False: a selection-only run (one fold of a learning-rate search, say): the test split stays sealed
+    # and unscored; choose on the folds' validation scores, then run the chosen setting once with True.
+    test: bool = True
     calibration_bins: int = 15  # equal-width confidence bins for ECE and the reliability diagram
     # Fit one softmax temperature on the validation split (Guo et al., 2017) and report test calibration
     # with it. Accuracy does not change (the argmax stays), nor does a binary AUROC (the ranking stays).

@@ -303,25 +303,25 @@ def classification_report(
 
 def final_reports(
     val: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray] | None,
     class_names: list[str],
     cfg: EvalConfig,
     seed: int,
 ) -> dict[str, Any]:
-    """The selected model's validation and test reports, each ``(labels (N,), probabilities (N, K))``,
-    and its calibration: a temperature fitted on validation only, test ECE/Brier/NLL without and with it."""
+    """The selected model's validation and test reports, each ``(labels (N,), probabilities (N, K))``
+    (no test: a selection-only run), and its calibration: a temperature fitted on validation only,
+    test ECE/Brier/NLL without and with it."""
+    parts = {"val": val, **({"test": test} if test is not None else {})}
     out: dict[str, Any] = {
         name: classification_report(y, p, class_names, cfg.bootstrap, cfg.ci, seed)
-        for name, (y, p) in (("val", val), ("test", test))
+        for name, (y, p) in parts.items()
     }
-    cal: dict[str, Any] = {
-        "val": calibration(*val, cfg.calibration_bins),
-        "test": calibration(*test, cfg.calibration_bins),
-    }
+    cal: dict[str, Any] = {name: calibration(y, p, cfg.calibration_bins) for name, (y, p) in parts.items()}
     if cfg.temperature_scaling:
         t = fit_temperature(val[1], val[0])
         cal["temperature"] = t
-        cal["test_scaled"] = calibration(test[0], with_temperature(test[1], t), cfg.calibration_bins)
+        if test is not None:
+            cal["test_scaled"] = calibration(test[0], with_temperature(test[1], t), cfg.calibration_bins)
     out["calibration"] = cal
     return out
 

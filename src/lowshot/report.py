@@ -68,6 +68,11 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     return run
 
 
+def scored(run: dict[str, Any]) -> str:
+    """'test', or 'val' for a selection-only run (eval.test=false: the test split stayed sealed)."""
+    return "test" if "test" in run["results"] else "val"
+
+
 # ------------------------------------------------------------------------------------------------ figures
 
 
@@ -153,20 +158,20 @@ def roc_band(
 
 def plot_roc(run: dict[str, Any], path: Path) -> Path:
     plt = _plt()
-    p, classes = run["pred"], run["results"]["classes"]
-    y, prob = p["test_y"].astype(int), p["test_prob"]
+    p, classes, split = run["pred"], run["results"]["classes"], scored(run)
+    y, prob = p[f"{split}_y"].astype(int), p[f"{split}_prob"]
     fig, ax = plt.subplots(figsize=(4.5, 4.2), dpi=100)
     shown = [1] if len(classes) == 2 else list(range(len(classes)))  # binary: the positive class only
     for c in shown:
         grid, tpr, lo, hi = roc_band((y == c).astype(int), prob[:, c])
         (line,) = ax.plot(grid, tpr, label=f"{classes[c]} vs rest" if len(shown) > 1 else classes[c])
         ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2)
-    a = run["results"]["test"]["metrics"]["auroc"]
+    a = run["results"][split]["metrics"]["auroc"]
     ax.plot([0, 1], [0, 1], color="gray", ls=":")
     ax.set(
         xlabel="false positive rate",
         ylabel="true positive rate",
-        title=f"test ROC, AUROC {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}]",
+        title=f"{split} ROC, AUROC {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}]",
     )
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7, loc="lower right")
@@ -180,12 +185,13 @@ def plot_confusion(run: dict[str, Any], path: Path) -> Path:
     from sklearn.metrics import ConfusionMatrixDisplay
 
     plt = _plt()
-    cm = np.array(run["results"]["test"]["confusion_matrix"])
+    split = scored(run)
+    cm = np.array(run["results"][split]["confusion_matrix"])
     fig, ax = plt.subplots(figsize=(4.2, 3.8), dpi=100)
     ConfusionMatrixDisplay(cm, display_labels=[c[:14] for c in run["results"]["classes"]]).plot(
         ax=ax, colorbar=False, cmap="Blues"
     )
-    ax.set_title(f"test confusion matrix (n={cm.sum()})", fontsize=9)
+    ax.set_title(f"{split} confusion matrix (n={cm.sum()})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -198,7 +204,8 @@ def plot_reliability(run: dict[str, Any], path: Path) -> Path | None:
     if not cal:
         return None
     fig, ax = plt.subplots(figsize=(4.5, 4.2), dpi=100)
-    for key, label, color in (("test", "as trained", "C0"), ("test_scaled", "temperature-scaled", "C1")):
+    split = scored(run)
+    for key, label, color in ((split, "as trained", "C0"), ("test_scaled", "temperature-scaled", "C1")):
         if key not in cal:
             continue
         b = cal[key]["bins"]
@@ -214,7 +221,7 @@ def plot_reliability(run: dict[str, Any], path: Path) -> Path | None:
             ax.scatter(r["confidence"], r["accuracy"], s=4 * r["n"], color=color, alpha=0.25)
     ax.plot([0, 1], [0, 1], color="gray", ls=":")
     ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02))
-    ax.set_title("test reliability (dot area = images in bin)", fontsize=9)
+    ax.set_title(f"{split} reliability (dot area = images in bin)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
@@ -228,7 +235,14 @@ def plot_reliability(run: dict[str, Any], path: Path) -> Path | None:
 def believe(run: dict[str, Any]) -> list[str]:
     """The "how much to believe this" bullet points of one run."""
     res, meta = run["results"], run["meta"]
-    test, val, sel = res["test"], res["val"], res["selected"]
+    val, sel = res["val"], res["selected"]
+    if "test" not in res:
+        return [
+            f"Selection-only run (eval.test=false): the test split stayed sealed. The {val['n']} validation images "
+            f"chose among {sel.get('candidates', 1)} candidates, so this validation number is optimistic; it is "
+            "for choosing a setting (compare the mean over folds), not for reporting."
+        ]
+    test = res["test"]
     a, acc = test["metrics"]["auroc"], test["metrics"]["accuracy"]
     notes = [
         f"Test: {test['n']} images, so one image moves accuracy by {100 / test['n']:.2f} points; the 95% CI "
@@ -302,8 +316,10 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for members in groups.values():
         row: dict[str, Any] = {"runs": [m["name"] for m in members], "n": len(members)}
+        split = "test" if all("test" in r["results"] for r in members) else "val"
+        row["split"] = split
         row["test"] = {
-            m: mean_ci([r["results"]["test"]["metrics"][m]["value"] for r in members]) for m in HEADLINE
+            m: mean_ci([r["results"][split]["metrics"][m]["value"] for r in members]) for m in HEADLINE
         }
         row["val_selected_auroc"] = mean_ci([r["results"]["selected"]["val_auroc"] for r in members])
         c = members[0]["config"]
@@ -316,8 +332,11 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def compare(a: dict[str, Any], b: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """B − A on the same test images: paired bootstrap of every headline metric, DeLong for 2 classes."""
     pa, pb = a["pred"], b["pred"]
-    if pa is None or pb is None:
-        raise FileNotFoundError(f"{a['dir'] if pa is None else b['dir']} has no predictions.npz")
+    for run, p in ((a, pa), (b, pb)):
+        if p is None or "test_prob" not in p:
+            raise ValueError(
+                f"{run['dir']} has no test predictions (none in predictions.npz with eval.test=false)"
+            )
     if len(pa["test_path"]) != len(pb["test_path"]) or (pa["test_path"] != pb["test_path"]).any():
         raise ValueError(
             f"{a['name']} and {b['name']} were tested on different images; a paired comparison needs the same test split"
@@ -331,7 +350,10 @@ def compare(a: dict[str, Any], b: dict[str, Any], n_boot: int = 2000, seed: int 
 
 
 def format_compare(c: dict[str, Any]) -> str:
-    lines = [f"B = {c['b']} vs A = {c['a']} on the same {c['n']} test images (B − A, 95% CI, two-sided p)"]
+    lines = [
+        f"B = {c['b']} vs A = {c['a']} on the same {c['n']} test images (B − A, 95% CI, two-sided p)",
+        "",
+    ]
     lines.append("| metric | A | B | B − A | 95% CI | p |")
     lines.append("|---|---|---|---|---|---|")
     for m in HEADLINE:
@@ -362,19 +384,19 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
             "",
         ]
         md += [
-            "| experiment | n | test AUROC mean ± sd [95% CI] | test accuracy mean ± sd [95% CI] | selected val AUROC (mean) |",
-            "|---|---|---|---|---|",
+            "| experiment | n | scored on | AUROC mean ± sd [95% CI] | accuracy mean ± sd [95% CI] | selected val AUROC (mean) |",
+            "|---|---|---|---|---|---|",
         ]
         for g in aggregate(runs):
             t = g["test"]
             fold = f" · {g['folds']}-fold" if g["folds"] else ""
             md.append(
-                f"| {g['label']}{fold} | {g['n']} | {t['auroc']['mean']:.3f} ± {t['auroc']['std']:.3f} [{t['auroc']['low']:.3f}, {t['auroc']['high']:.3f}] "
+                f"| {g['label']}{fold} | {g['n']} | {g['split']} | {t['auroc']['mean']:.3f} ± {t['auroc']['std']:.3f} [{t['auroc']['low']:.3f}, {t['auroc']['high']:.3f}] "
                 f"| {t['accuracy']['mean']:.3f} ± {t['accuracy']['std']:.3f} [{t['accuracy']['low']:.3f}, {t['accuracy']['high']:.3f}] "
                 f"| {g['val_selected_auroc']['mean']:.3f} |"
             )
         md.append("")
-        same = [r for r in runs[1:] if r["pred"] is not None and runs[0]["pred"] is not None]
+        same = [r for r in runs[1:] if "test" in r["results"] and "test" in runs[0]["results"]]
         if same:
             md += ["## Paired comparisons with the first run", ""]
             for r in same:
@@ -390,8 +412,9 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
             f"git {meta.get('git_sha')}  "
         )
         md += [f"`{meta.get('command', '')}`", ""]
-        md += ["| test metric | value | 95% bootstrap CI |", "|---|---|---|"]
-        md += [_metric_row(m, res["test"]["metrics"][m]) for m in HEADLINE]
+        split = scored(r)
+        md += [f"| {split} metric | value | 95% bootstrap CI |", "|---|---|---|"]
+        md += [_metric_row(m, res[split]["metrics"][m]) for m in HEADLINE]
         md += ["", "### How much to believe this", ""]
         md += [f"- {n}" for n in believe(r)]
         md.append("")
