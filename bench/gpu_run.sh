@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, timm, torchvision; print('torch', torch.__version__, 'timm', timm.__version__, 'torchvision', torchvision.__version__)" | tee -a "$out/gpu_log.txt"
 python3 bench/simclr_throughput.py --data-root "$data" --size 224 --batch 256 --workers 15 --steps 20 \
     --models resnet18 resnet50 --out "$out" 2>&1 | grep -v Warning | tee -a "$out/gpu_log.txt"
-common=(data.root="$data" data.size=64 track.log_with=none out_dir=/tmp/gpu_runs eval.bootstrap=500)
+common=(data.root="$data" data.size=64 track.log_with=none out_dir=/tmp/gpu_runs eval.bootstrap=500 check.leakage=drop)
 {
   python3 -m accelerate.commands.launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision no \
       ssl/pretrain.py "${common[@]}" name=pre ssl.epochs=20 ssl.batch_size=256 &&

@@ -189,10 +189,8 @@ else:
         )
 
 # The lockbox: the test split is opened only now, once, for the selected model (never with eval.test=false).
-test, arrays = (
-    None,
-    {"val_prob": val_prob, "val_y": val_y, "val_path": store.paths[store.indices("val")].astype(str)},
-)
+arrays = {"val_prob": val_prob, "val_y": val_y, "val_path": store.paths[store.indices("val")].astype(str)}
+test = None
 if cfg.eval.test:
     test_rows = run.open_test(store)
     test_prob, test_y = score(test_rows)

@@ -38,6 +38,7 @@ def test_finds_exact_and_near_duplicates_and_label_conflicts(tmp_path: Path) -> 
     store = load_store(cfg)
     report, images = check_store(store, cfg, threshold=4)
     assert len(images) == 15 and images[0].shape == (64, 64, 1)  # native resolution
+    assert report["file_modes"] == {"L": 15}
     names = {
         (Path(r["a"]["path"]).name, Path(r["b"]["path"]).name, r["kind"], r["cross_class"])
         for r in report["pairs"]

@@ -53,6 +53,21 @@ def native_images(store: Store, cfg: DataConfig) -> list[np.ndarray]:
     return [decode_image(Path(p), 0) for p in store.paths]
 
 
+def file_modes(store: Store, cfg: DataConfig) -> dict[str, int]:
+    """How many images come in each storage mode: PIL modes for files (L = 8-bit gray, I;16 = 16-bit
+    gray, RGB, RGBA, P = palette, 1 = 1-bit), the array dtype for an npz; read from headers only."""
+    if source_path(cfg).suffix == ".npz":
+        with np.load(source_path(cfg), allow_pickle=False) as z:
+            return {f"{z['train_images'].dtype} array": len(store.paths)}
+    from PIL import Image
+
+    modes: Counter[str] = Counter()
+    for p in store.paths:
+        with Image.open(p) as im:  # lazy: the header, not the pixels
+            modes[im.mode] += 1
+    return dict(modes.most_common())
+
+
 def embedding_pairs(feats: np.ndarray, threshold: float, chunk: int = 2048) -> list[tuple[int, int, float]]:
     """(i, j, cosine) with i < j and cosine similarity >= threshold, for (N, D) embeddings."""
     x = feats / np.clip(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12, None)
@@ -100,6 +115,7 @@ def check_store(
         "classes": store.classes,
         "counts": store.counts(),
         "native_sizes": dict(shapes.most_common(10)),
+        "file_modes": file_modes(store, cfg),
         "skipped_files": [{"file": f, "why": w} for f, w in store.skipped],
         "hash_threshold_bits": threshold,
         "pairs": rows,
@@ -156,6 +172,7 @@ def summary(report: dict[str, Any]) -> str:
         f"{report['source']}: {report['images']} images, classes {report['classes']}",
         "  per split and class: " + ", ".join(f"{s} {c[s]}" for s in ("train", "val", "test")),
         f"  native sizes: {report['native_sizes']}",
+        f"  file modes (bit depth): {report['file_modes']}",
         f"  skipped files: {len(report['skipped_files'])}",
         f"  exact duplicate pairs: {report['exact_pairs']}; near duplicates (dHash <= {report['hash_threshold_bits']} bits): {report['near_pairs']}"
         + (
