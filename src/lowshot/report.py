@@ -380,7 +380,8 @@ def format_compare(c: dict[str, Any]) -> str:
 
 
 def write_report(run_dirs: list[Path], out: Path) -> Path:
-    """``out/report.md`` with each run's figures under ``out/<run name>/``; returns the Markdown path."""
+    """``out/report.md`` with each run's figures, config, meta, results and metrics under
+    ``out/<run name>/``; returns the Markdown path."""
     runs = [load_run(d) for d in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
     md = ["# lowshot report", ""]
@@ -430,8 +431,9 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
         for key, path in figs.items():
             md.append(f"![{key}]({path.relative_to(out).as_posix()})")
         md.append("")
-        if (r["dir"] / "config.yaml").is_file():
-            shutil.copy(r["dir"] / "config.yaml", out / r["name"] / "config.yaml")
+        for f in ("config.yaml", "meta.json", "results.json", "metrics.jsonl"):  # what reproduces the number
+            if (r["dir"] / f).is_file():
+                shutil.copy(r["dir"] / f, out / r["name"] / f)
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path
