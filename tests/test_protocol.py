@@ -221,7 +221,10 @@ def test_selection_never_reads_test_and_results_are_complete(runs: dict[str, Pat
             rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
             assert {"train/loss_clean", "train/accuracy_clean", "val/auroc"} <= set(rows[0])
     # the ledger counts earlier openings of the same test split
-    assert json.loads((runs["ft1"] / "meta.json").read_text())["lockbox"]["opened_before"] >= 2
+    lock = json.loads((runs["ft1"] / "meta.json").read_text())["lockbox"]
+    assert (
+        lock["opened_before"] == 2 and lock["other_settings_before"] == 1
+    )  # the probe; ft0 is the same setting
 
 
 def test_report_aggregates_seeds_and_compares_runs(runs: dict[str, Path], tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ wrong type raise :class:`ConfigError` naming the key, with a suggestion for miss
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -416,6 +418,25 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + k] = v
     return out
+
+
+# Settings that make runs repeats of one experiment (the draws), and settings that say where things go
+# or what is logged rather than what is learned: neither makes a different experiment.
+REPEAT_KEYS = {"seed", "data.fold", "data.split_seed", "data.train_draw"}
+PLACE_KEYS = {"name", "out_dir", "data.root", "data.cache_dir", "data.num_workers", "train.eval_train"}
+
+
+def setting_key(config: dict[str, Any]) -> str:
+    """A short digest of what defines an experiment in a resolved config dict: equal for runs that
+    differ only in seed, fold, split seed, label draw, paths or tracking. Keys an older lowshot did
+    not write take today's defaults (the behaviour it had)."""
+    flat = {**flatten(to_dict(Config())), **flatten(config)}
+    kept = {
+        k: v
+        for k, v in sorted(flat.items())
+        if k not in REPEAT_KEYS | PLACE_KEYS and not k.startswith("track.")
+    }
+    return hashlib.sha1(json.dumps(kept, default=str).encode()).hexdigest()[:12]
 
 
 def help_text() -> str:

@@ -31,8 +31,6 @@ from sklearn.metrics import roc_curve
 from .evaluation import delong, mean_ci, paired_bootstrap
 
 HEADLINE = ("auroc", "accuracy", "balanced_accuracy", "macro_f1", "ece", "brier")
-# Settings that make runs repeats of one experiment rather than different experiments.
-REPEAT_KEYS = {"seed", "name", "data.fold", "data.split_seed", "data.train_draw", "track.group", "track.tags"}
 
 
 def _plt() -> Any:
@@ -272,11 +270,18 @@ def believe(run: dict[str, Any]) -> list[str]:
     notes.append(f"Validation→test gap: {100 * gap:+.1f} AUROC points ({verdict}).")
     lock = meta.get("lockbox")
     if lock:
-        if lock.get("opened_before", 0):
+        others = lock.get("other_settings_before")  # absent in ledgers before settings were recorded
+        if lock.get("opened_before", 0) and others == 0:
             notes.append(
-                f"**Lockbox:** this test split had been opened {lock['opened_before']} times before (by "
-                f"{lock['runs_before']} runs; ledger `{lock['ledger']}`). If this configuration was chosen after "
-                f"seeing those numbers, the test number is itself selected and optimistic."
+                f"Lockbox: this test split had been opened {lock['opened_before']} time(s) before, only by runs of "
+                f"this same setting (other seeds or folds): no choice among settings was made on it."
+            )
+        elif lock.get("opened_before", 0):
+            by = f"runs of {others} other setting(s)" if others else f"{lock['runs_before']} run(s)"
+            notes.append(
+                f"**Lockbox:** this test split had been opened {lock['opened_before']} time(s) before, by {by} "
+                f"(ledger `{Path(lock['ledger']).name}`). If this setting was chosen after seeing those numbers, "
+                f"the test number is itself selected and optimistic."
             )
         else:
             notes.append("Lockbox: this was the first run to open this test split.")
@@ -311,10 +316,9 @@ def _metric_row(name: str, m: dict[str, float]) -> str:
 
 
 def _experiment_key(run: dict[str, Any]) -> str:
-    from .config import flatten
+    from .config import setting_key
 
-    flat = flatten(run["config"])
-    return json.dumps({k: v for k, v in sorted(flat.items()) if k not in REPEAT_KEYS}, default=str)
+    return setting_key(run["config"])
 
 
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

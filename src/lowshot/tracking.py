@@ -34,7 +34,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from .config import Config, ConfigError, flatten, to_dict, to_yaml
+from .config import Config, ConfigError, flatten, setting_key, to_dict, to_yaml
 from .data import Store, cache_root
 from .models import reachable, weights_kind
 
@@ -237,9 +237,11 @@ class Run:
             before = (
                 [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.is_file() else []
             )
+            setting = setting_key(to_dict(self.cfg))
             entry = {
                 "run": str(self.dir.resolve()),
                 "job": self.job_type,
+                "setting": setting,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             with open(ledger, "a") as f:
@@ -248,6 +250,8 @@ class Run:
                 "ledger": str(ledger),
                 "opened_before": len(before),
                 "runs_before": len({e["run"] for e in before}),
+                # openings by runs of other settings: the ones that can make this test number a selection
+                "other_settings_before": len({e.get("setting") for e in before} - {setting}),
                 "reads_this_run": store.test_reads,
             }
             self._write_meta()
