@@ -241,6 +241,10 @@ def test_report_aggregates_seeds_and_compares_runs(runs: dict[str, Path], tmp_pa
             assert f"]({run}/{fig}.png)" in md
     c = compare(load_run(runs["ft0"]), load_run(runs["ft1"]))
     assert c["n"] == 80 and -1 <= c["delong"]["diff"] <= 1
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / "results.json").write_text('{"job": "pretrain"}')
+    with pytest.raises(FileNotFoundError, match="is a pretrain run"):
+        load_run(tmp_path / "pre")
     with pytest.raises(ValueError, match="no test predictions"):
         compare(load_run(runs["ft0"]), load_run(runs["select-only"]))
     md = write_report([runs["fold1"], runs["select-only"]], tmp_path / "cv").read_text()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from sklearn.metrics import roc_curve
 
 from .evaluation import delong, mean_ci, paired_bootstrap
@@ -51,6 +52,11 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         )
     run: dict[str, Any] = {"dir": run_dir, "name": run_dir.name}
     run["results"] = json.loads((run_dir / "results.json").read_text())
+    if "val" not in run["results"] or "selected" not in run["results"]:
+        raise FileNotFoundError(
+            f"{run_dir} is a {run['results'].get('job', 'non-training')} run; `lowshot report` and `compare` take "
+            f"finetune/train.py runs (probe or fine-tune)"
+        )
     run["meta"] = json.loads((run_dir / "meta.json").read_text()) if (run_dir / "meta.json").is_file() else {}
     lines = (
         (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
@@ -58,8 +64,6 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     run["metrics"] = [json.loads(line) for line in lines if line.strip()]
     preds = run_dir / "predictions.npz"
     run["pred"] = dict(np.load(preds, allow_pickle=False)) if preds.is_file() else None
-    import yaml
-
     run["config"] = (
         yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     )
