@@ -7,7 +7,8 @@ training data are) the checker computes
 
 - a SHA-1 of the decoded pixels: equal digests are **exact** duplicates, whatever the file bytes;
 - a 64-bit difference hash (dHash: brightness gradients of a 9x8 grayscale thumbnail, Krawetz 2013):
-  pairs within ``check.hash_threshold`` differing bits are **near** duplicates;
+  pairs within ``data.duplicate_bits`` differing bits are **near** duplicates (both fingerprints are
+  taken once, when the data layer decodes the images);
 
 and reports pairs across splits (leakage), across classes (label conflicts), and groups (patients)
 that span splits, as a terminal summary, ``report.json`` and ``pairs.png`` (the flagged pairs side
@@ -30,7 +31,6 @@ from .data import (
     Store,
     decode_image,
     duplicate_pairs,
-    fingerprints,
     groups_across_splits,
     source_path,
 )
@@ -87,8 +87,8 @@ def check_store(
 
     With ``feats`` (N, D), pairs the hashes missed but whose embeddings have cosine >= ``cosine`` are
     added as kind 'embedding' (a backbone sees content where dHash sees only brightness gradients)."""
-    images = native_images(store, cfg)
-    pairs, vague = duplicate_pairs(*fingerprints(images), threshold)
+    images = native_images(store, cfg)  # for the sheet and the sizes; fingerprints come with the store
+    pairs, vague = duplicate_pairs(*store.fingerprints(), threshold)
     found: list[tuple[int, int, int, str, float | None]] = [(i, j, d, kind, None) for i, j, d, kind in pairs]
     if feats is not None:
         seen = {(i, j) for i, j, *_ in found}
