@@ -27,7 +27,7 @@ from lowshot.check import leakage_guard
 from lowshot.cli import user_errors
 from lowshot.config import parse_args
 from lowshot.data import eval_transform, load_store, split_loader, store_loader, train_transform
-from lowshot.evaluation import auroc, final_reports, format_report
+from lowshot.evaluation import auroc, final_reports, format_report, nll
 from lowshot.finetune import EarlyStopping, fit_probe, lr_schedule, make_optimizer
 from lowshot.models import backbone_for, cached_embeddings, save_checkpoint
 from lowshot.tracking import Run, make_accelerator
@@ -105,9 +105,6 @@ else:
     scheduler = lr_schedule(optimizer, tc, len(train_l))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     stopper = EarlyStopping(cfg.train.patience)
-
-    def nll(prob: np.ndarray, y: np.ndarray) -> float:
-        return float(-np.log(np.clip(prob[np.arange(len(y)), y], 1e-12, None)).mean())
 
     def predict(loader: torch.utils.data.DataLoader) -> tuple[np.ndarray, np.ndarray]:
         """(N, K) softmax probabilities and (N,) labels over all processes."""

@@ -92,9 +92,14 @@ def calibration(y: np.ndarray, prob: np.ndarray, bins: int = 15) -> dict[str, An
     return {
         "ece": float(ece),
         "brier": float(((prob - onehot) ** 2).sum(1).mean()),
-        "nll": float(-np.log(np.clip(prob[np.arange(len(y)), y], 1e-12, None)).mean()),
+        "nll": nll(prob, y),
         "bins": table,
     }
+
+
+def nll(prob: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood -log p_y of (N, K) probabilities for (N,) labels (p clipped at 1e-12)."""
+    return float(-np.log(np.clip(prob[np.arange(len(y)), np.asarray(y).astype(int)], 1e-12, None)).mean())
 
 
 def with_temperature(prob: np.ndarray, t: float) -> np.ndarray:
@@ -111,11 +116,10 @@ def fit_temperature(prob: np.ndarray, y: np.ndarray) -> float:
     log p equals the logits up to a per-row constant, which softmax ignores, so probabilities suffice."""
     y = np.asarray(y).astype(int)
 
-    def nll(log_t: float) -> float:
-        p = with_temperature(prob, float(np.exp(log_t)))
-        return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
+    def loss(log_t: float) -> float:
+        return nll(with_temperature(prob, float(np.exp(log_t))), y)
 
-    res = optimize.minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    res = optimize.minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
     return float(np.exp(res.x))
 
 
