@@ -1,17 +1,21 @@
-"""Linear probe or full fine-tune of a backbone, then one evaluation on the test split.
+"""Linear probe or fine-tune of a backbone, then one evaluation on the test split.
 
     accelerate launch finetune/train.py --probe model.weights=runs/<pretrain>/checkpoint
     accelerate launch finetune/train.py model.weights=runs/<pretrain>/checkpoint     # full fine-tune
+    accelerate launch finetune/train.py --config configs/recipes/lowshot-recommended.yaml
 
 --probe: the backbone is frozen (eval mode, so BatchNorm statistics stay frozen too), embeddings are
 extracted once, and a multinomial logistic regression (L-BFGS) is fitted with its L2 strength chosen
-on the validation split. Fine-tune: AdamW/Adam/SGD, warmup + cosine or step decay, no weight decay on
-norms/biases, early stopping on validation AUROC keeping a copy of the best weights; each epoch also
-scores the un-augmented training images. Before training, identical images across splits stop the
-run (check.leakage). The test split is sealed while anything is selected and read once, at the end,
-by the selected model (the read is logged in the lockbox ledger). results.json holds every metric
-with a bootstrap CI and the calibration (temperature fitted on validation); predictions.npz and the
-report figures sit beside it.
+on the validation split. Fine-tune: a dropout + linear head on the backbone; train.strategy decides
+which stage groups train at each epoch (full, head on a frozen backbone, the last N, or gradual
+unfreezing), each layer with its own lr (layer-wise decay, discriminative backbone factor); AdamW /
+Adam / SGD, warmup + cosine or step decay, no weight decay on norms/biases; optional L1, label
+smoothing, mixup/cutmix, EMA weights, class-weighted loss or balanced sampling; early stopping on
+validation AUROC keeping a copy of the best weights. Before training, identical images across splits
+stop the run (check.leakage). The test split is sealed while anything is selected and read once, at
+the end, by the selected model (the read is logged in the lockbox ledger). results.json holds every
+metric with a bootstrap CI and the calibration (temperature fitted on validation); predictions.npz
+and the report figures sit beside it.
 """
 
 import sys
@@ -20,22 +24,21 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
-from torch import nn
-from tqdm.auto import tqdm
+from timm.utils import ModelEmaV3
 
+from lowshot import finetune as ft
 from lowshot.check import leakage_guard
 from lowshot.cli import user_errors
 from lowshot.config import parse_args
 from lowshot.data import eval_transform, load_store, split_loader, store_loader, train_transform
 from lowshot.evaluation import auroc, final_reports, format_report, nll
-from lowshot.finetune import EarlyStopping, fit_probe, lr_schedule, make_optimizer
 from lowshot.models import backbone_for, cached_embeddings, save_checkpoint
 from lowshot.tracking import Run, make_accelerator
 
 user_errors()
 cfg, overrides = parse_args(sys.argv[1:])
 job = "probe" if cfg.train.probe else "finetune"
-accelerator = make_accelerator(cfg)
+accelerator = make_accelerator(cfg, find_unused_parameters=cfg.train.strategy != "full")
 set_seed(cfg.seed)
 with accelerator.main_process_first():
     store = load_store(cfg.data)
@@ -66,7 +69,7 @@ if cfg.train.probe:
         (feats.numpy()[store.indices(s)], store.labels[store.indices(s)]) for s in ("train", "val")
     )
     accelerator.print(f"probe: embeddings {tuple(feats.shape)}{' (from the cache)' if cache_hit else ''}")
-    clf, c, curve = fit_probe(x_tr, y_tr, x_va, y_va, cfg.train.probe_cs, cfg.seed)
+    clf, c, curve = ft.fit_probe(x_tr, y_tr, x_va, y_va, cfg.train.probe_cs, cfg.seed)
     for i, point in enumerate(curve):
         run.log(
             {"probe/C": point["C"], "val/auroc": point["val_auroc"], "val/accuracy": point["val_accuracy"]},
@@ -88,13 +91,16 @@ if cfg.train.probe:
             str(run.dir / "probe.safetensors"),
         )
 else:
-    # ---- full fine-tune with early stopping on validation AUROC --------------------------------------
-    model = nn.Sequential(backbone, nn.Linear(backbone.num_features, store.num_classes))
+    # ---- fine-tune: train.strategy decides which stage groups train when -----------------------------
     tc = cfg.train
-    aug = train_transform(cfg.data.size, tc.crop_min_scale, tc.hflip, tc.vflip, norm) if tc.augment else plain
-    n = accelerator.num_processes
-    train_l = split_loader(store, "train", aug, rgb, tc.batch_size, workers, train=True, processes=n)
-    optimizer = make_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, tc.momentum)
+    model = ft.classifier(backbone, store.num_classes, cfg.model.drop_rate)
+    groups = ft.stage_groups(backbone)  # stem, stage 1, ...: the units that freeze and unfreeze
+    aug = train_transform(cfg.data.size, tc, norm) if tc.augment else plain
+    n, sampler = accelerator.num_processes, tc.balance == "sampler"
+    train_l = split_loader(store, "train", aug, rgb, tc.batch_size, workers, True, n, sampler)
+    optimizer = ft.make_optimizer(
+        ft.param_groups(model, tc), tc.optimizer, tc.lr, tc.weight_decay, tc.momentum
+    )
     model, optimizer, train_l, val_l, train_eval_l = accelerator.prepare(
         model,
         optimizer,
@@ -102,53 +108,32 @@ else:
         split_loader(store, "val", plain, rgb, 256, workers),
         split_loader(store, "train", plain, rgb, 256, workers),  # un-augmented, for the clean curve
     )
-    scheduler = lr_schedule(optimizer, tc, len(train_l))
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    stopper = EarlyStopping(cfg.train.patience)
+    scheduler = ft.lr_schedule(optimizer, tc, len(train_l))
+    criterion = ft.make_criterion(tc, store.labels[store.indices("train")], store.num_classes)
+    criterion = criterion.to(accelerator.device)
+    mixup = ft.make_mixup(tc, store.num_classes)
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=tc.ema, use_warmup=True) if tc.ema else None
+    scored = ema.module if ema is not None else model  # what is validated, selected and tested
+    stopper = ft.EarlyStopping(tc.patience)
 
-    def predict(loader: torch.utils.data.DataLoader) -> tuple[np.ndarray, np.ndarray]:
-        """(N, K) softmax probabilities and (N,) labels over all processes."""
-        model.eval()
-        probs, ys = [], []
-        with torch.no_grad():
-            for x, y in loader:
-                p = model(x).float().softmax(1)
-                p, y = accelerator.gather_for_metrics((p, y))
-                probs.append(p.cpu())
-                ys.append(y.cpu())
-        return torch.cat(probs).numpy(), torch.cat(ys).numpy()
-
-    for epoch in range(cfg.train.epochs):
-        model.train()
-        total, correct, seen = torch.zeros((), device=accelerator.device), 0, 0
-        for x, y in tqdm(
-            train_l,
-            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-            disable=not accelerator.is_local_main_process,
-            leave=False,
-        ):
-            logits = model(x)
-            loss = criterion(logits.float(), y)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            total += loss.detach() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-        val_prob, val_y = predict(val_l)
+    for epoch in range(tc.epochs):
+        stages = ft.trainable_stages(tc, epoch, len(groups))
+        trainable = ft.set_trainable(backbone, groups, stages)
+        metrics = {"epoch": epoch + 1, "trainable/stages": stages, "trainable/backbone_params": trainable}
+        desc = f"epoch {epoch + 1}/{tc.epochs}"
+        metrics |= ft.train_epoch(
+            model, train_l, optimizer, scheduler, criterion, accelerator, tc, mixup, ema, desc
+        )
+        val_prob, val_y = ft.predict(scored, val_l, accelerator)
         val_auc = auroc(val_y, val_prob)
-        metrics = {
-            "epoch": epoch + 1,
-            "train/loss": float(accelerator.reduce(total / seen, reduction="mean")),
-            "train/accuracy_augmented": correct / seen,
+        metrics |= {
             "val/loss": nll(val_prob, val_y),
             "val/auroc": val_auc,
             "val/accuracy": float((val_prob.argmax(1) == val_y).mean()),
-            "lr": scheduler.get_last_lr()[0],
+            "lr": scheduler.get_last_lr()[-1],  # the head's; backbone groups run at their own multiple
         }
         if tc.eval_train:  # the same images without augmentation or dropout, in eval mode
-            tr_prob, tr_y = predict(train_eval_l)
+            tr_prob, tr_y = ft.predict(scored, train_eval_l, accelerator)
             metrics |= {
                 "train/loss_clean": nll(tr_prob, tr_y),
                 "train/accuracy_clean": float((tr_prob.argmax(1) == tr_y).mean()),
@@ -158,8 +143,9 @@ else:
         accelerator.print(
             " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         )
-        if stopper.step(val_auc, epoch + 1, accelerator.unwrap_model(model)):
-            accelerator.print(f"early stop: no better validation AUROC for {cfg.train.patience} epochs")
+        stop = stopper.step(val_auc, epoch + 1, accelerator.unwrap_model(scored))
+        if stop and ft.unfreezing_done(tc, epoch, len(groups)):
+            accelerator.print(f"early stop: no better validation AUROC for {tc.patience} epochs")
             break
     stopper.restore(accelerator.unwrap_model(model))
     results["selected"] = {
@@ -167,10 +153,12 @@ else:
         "val_auroc": stopper.best_score,
         "candidates": epoch + 1,
     }
-    val_prob, val_y = predict(val_l)
+    val_prob, val_y = ft.predict(model, val_l, accelerator)
 
     def score(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return predict(accelerator.prepare(store_loader(store, rows, plain, rgb, workers)))
+        return ft.predict(
+            model, accelerator.prepare(store_loader(store, rows, plain, rgb, workers)), accelerator
+        )
 
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)

@@ -119,7 +119,15 @@ def test_two_cpu_processes(data_root: Path, cache_dir: Path, tmp_path: Path) -> 
     ok(
         launch(
             "finetune/train.py",
-            [*args, "name=ft2", "train.epochs=1", f"model.weights={tmp_path / 'pre2' / 'checkpoint'}"],
+            # gradual unfreezing under DDP: epoch 1 trains the head only, epoch 2 also the last stage
+            [
+                *args,
+                "name=ft2",
+                "train.epochs=2",
+                "train.strategy=gradual",
+                "train.unfreeze_every=1",
+                f"model.weights={tmp_path / 'pre2' / 'checkpoint'}",
+            ],
             tmp_path,
             two,
             env,
@@ -127,6 +135,8 @@ def test_two_cpu_processes(data_root: Path, cache_dir: Path, tmp_path: Path) -> 
     )
     ft = check_test_report(tmp_path / "ft2")
     assert ft["test"]["n"] == 128  # gather_for_metrics: every test image once, none doubled
+    epochs = [json.loads(line) for line in (tmp_path / "ft2" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["trainable/stages"] for e in epochs] == [0, 1]
     w = f"model.weights={tmp_path / 'pre2' / 'checkpoint'}"
     ok(launch("finetune/train.py", ["--probe", *args, "name=probe2", w], tmp_path, two, env))
     probe = check_test_report(tmp_path / "probe2")

@@ -85,7 +85,7 @@ class ModelConfig:
     # "none" (random init) | "hub" (timm pretrained=True, needs network) | a local weights file
     # (.safetensors, .pth, .bin) | a lowshot checkpoint directory (holds backbone.safetensors).
     weights: str = "none"
-    drop_rate: float = 0.0  # dropout before the classifier (timm drop_rate)
+    drop_rate: float = 0.0  # dropout on the pooled features, before the linear head (fine-tuning)
     drop_path_rate: float = 0.0  # stochastic depth (timm drop_path_rate)
     # ResNets at 28-32 px: a stride-1 3x3 first conv and no max-pool (the CIFAR / MedMNIST-28 ResNet),
     # so a 28 px image still leaves a 4x4 map after the last stage instead of 1x1.
@@ -158,10 +158,36 @@ class TrainConfig:
     warmup_epochs: int = 2
     patience: int = 10  # epochs without a better validation AUROC before stopping
     label_smoothing: float = 0.0
+    # What trains. "full": everything. "head": a linear head on the frozen backbone, trained with
+    # augmentation (BatchNorm statistics frozen too). "partial": the head and the last `stages` stage
+    # groups. "gradual": the head alone for `unfreeze_every` epochs, then one more stage group, deepest
+    # first, every `unfreeze_every` epochs, up to `stages` (0 = all); early stopping waits for the last
+    # unfreezing (Howard & Ruder, 2018). Stage groups are timm's coarse group_matcher (stem, stages).
+    strategy: str = "full"
+    stages: int = 0
+    unfreeze_every: int = 3
+    # Per-group learning rates: layer-wise decay lr x layer_decay^(depth below the head) over timm's fine
+    # layer groups (param_groups_layer_decay; BEiT, Bao et al., 2022), 1 = off; and a discriminative
+    # factor on every backbone lr (the head keeps train.lr).
+    layer_decay: float = 1.0
+    backbone_lr_scale: float = 1.0
+    l1: float = (
+        0.0  # L1 penalty coefficient on weights (not norms/biases), added to the loss; L2 is weight_decay
+    )
+    mixup: float = 0.0  # mixup alpha (timm Mixup, Zhang et al., 2018); 0 = off
+    cutmix: float = 0.0  # cutmix alpha (Yun et al., 2019); with mixup too, each batch picks one of the two
+    # Exponential moving average of the weights (timm ModelEmaV3, with warmup), e.g. 0.99 for a few hundred
+    # steps; validation, selection, the checkpoint and the test use the averaged weights. 0 = off.
+    ema: float = 0.0
+    balance: str = "none"  # none | loss (cross-entropy weighted by inverse class frequency) | sampler
     augment: bool = True  # False: no augmentation at all (the MedMNIST protocol)
     crop_min_scale: float = 0.7  # training-time random resized crop
-    hflip: float = 0.5
+    hflip: float = 0.5  # set 0 where laterality matters
     vflip: float = 0.0
+    rotate: float = 0.0  # random rotation, up to this many degrees either way
+    # Brightness and contrast jitter factors in [1 - x, 1 + x]; no hue or saturation (grayscale modalities).
+    brightness: float = 0.0
+    contrast: float = 0.0
     # Each epoch, also score the *un-augmented* training images in eval mode: augmentation and dropout
     # are why the running training accuracy can sit below validation; this curve cannot.
     eval_train: bool = True
@@ -169,6 +195,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, ("adamw", "adam", "sgd"))
         _choice("train.schedule", self.schedule, ("cosine", "step"))
+        _choice("train.strategy", self.strategy, ("full", "head", "partial", "gradual"))
+        _choice("train.balance", self.balance, ("none", "loss", "sampler"))
+        _positive("train", unfreeze_every=self.unfreeze_every)
+        if self.strategy == "partial" and self.stages < 1:
+            raise ConfigError(
+                "train.strategy=partial needs train.stages >= 1 (the last N stage groups train)"
+            )
+        if not 0.0 < self.layer_decay <= 1.0 or self.backbone_lr_scale <= 0.0:
+            raise ConfigError("train.layer_decay must lie in (0, 1] and train.backbone_lr_scale be > 0")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"train.ema={self.ema}: an EMA decay in [0, 1), e.g. 0.99; 0 = off")
         _positive("train", epochs=self.epochs, batch_size=self.batch_size, patience=self.patience)
 
 

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision import transforms as T
 
-from .config import DataConfig
+from .config import DataConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -719,17 +719,26 @@ class StoreDataset(Dataset):
         return self.transform(im), int(self.labels[i])
 
 
-def make_loader(ds: Dataset, batch_size: int, num_workers: int, train: bool) -> DataLoader:
+def make_loader(
+    ds: Dataset, batch_size: int, num_workers: int, train: bool, balance: np.ndarray | None = None
+) -> DataLoader:
     """Shuffled, last partial batch dropped, for training; in order and complete for evaluation.
 
-    ``num_workers=-1`` picks: 0 on CPU, else the CPU cores per local process, at most 8."""
+    ``balance``: (N,) labels to draw training items with replacement at probability 1 / (K n_class), so
+    every class is drawn equally often in expectation. ``num_workers=-1`` picks: 0 on CPU, else the
+    CPU cores per local process, at most 8."""
     if num_workers < 0:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         num_workers = min(8, max(0, (os.cpu_count() or 1) // local - 1)) if torch.cuda.is_available() else 0
+    sampler = None
+    if balance is not None:
+        per_item = 1.0 / np.bincount(balance)[balance]
+        sampler = WeightedRandomSampler(per_item.tolist(), len(balance), replacement=True)
     return DataLoader(
         ds,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         drop_last=train,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
@@ -755,15 +764,16 @@ def split_loader(
     num_workers: int,
     train: bool = False,
     processes: int = 1,
+    balance: bool = False,
 ) -> DataLoader:
     """A loader over one split (or a tuple of splits) of the store. For training, the batch shrinks to
-    the images each of ``processes`` gets, so dropping the last partial batch still leaves a step."""
+    the images each of ``processes`` gets, so dropping the last partial batch still leaves a step;
+    ``balance`` samples classes equally often (see ``make_loader``)."""
     idx = store.indices(*((split,) if isinstance(split, str) else split))
     if train:
         batch_size = max(1, min(batch_size, len(idx) // processes))
-    return make_loader(
-        StoreDataset(store.images[idx], store.labels[idx], transform, rgb), batch_size, num_workers, train
-    )
+    ds = StoreDataset(store.images[idx], store.labels[idx], transform, rgb)
+    return make_loader(ds, batch_size, num_workers, train, store.labels[idx] if balance else None)
 
 
 def normalisation(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> dict[str, list[float]]:
@@ -779,14 +789,17 @@ def eval_transform(norm: dict[str, list[float]]) -> Callable[[Image.Image], torc
 
 
 def train_transform(
-    size: int, crop_min_scale: float, hflip: float, vflip: float, norm: dict[str, list[float]]
+    size: int, tc: TrainConfig, norm: dict[str, list[float]]
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """Light supervised augmentation: random resized crop and optional flips (no colour changes)."""
+    """Supervised augmentation for grayscale modalities: random resized crop, optional flips (off where
+    laterality matters), small rotations, brightness/contrast jitter; never hue or saturation."""
     return T.Compose(
         [
-            T.RandomResizedCrop(size, scale=(crop_min_scale, 1.0), antialias=True),
-            T.RandomHorizontalFlip(hflip),
-            T.RandomVerticalFlip(vflip),
+            T.RandomResizedCrop(size, scale=(tc.crop_min_scale, 1.0), antialias=True),
+            T.RandomHorizontalFlip(tc.hflip),
+            T.RandomVerticalFlip(tc.vflip),
+            T.RandomRotation(tc.rotate),
+            T.ColorJitter(brightness=tc.brightness, contrast=tc.contrast),
             T.ToTensor(),
             T.Normalize(norm["mean"], norm["std"]),
         ]

@@ -23,6 +23,7 @@ import timm
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
+from timm.models import register_model
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -48,6 +49,62 @@ PACKAGED_WEIGHTS = {
     )
     for i in (0, 1, 2)
 }
+
+
+class SmallCNN(nn.Module):
+    """The small from-scratch CNN users try first: five 3x3 conv-BN-ReLU blocks (2x2 max-pool after the
+    first four) and three fully connected layers, the last being the classifier. Registered with timm as
+    ``lowshot_small_cnn`` so it is ``model.name`` like any other; with ``num_classes=0`` it maps
+    (B, C, H, W) to (B, 128) features, H, W >= 16 px.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        widths: tuple[int, ...] = (32, 64, 128, 256, 256),
+        hidden: tuple[int, int] = (256, 128),
+        drop_path_rate: float = 0.0,
+        **_: Any,  # timm's create_model passes pretrained_cfg and the like
+    ) -> None:
+        super().__init__()
+        if drop_path_rate:
+            raise WeightsError("lowshot_small_cnn has no residual paths: set model.drop_path_rate=0")
+        convs: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(zip((in_chans, *widths[:-1]), widths, strict=True)):
+            pool = nn.MaxPool2d(2) if i < len(widths) - 1 else nn.AdaptiveAvgPool2d(1)
+            convs.append(
+                nn.Sequential(
+                    nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(), pool
+                )
+            )
+        fcs = [
+            nn.Sequential(nn.Flatten(), nn.Linear(widths[-1], hidden[0]), nn.ReLU()),
+            nn.Sequential(nn.Linear(hidden[0], hidden[1]), nn.ReLU()),
+        ]
+        self.blocks = nn.Sequential(*convs, *fcs)
+        self.num_features = hidden[1]
+        self.fc: nn.Module = nn.Identity()
+        self.reset_classifier(num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """timm's stage groups: the first conv block is the stem, every other block one stage."""
+        return {"stem": r"^blocks\.0\.", "blocks": r"^blocks\.(\d+)"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(x))
+
+
+@register_model
+def lowshot_small_cnn(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
+    if pretrained:
+        raise WeightsError(
+            "lowshot_small_cnn has no published weights; use model.weights=none or a checkpoint"
+        )
+    return SmallCNN(**{k: v for k, v in kwargs.items() if not k.startswith("pretrained_cfg")})
 
 
 def weights_kind(weights: str) -> str:
@@ -103,11 +160,11 @@ def create_backbone(cfg: ModelConfig, in_chans: int = 3, img_size: int | None = 
     """A timm model without classifier, weights per ``cfg.weights``; forward gives (B, num_features)."""
     kwargs: dict[str, Any] = dict(
         num_classes=0,
-        in_chans=in_chans,
-        drop_rate=cfg.drop_rate,
-        drop_path_rate=cfg.drop_path_rate,
+        in_chans=in_chans,  # model.drop_rate belongs to the fine-tuning head (finetune.classifier)
         **cfg.kwargs,
     )
+    if cfg.drop_path_rate:  # only when asked: models without residual paths (DenseNet) reject the keyword
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
     if cfg.small_input_stem:
         kwargs["small_input_stem"] = True
     kind = weights_kind(cfg.weights)

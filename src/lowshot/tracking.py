@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
 from .config import Config, ConfigError, flatten, setting_key, to_dict, to_yaml
 from .data import Store, cache_root
@@ -52,13 +52,20 @@ def mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
-    """The run's Accelerator (device, processes, mixed precision, trackers)."""
+def make_accelerator(cfg: Config, find_unused_parameters: bool = False) -> Accelerator:
+    """The run's Accelerator (device, processes, mixed precision, trackers).
+
+    ``find_unused_parameters``: for models whose frozen part changes during training. DDP registers the
+    parameters that require grad when it wraps the model; with this flag every parameter is registered
+    and those without a gradient in a step (frozen ones) are skipped instead of awaited."""
     log_with = None
     if cfg.track.log_with == "wandb":
         _set_wandb_mode(cfg.track.wandb_mode)
         log_with = "wandb"
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision), log_with=log_with)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(cfg.mixed_precision), log_with=log_with, kwargs_handlers=handlers
+    )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         # `accelerate launch --multi_gpu` on a machine without CUDA starts N processes that each
