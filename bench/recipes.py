@@ -32,34 +32,34 @@ R = "configs/recipes/"
 OFFLINE = [R + "offline-imagenet.yaml"]
 DROP = [R + "dropout.yaml"]
 # name: (config files, extra overrides, seeds per data set)
-RECIPES: dict[str, tuple[list[str], list[str], dict[str, int]]] = {
+RECIPES: dict[str, tuple[list[str], list[str], dict[str, int]]] = {  # run in this order
+    "lowshot-recommended": ([R + "lowshot-recommended.yaml"], [], {"breastmnist": 5, "busi": 3}),
+    "Lite0 linear probe (cached)": ([*OFFLINE], ["--probe", "data.size=64"], {"breastmnist": 3, "busi": 3}),
     "densenet121-transfer (as Lite0)": (
         [R + "densenet121-transfer.yaml", *OFFLINE],
         [],
         {"breastmnist": 3, "busi": 3},
     ),
-    "densenet121-transfer (as Lite0) + dropout": (
-        [R + "densenet121-transfer.yaml", *OFFLINE, *DROP],
-        [],
-        {"breastmnist": 3},
-    ),
-    "small-cnn": ([R + "small-cnn.yaml"], [], {"breastmnist": 3, "busi": 3}),
-    "small-cnn + dropout": ([R + "small-cnn.yaml", *DROP], [], {"breastmnist": 3}),
-    "resnet18-scratch": ([R + "resnet18-scratch.yaml"], [], {"breastmnist": 3, "busi": 3}),
-    "resnet18-scratch + dropout": ([R + "resnet18-scratch.yaml", *DROP], [], {"breastmnist": 3}),
     "resnext50-sgd-steplr (as Lite0)": (
         [R + "resnext50-sgd-steplr.yaml", *OFFLINE],
         [],
         {"breastmnist": 3, "busi": 3},
+    ),
+    "freeze-unfreeze (as Lite0)": ([R + "freeze-unfreeze.yaml", *OFFLINE], [], {"breastmnist": 3, "busi": 3}),
+    "small-cnn": ([R + "small-cnn.yaml"], [], {"breastmnist": 3, "busi": 3}),
+    "resnet18-scratch": ([R + "resnet18-scratch.yaml"], [], {"breastmnist": 3, "busi": 3}),
+    "densenet121-transfer (as Lite0) + dropout": (
+        [R + "densenet121-transfer.yaml", *OFFLINE, *DROP],
+        [],
+        {"breastmnist": 3},
     ),
     "resnext50-sgd-steplr (as Lite0) + dropout": (
         [R + "resnext50-sgd-steplr.yaml", *OFFLINE, *DROP],
         [],
         {"breastmnist": 3},
     ),
-    "freeze-unfreeze (as Lite0)": ([R + "freeze-unfreeze.yaml", *OFFLINE], [], {"breastmnist": 3, "busi": 3}),
-    "Lite0 linear probe (cached)": ([*OFFLINE], ["--probe", "data.size=64"], {"breastmnist": 3, "busi": 3}),
-    "lowshot-recommended": ([R + "lowshot-recommended.yaml"], [], {"breastmnist": 5, "busi": 3}),
+    "small-cnn + dropout": ([R + "small-cnn.yaml", *DROP], [], {"breastmnist": 3}),
+    "resnet18-scratch + dropout": ([R + "resnet18-scratch.yaml", *DROP], [], {"breastmnist": 3}),
 }
 DATASETS = {"breastmnist": ["data.source=breastmnist.npz"], "busi": ["--config", "configs/busi.yaml"]}
 METRICS = ("auroc", "balanced_accuracy", "accuracy")

@@ -1,15 +1,16 @@
-"""SimCLR throughput in image pairs per second: lowshot's pipeline against a lightly-example-style
+"""SimCLR throughput in image pairs per second: lowshot's pipelines against a lightly-example-style
 pipeline and the compute bound, in one run, on one device.
 
     python bench/simclr_throughput.py                                   # CPU here: 64 px, resnet18
-    python bench/simclr_throughput.py --size 224 --batch 256 --workers 15 --models resnet18 resnet50
+    python bench/simclr_throughput.py --size 224 --batch 256 --workers 15 --models resnet18 resnet50 --compile
 
 Pipelines (each timed on the views alone, "data", and with a SimCLR training step, "end to end"):
-  compute        synthetic view tensors already on the device: the most the model can take
-  lightly-style  PNG files → PIL → lightly SimCLRTransform on DataLoader workers (lightly's examples)
-  lowshot        decode-once uint8 store → PIL → the same SimCLRTransform on workers (ssl/pretrain.py)
-  device-batched uint8 store on the device → one batched kornia augmentation per view (exploratory:
-                 the GPU path of a later issue; same augmentation families, not yet distribution-matched)
+  compute            synthetic view tensors already on the device: the most the model can take
+                     (on a GPU: bf16 and fp16 autocast, channels_last, and with --compile torch.compile)
+  lightly-style      PNG files → PIL → lightly SimCLRTransform on DataLoader workers (lightly's examples)
+  lowshot per-image  decode-once uint8 store → PIL → the same SimCLRTransform on workers
+  lowshot batched    uint8 store on the device → lowshot.augment: both views of a batch in one batched
+                     pass (same distributions as SimCLRTransform; what ssl/pretrain.py uses on a GPU)
 Writes bench/results/simclr_throughput-<device>.{json,md}.
 """
 
@@ -23,13 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-import kornia.augmentation as K
 import timm
 import torch
 from lightly.transforms import SimCLRTransform
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
+from lowshot.augment import DeviceLoader, simclr_spec
 from lowshot.config import AugConfig, DataConfig
 from lowshot.data import StoreDataset, load_store, normalisation
 from lowshot.methods import SimCLR, simclr_views
@@ -88,30 +89,20 @@ def batches_from(dl: DataLoader):
         yield x0.to(device, non_blocking=True), x1.to(device, non_blocking=True)
 
 
-gpu_store = torch.from_numpy(store.images).to(device).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
-mean, std = torch.tensor(norm["mean"], device=device), torch.tensor(norm["std"], device=device)
-aug = AugConfig()
-kaug = K.AugmentationSequential(
-    K.RandomResizedCrop((args.size, args.size), scale=(aug.min_scale, 1.0)),
-    K.RandomHorizontalFlip(p=aug.hflip),
-    K.ColorJitter(
-        aug.cj_strength * aug.brightness,
-        aug.cj_strength * aug.contrast,
-        aug.cj_strength * aug.saturation,
-        aug.cj_strength * aug.hue,
-        p=aug.cj_prob,
-    ),
-    K.RandomGrayscale(p=aug.gray_prob),
-    K.RandomGaussianBlur((7, 7), (aug.blur_sigma[0], aug.blur_sigma[1]), p=aug.blur_prob),
-    K.Normalize(mean, std),
-).to(device)
+device_loader = DeviceLoader(
+    torch.from_numpy(store.images),
+    torch.from_numpy(store.labels),
+    simclr_spec(AugConfig(), args.size, grayscale=False, norm=norm),
+    args.batch,
+    device,
+    torch.Generator(device).manual_seed(0),
+)
 
 
 def device_batches():
-    while True:
-        idx = torch.randint(0, len(gpu_store), (args.batch,), device=device)
-        x = gpu_store[idx].float().div_(255.0)
-        yield kaug(x), kaug(x)
+    """Endless (view0, view1) batches from lowshot's batched device augmentation."""
+    for (x0, x1), _ in itertools.chain.from_iterable(itertools.repeat(device_loader)):
+        yield x0, x1
 
 
 def timed(batches, step=None) -> float:
@@ -133,13 +124,15 @@ pipelines = {
     "lightly-style": lambda: batches_from(
         loader(ImageFolder(str(folder), transform=SimCLRTransform(input_size=args.size, normalize=norm)))
     ),
-    "lowshot": lambda: batches_from(loader(StoreDataset(store.images, store.labels, views, rgb=True))),
-    "device-batched": device_batches,
+    "lowshot per-image": lambda: batches_from(
+        loader(StoreDataset(store.images, store.labels, views, rgb=True))
+    ),
+    "lowshot batched": device_batches,
 }
 for name, make in pipelines.items():
     pairs = timed(make())
     rows.append({"model": "-", "pipeline": name, "measure": "data", "pairs_per_s": pairs})
-    print(f"data only      {name:<15} {pairs:9.1f} pairs/s", flush=True)
+    print(f"data only      {name:<18} {pairs:9.1f} pairs/s", flush=True)
 
 for model_name in args.models:
     backbone = timm.create_model(model_name, num_classes=0)
@@ -157,6 +150,26 @@ for model_name in args.models:
 
     synth = torch.randn(2, args.batch, 3, args.size, args.size, device=device)
     variants = {"compute": (itertools.repeat((synth[0], synth[1])), step)}
+    if cuda:  # fp16 autocast with a gradient scaler, what accelerate does for mixed_precision=fp16
+        scaler = torch.amp.GradScaler("cuda")
+
+        def step16(
+            x0: torch.Tensor,
+            x1: torch.Tensor,
+            m: torch.nn.Module = model,
+            opt: torch.optim.Optimizer = opt,
+            scaler: torch.amp.GradScaler = scaler,
+        ) -> None:
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = m(
+                    x0.contiguous(memory_format=memory_format), x1.contiguous(memory_format=memory_format)
+                )
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+        variants["compute fp16"] = (itertools.repeat((synth[0], synth[1])), step16)
     if args.compile:
         compiled = torch.compile(model)
         variants["compute+compile"] = (
@@ -168,7 +181,7 @@ for model_name in args.models:
     for name, (batches, fn) in variants.items():
         pairs = timed(batches, fn)
         rows.append({"model": model_name, "pipeline": name, "measure": "end to end", "pairs_per_s": pairs})
-        print(f"{model_name:<14} {name:<15} {pairs:9.1f} pairs/s", flush=True)
+        print(f"{model_name:<14} {name:<18} {pairs:9.1f} pairs/s", flush=True)
 
 bound = {
     r["model"]: max(
@@ -191,7 +204,7 @@ sha = (
 )
 meta = {
     "device": dev_name,
-    "precision": "bf16 autocast, channels_last" if cuda else "fp32",
+    "precision": "bf16 autocast (compute fp16: fp16 autocast + grad scaler), channels_last" if cuda else "fp32",
     "command": " ".join([Path(sys.executable).name, *sys.argv]),
     "git_sha": sha,
     "data": f"{folder} ({len(store.labels)} PNGs), store decoded in {decode_s:.1f} s",

@@ -27,13 +27,14 @@ from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 
 from lowshot import finetune as ft
+from lowshot.augment import store_loader_on_device, train_spec, use_batched
 from lowshot.check import leakage_guard
 from lowshot.cli import user_errors
 from lowshot.config import parse_args
 from lowshot.data import eval_transform, load_store, split_loader, store_loader, train_transform
 from lowshot.evaluation import auroc, final_reports, format_report, nll
 from lowshot.models import backbone_for, cached_embeddings, save_checkpoint
-from lowshot.tracking import Run, make_accelerator
+from lowshot.tracking import Run, make_accelerator, memory_format
 
 user_errors()
 cfg, overrides = parse_args(sys.argv[1:])
@@ -97,17 +98,23 @@ else:
     groups = ft.stage_groups(backbone)  # stem, stage 1, ...: the units that freeze and unfreeze
     aug = train_transform(cfg.data.size, tc, norm) if tc.augment else plain
     n, sampler = accelerator.num_processes, tc.balance == "sampler"
-    train_l = split_loader(store, "train", aug, rgb, tc.batch_size, workers, True, n, sampler)
+    model = model.to(memory_format=memory_format(cfg.channels_last, accelerator.device))
     optimizer = ft.make_optimizer(
         ft.param_groups(model, tc), tc.optimizer, tc.lr, tc.weight_decay, tc.momentum
     )
-    model, optimizer, train_l, val_l, train_eval_l = accelerator.prepare(
-        model,
-        optimizer,
-        train_l,
-        split_loader(store, "val", plain, rgb, 256, workers),
-        split_loader(store, "train", plain, rgb, 256, workers),  # un-augmented, for the clean curve
-    )
+    val_l = split_loader(store, "val", plain, rgb, 256, workers)
+    train_eval_l = split_loader(store, "train", plain, rgb, 256, workers)  # un-augmented, for the clean curve
+    if tc.augment and use_batched(cfg.data.augment_path, accelerator.device):  # views made on the device
+        spec = train_spec(tc, cfg.data.size, norm)
+        train_l = store_loader_on_device(
+            store, ("train",), spec, tc.batch_size, accelerator, cfg.seed, 1, in_chans, sampler
+        )
+        model, optimizer, val_l, train_eval_l = accelerator.prepare(model, optimizer, val_l, train_eval_l)
+    else:  # PIL transforms per image in the DataLoader
+        train_l = split_loader(store, "train", aug, rgb, tc.batch_size, workers, True, n, sampler)
+        model, optimizer, train_l, val_l, train_eval_l = accelerator.prepare(
+            model, optimizer, train_l, val_l, train_eval_l
+        )
     scheduler = ft.lr_schedule(optimizer, tc, len(train_l))
     criterion = ft.make_criterion(tc, store.labels[store.indices("train")], store.num_classes)
     criterion = criterion.to(accelerator.device)

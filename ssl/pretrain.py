@@ -19,6 +19,7 @@ from lightly.utils.benchmarking import knn_predict
 from sklearn.metrics import balanced_accuracy_score
 from tqdm.auto import tqdm
 
+from lowshot.augment import DeviceLoader, simclr_spec, use_batched
 from lowshot.check import leakage_guard
 from lowshot.cli import user_errors
 from lowshot.config import ConfigError, parse_args
@@ -26,7 +27,7 @@ from lowshot.data import eval_transform, load_store, split_loader
 from lowshot.finetune import make_optimizer, warmup_cosine
 from lowshot.methods import METHODS
 from lowshot.models import backbone_for, embed, save_checkpoint
-from lowshot.tracking import Run, make_accelerator
+from lowshot.tracking import Run, make_accelerator, memory_format
 
 user_errors()
 cfg, overrides = parse_args(sys.argv[1:])
@@ -45,24 +46,27 @@ backbone, in_chans, norm = backbone_for(cfg, store.grayscale)
 model, views = METHODS[cfg.ssl.method](backbone, backbone.num_features, cfg, store.grayscale, norm)
 rgb, plain, workers = in_chans == 3, eval_transform(norm), cfg.data.num_workers
 # SimCLR uses no labels: the training split plus any images left unlabelled by data.train_per_class.
-loader = split_loader(
-    store,
-    ("train", "unlabelled"),
-    views,
-    rgb,
-    cfg.ssl.batch_size,
-    workers,
-    train=True,
-    processes=accelerator.num_processes,
-)
+pool, n, rank = ("train", "unlabelled"), accelerator.num_processes, accelerator.process_index
+batched = use_batched(cfg.data.augment_path, accelerator.device)
+if batched:  # the uint8 store on the device, both views of a batch in one batched augmentation
+    rows = store.indices(*pool)
+    g = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + rank)  # each process its own draws
+    spec = simclr_spec(cfg.aug, cfg.data.size, store.grayscale, norm)
+    images, labels = torch.from_numpy(store.images[rows]), torch.from_numpy(store.labels[rows])
+    loader = DeviceLoader(
+        images, labels, spec, cfg.ssl.batch_size, accelerator.device, g, cfg.seed, 2, in_chans, rank, n
+    )
+else:
+    loader = split_loader(store, pool, views, rgb, cfg.ssl.batch_size, workers, train=True, processes=n)
 batch_size = loader.batch_size or 1
 bank_loader = split_loader(store, "train", plain, rgb, 256, workers)  # kNN bank: un-augmented training images
 val_loader = split_loader(store, "val", plain, rgb, 256, workers)
 
+model = model.to(memory_format=memory_format(cfg.channels_last, accelerator.device))
 optimizer = make_optimizer(model, cfg.ssl.optimizer, cfg.ssl.lr, cfg.ssl.weight_decay)
-model, optimizer, loader, bank_loader, val_loader = accelerator.prepare(
-    model, optimizer, loader, bank_loader, val_loader
-)
+model, optimizer, bank_loader, val_loader = accelerator.prepare(model, optimizer, bank_loader, val_loader)
+if not batched:
+    loader = accelerator.prepare(loader)
 steps_per_epoch = len(loader)  # per process, after sharding
 scheduler = warmup_cosine(
     optimizer, cfg.ssl.warmup_epochs * steps_per_epoch, cfg.ssl.epochs * steps_per_epoch, cfg.ssl.min_lr_ratio
@@ -71,7 +75,8 @@ global_batch = batch_size * accelerator.num_processes
 accelerator.print(
     f"SimCLR: {cfg.model.name} ({sum(p.numel() for p in backbone.parameters()) / 1e6:.2f} M params, {in_chans} ch, "
     f"{cfg.data.size} px) | {accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision} | "
-    f"global batch {global_batch} → {2 * global_batch - 2} negatives per anchor | {steps_per_epoch} steps/epoch"
+    f"global batch {global_batch} → {2 * global_batch - 2} negatives per anchor | {steps_per_epoch} steps/epoch | "
+    f"views: {'batched on ' + str(accelerator.device) if batched else 'per image (PIL) in the DataLoader'}"
 )
 
 
@@ -149,6 +154,7 @@ run.finish(
         "world_size": accelerator.num_processes,
         "global_batch": global_batch,
         "negatives_per_anchor": 2 * global_batch - 2,
+        "augment_path": "batched" if batched else "per_image",
         **knn,
         "leakage": leakage,
     }

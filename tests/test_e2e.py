@@ -107,11 +107,9 @@ def test_two_cpu_processes(data_root: Path, cache_dir: Path, tmp_path: Path) -> 
         "data.limit=128",
         "track.log_with=none",
     ]
-    ok(
-        launch(
-            "ssl/pretrain.py", [*args, "name=pre2", "ssl.epochs=1", "ssl.batch_size=32"], tmp_path, two, env
-        )
-    )
+    # batched views: each process augments its share of one shared permutation
+    pre_args = [*args, "name=pre2", "ssl.epochs=1", "ssl.batch_size=32", "data.augment_path=batched"]
+    ok(launch("ssl/pretrain.py", pre_args, tmp_path, two, env))
     pre = json.loads((tmp_path / "pre2" / "results.json").read_text())
     assert pre["world_size"] == 2 and pre["global_batch"] == 64 and pre["negatives_per_anchor"] == 126
     meta = json.loads((tmp_path / "pre2" / "meta.json").read_text())
@@ -154,14 +152,25 @@ def test_busi_folder_pipeline(busi: Path, cache_dir: Path, tmp_path: Path) -> No
         "data.channels=single",
         "track.log_with=none",
     ]
-    ok(launch("ssl/pretrain.py", [*args, "name=pre", "ssl.epochs=1", "model.name=test_resnet"], tmp_path))
+    # the batched augmentation path (the default on a GPU), on one grayscale channel
+    batched = "data.augment_path=batched"
+    ok(
+        launch(
+            "ssl/pretrain.py",
+            [*args, "name=pre", "ssl.epochs=1", "model.name=test_resnet", batched],
+            tmp_path,
+        )
+    )
+    assert json.loads((tmp_path / "pre" / "results.json").read_text())["augment_path"] == "batched"
     w = f"model.weights={tmp_path / 'pre' / 'checkpoint'}"
     ok(launch("finetune/train.py", ["--probe", *args, "name=probe", "model.name=test_resnet", w], tmp_path))
     res = check_test_report(tmp_path / "probe")
     assert res["classes"] == ["benign", "malignant", "normal"] and len(res["test"]["per_class"]) == 3
     ok(
         launch(
-            "finetune/train.py", [*args, "name=ft", "model.name=test_resnet", "train.epochs=1", w], tmp_path
+            "finetune/train.py",
+            [*args, "name=ft", "model.name=test_resnet", "train.epochs=1", w, batched, "train.rotate=10"],
+            tmp_path,
         )
     )
     ft = check_test_report(tmp_path / "ft")

@@ -64,9 +64,14 @@ class DataConfig:
     # DataLoader workers per process; -1 = auto: none on CPU (the 2 cores are busy with the model),
     # up to 8 per process on GPU, where per-image PIL augmentation in one process starves the device.
     num_workers: int = -1
+    # Where training views are made. "batched": the uint8 store on the device, one batched augmentation
+    # per step (lowshot.augment, same distributions); "per_image": PIL transforms in DataLoader workers.
+    # "auto": batched on a GPU (per-image PIL starves it), per_image on CPU.
+    augment_path: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("data.channels", self.channels, ("replicate", "single"))
+        _choice("data.augment_path", self.augment_path, ("auto", "batched", "per_image"))
         _choice("data.color", self.color, ("auto", "gray", "rgb"))
         if not 0.0 < self.val_fraction < 1.0 or not 0.0 < self.test_fraction < 1.0:
             raise ConfigError("data.val_fraction and data.test_fraction must lie in (0, 1)")
@@ -292,6 +297,8 @@ class Config:
     out_dir: str = "runs"
     name: str = ""  # run directory name under out_dir; "" = <job>-<data>-<model>-<time>
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | no
+    channels_last: str = "auto"  # auto (on GPU) | on | off: NHWC weights, what tensor-core convolutions want
+    compile: bool = False  # torch.compile (inductor) through Accelerate; pays off only over long runs
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -304,6 +311,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp16", "no"))
+        _choice("channels_last", self.channels_last, ("auto", "on", "off"))
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -52,6 +52,13 @@ def mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def memory_format(setting: str, device: torch.device) -> torch.memory_format:
+    """``channels_last``: NHWC on a GPU for "auto" (convolutions on tensor cores run in NHWC; NCHW
+    weights cost a transpose per layer), the default layout elsewhere."""
+    on = setting == "on" or (setting == "auto" and device.type == "cuda")
+    return torch.channels_last if on else torch.contiguous_format
+
+
 def make_accelerator(cfg: Config, find_unused_parameters: bool = False) -> Accelerator:
     """The run's Accelerator (device, processes, mixed precision, trackers).
 
@@ -64,7 +71,12 @@ def make_accelerator(cfg: Config, find_unused_parameters: bool = False) -> Accel
         log_with = "wandb"
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     accelerator = Accelerator(
-        mixed_precision=mixed_precision(cfg.mixed_precision), log_with=log_with, kwargs_handlers=handlers
+        mixed_precision=mixed_precision(cfg.mixed_precision),
+        log_with=log_with,
+        kwargs_handlers=handlers,
+        dynamo_backend="inductor"
+        if cfg.compile
+        else None,  # None: `accelerate launch --dynamo_backend` decides
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
