@@ -204,7 +204,9 @@ sha = (
 )
 meta = {
     "device": dev_name,
-    "precision": "bf16 autocast (compute fp16: fp16 autocast + grad scaler), channels_last" if cuda else "fp32",
+    "precision": "bf16 autocast (compute fp16: fp16 autocast + grad scaler), channels_last"
+    if cuda
+    else "fp32",
     "command": " ".join([Path(sys.executable).name, *sys.argv]),
     "git_sha": sha,
     "data": f"{folder} ({len(store.labels)} PNGs), store decoded in {decode_s:.1f} s",

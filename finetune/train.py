@@ -96,8 +96,7 @@ else:
     tc = cfg.train
     model = ft.classifier(backbone, store.num_classes, cfg.model.drop_rate)
     groups = ft.stage_groups(backbone)  # stem, stage 1, ...: the units that freeze and unfreeze
-    aug = train_transform(cfg.data.size, tc, norm) if tc.augment else plain
-    n, sampler = accelerator.num_processes, tc.balance == "sampler"
+    sampler = tc.balance == "sampler"  # class-balanced draws
     model = model.to(memory_format=memory_format(cfg.channels_last, accelerator.device))
     optimizer = ft.make_optimizer(
         ft.param_groups(model, tc), tc.optimizer, tc.lr, tc.weight_decay, tc.momentum
@@ -111,6 +110,8 @@ else:
         )
         model, optimizer, val_l, train_eval_l = accelerator.prepare(model, optimizer, val_l, train_eval_l)
     else:  # PIL transforms per image in the DataLoader
+        aug = train_transform(cfg.data.size, tc, norm) if tc.augment else plain
+        n = accelerator.num_processes
         train_l = split_loader(store, "train", aug, rgb, tc.batch_size, workers, True, n, sampler)
         model, optimizer, train_l, val_l, train_eval_l = accelerator.prepare(
             model, optimizer, train_l, val_l, train_eval_l

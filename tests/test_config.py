@@ -79,3 +79,18 @@ def test_every_shipped_yaml_is_valid() -> None:
 def test_help_lists_keys() -> None:
     text = help_text()
     assert "train.lr=" in text and "data.source=" in text
+
+
+def test_recommended_recipe_is_the_setting_measured_in_the_results_table() -> None:
+    """bench/results/recipes reports lowshot-recommended through the runs of the forum's transfer recipe
+    on EfficientNet-Lite0 weights: the two must resolve to the same setting."""
+    from lowshot.config import setting_key, to_dict
+
+    recipes = Path(__file__).parents[1] / "configs" / "recipes"
+    rec, _ = parse_args(["--config", str(recipes / "lowshot-recommended.yaml")])
+    files = ["densenet121-transfer.yaml", "offline-imagenet.yaml"]
+    forum, _ = parse_args([a for f in files for a in ("--config", str(recipes / f))])
+    assert setting_key(to_dict(rec)) == setting_key(to_dict(forum))
+    assert setting_key(to_dict(rec)) != setting_key(
+        to_dict(parse_args(["--config", str(recipes / "gradual-llrd.yaml")])[0])
+    )
