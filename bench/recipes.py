@@ -217,10 +217,14 @@ def main() -> None:
             for f in ("results.json", "config.yaml", "meta.json", "metrics.jsonl", "predictions.npz"):
                 if (d / f).is_file():
                     shutil.copy(d / f, dest / f)
+    ran = sum(1 for _, seconds, _ in done if seconds > 0)
     head = (
         "# Fine-tuning recipes: results\n\nMade by `python bench/recipes.py` "
-        f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, fp32, {time.time() - t0:.0f} s for the runs not "
-        "already done). Test metrics are each run's single opening of the test split.\n"
+        f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, fp32; this call ran {ran} of {len(done)} runs in "
+        f"{time.time() - t0:.0f} s, the rest were on disk). Every test number is its run's single opening of the "
+        "test split. 64 px, EfficientNet-Lite0 ImageNet weights from PyPI where a recipe names hub weights; "
+        "a linear probe of fixed weights is deterministic, so its seeds repeat one number. How these runs were "
+        "made, and what they say: EXPERIMENTS.md.\n"
     )
     (OUT / "table.md").write_text(head + text)
     (OUT / "table.json").write_text(

@@ -273,3 +273,14 @@ def test_device_loader_epochs_shards_and_labels() -> None:
     bal = DeviceLoader(images, skewed, spec, 8, torch.device("cpu"), gen(0), n_views=1, balance=True)
     drawn = torch.cat([y for _ in range(30) for _, y in bal])
     assert 0.4 < drawn.float().mean() < 0.6  # the 10% class drawn half of the time
+
+
+def test_jitter_on_a_gpu_path_equals_the_cpu_path() -> None:
+    """The GPU path applies each operation to the whole batch under a mask (no host sync); the CPU path
+    only to the samples concerned. Same parameters, same images."""
+    from lowshot.augment import _jitter
+
+    spec = simclr_spec(AugConfig(), 16, grayscale=False, norm={"mean": [0.0] * 3, "std": [1.0] * 3})
+    x = torch.rand(64, 3, 16, 16, generator=gen(5))
+    p = sample_params(64, 16, 16, spec, gen(6))
+    assert torch.allclose(_jitter(x, p, spec, masked=True), _jitter(x, p, spec, masked=False), atol=1e-6)
