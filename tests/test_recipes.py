@@ -157,19 +157,27 @@ def test_layer_wise_and_discriminative_learning_rates() -> None:
         assert max(lrs) / min(lrs) == pytest.approx(1 / (0.1 * 0.5**9))
 
 
-def test_ema_weights_differ_from_live_weights_and_trail_them() -> None:
+def test_ema_weights_are_the_moving_average_of_the_live_weights() -> None:
     from timm.utils import ModelEmaV3
 
     model, _ = net()
     start = copy.deepcopy(model.state_dict())
-    ema = ModelEmaV3(model, decay=0.9, use_warmup=True)
+    ema = ModelEmaV3(model, decay=0.9)  # without warmup: a fixed decay per step
     tc = TrainConfig(lr=1e-2, warmup_epochs=0)
-    for _ in range(3):
-        one_epoch(model, tc, ema=ema)
-    k = "1.1.weight"
-    live, avg, init = model.state_dict()[k], ema.module.state_dict()[k], start[k]
-    assert not torch.equal(live, avg) and not torch.equal(avg, init)
-    assert (avg - init).norm() < (live - init).norm()  # an average of the path lags behind its end
+    opt = make_optimizer(param_groups(model, tc), tc.optimizer, tc.lr, tc.weight_decay)
+    data = loader(n=8, batch=8)  # one step per call
+    sched = lr_schedule(opt, tc, 2)
+    acc = Accelerator(cpu=True)
+    keys = ("1.1.weight", "0.layer4.1.conv2.weight")
+    train_epoch(model, data, opt, sched, nn.CrossEntropyLoss(), acc, tc, ema=ema)
+    first = {k: model.state_dict()[k].clone() for k in keys}
+    for k in keys:  # timm's first update (step 1) copies the live weights
+        assert not torch.equal(first[k], start[k]) and torch.equal(ema.module.state_dict()[k], first[k])
+    train_epoch(model, data, opt, sched, nn.CrossEntropyLoss(), acc, tc, ema=ema)
+    for k in keys:  # then ema = d * ema + (1 - d) * live at every step
+        live, avg = model.state_dict()[k], ema.module.state_dict()[k]
+        assert not torch.equal(live, avg)
+        assert torch.allclose(avg, 0.9 * first[k] + 0.1 * live, atol=1e-6)
 
 
 def test_mixup_targets_are_soft_sum_to_one_and_mix_the_images() -> None:
