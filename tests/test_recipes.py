@@ -291,3 +291,12 @@ def test_drop_path_and_label_smoothing_act() -> None:
     assert plain(confident, torch.tensor([0])) < 1e-6 < 1.0 < smooth(confident, torch.tensor([0]))
     weighted = make_criterion(TrainConfig(balance="loss"), np.array([0, 0, 0, 1]), 2)
     assert weighted.weight is not None and weighted.weight[1] == 3 * weighted.weight[0]
+
+
+def test_models_own_no_decay_parameters_keep_no_decay() -> None:
+    """A ViT's position embedding and class token take no weight decay (timm's no_weight_decay())."""
+    vit = timm.create_model("test_vit", num_classes=0, img_size=32)
+    groups = param_groups(classifier(vit, 2, 0.0), TrainConfig(weight_decay=0.05, layer_decay=0.8))
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert wd_of[id(vit.pos_embed)] == 0.0 and wd_of[id(vit.cls_token)] == 0.0
+    assert wd_of[id(vit.blocks[0].attn.qkv.weight)] == 0.05

@@ -99,7 +99,11 @@ def param_groups(model: nn.Sequential, tc: TrainConfig) -> list[dict[str, Any]]:
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:  # timm leaves out parameters that do not require grad
         p.requires_grad_(True)
-    groups = param_groups_layer_decay(backbone, tc.weight_decay, layer_decay=tc.layer_decay)
+    skip = getattr(backbone, "no_weight_decay", None)  # e.g. a ViT's pos_embed and cls_token
+    no_decay = skip() if callable(skip) else ()
+    groups = param_groups_layer_decay(
+        backbone, tc.weight_decay, no_weight_decay_list=no_decay, layer_decay=tc.layer_decay
+    )
     for p in frozen:
         p.requires_grad_(False)
     for g in groups:
