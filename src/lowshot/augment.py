@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from kornia.color import hsv_to_rgb, rgb_to_hsv
 
 from .config import AugConfig, TrainConfig
-from .data import Store
+from .data import Store, balanced_draw_weights
 
 
 @dataclass
@@ -317,10 +317,8 @@ class DeviceLoader:
         self.epoch += 1
         n = len(self.images)
         if self.balance:
-            counts = torch.bincount(self.labels.cpu())
-            order = torch.multinomial(
-                1.0 / counts[self.labels.cpu()].float(), n, replacement=True, generator=g
-            )
+            weights = torch.from_numpy(balanced_draw_weights(self.labels.cpu().numpy())).float()
+            order = torch.multinomial(weights, n, replacement=True, generator=g)
         else:
             order = torch.randperm(n, generator=g)
         mine = order[self.rank :: self.world].to(self.images.device)

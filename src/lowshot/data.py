@@ -719,6 +719,11 @@ class StoreDataset(Dataset):
         return self.transform(im), int(self.labels[i])
 
 
+def balanced_draw_weights(labels: np.ndarray) -> np.ndarray:
+    """(N,) per-item draw weights 1 / n_class(item): drawn with replacement, every class equally often."""
+    return 1.0 / np.bincount(labels)[labels]
+
+
 def make_loader(
     ds: Dataset, batch_size: int, num_workers: int, train: bool, balance: np.ndarray | None = None
 ) -> DataLoader:
@@ -732,8 +737,9 @@ def make_loader(
         num_workers = min(8, max(0, (os.cpu_count() or 1) // local - 1)) if torch.cuda.is_available() else 0
     sampler = None
     if balance is not None:
-        per_item = 1.0 / np.bincount(balance)[balance]
-        sampler = WeightedRandomSampler(per_item.tolist(), len(balance), replacement=True)
+        sampler = WeightedRandomSampler(
+            balanced_draw_weights(balance).tolist(), len(balance), replacement=True
+        )
     return DataLoader(
         ds,
         batch_size=batch_size,
