@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check, as run on a lent machine (one call): the throughput benchmark at 224 px for resnet18
-# and resnet50 (bf16, fp16, compile, lightly-style, lowshot per-image and batched), SimCLR pretraining on
-# BUSI at 224 px with the batched device views and with per-image views (pairs/s and data-time share
-# from the real script), then a short real pretrain → probe → fine-tune through `accelerate launch`
-# (bf16 by default on GPU). Data and wheels travel with the call (.devdata/, .whl/, ignored by git); results
-# land in $OUT and are committed under bench/results/.
+# The GPU check, as run on a lent machine (one call, ~8 min on an H100):
+#  1. bench/simclr_throughput.py at 224 px, batch 256, resnet18 and resnet50: compute bound (bf16, fp16,
+#     bf16 + torch.compile), lightly-style and lowshot per-image loaders on 15 workers, lowshot batched
+#     views (compiled and eager), and lowshot batched end to end with each model setting;
+#  2. the real scripts through `accelerate launch` (defaults: bf16, channels_last, batched compiled
+#     views on the GPU): SimCLR on BUSI at 224 px, a fine-tune from its checkpoint, and the same SimCLR
+#     with per-image views for comparison (pairs/s and data-time share per epoch).
+# Data and wheels travel with the call (.devdata/, .whl/, ignored by git); results land in OUT_DIR and
+# are committed under bench/results/.
 #   usage: bash bench/gpu_run.sh OUT_DIR DATA_ROOT
 set -uo pipefail
 out=${1:?out dir}; data=${2:?data root}
@@ -12,22 +15,17 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 LOWSHOT_CACHE=/tmp/lowshot-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu_log.txt"
 python3 -c "import torch, timm, torchvision; print('torch', torch.__version__, 'timm', timm.__version__, 'torchvision', torchvision.__version__)" | tee -a "$out/gpu_log.txt"
+echo "git ${GIT_SHA:-unknown}" | tee -a "$out/gpu_log.txt"
 python3 bench/simclr_throughput.py --data-root "$data" --size 224 --batch 256 --workers 15 --steps 20 \
-    --models resnet18 resnet50 --compile --out "$out" 2>&1 | grep -v Warning | tee -a "$out/gpu_log.txt"
-for path in batched per_image; do
-  python3 -m accelerate.commands.launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision no \
-      ssl/pretrain.py data.root="$data" --config configs/busi.yaml data.color=rgb data.size=224 ssl.epochs=3 \
-      ssl.batch_size=256 ssl.knn_every=0 track.log_with=none out_dir=/tmp/gpu_runs name=busi224-$path \
-      data.augment_path=$path check.leakage=warn 2>&1 | grep -E "^epoch|^SimCLR" | tee -a "$out/gpu_pretrain224.txt"
-done
-common=(data.root="$data" data.size=64 track.log_with=none out_dir=/tmp/gpu_runs eval.bootstrap=500 check.leakage=drop)
+    --slow-steps 4 --models resnet18 resnet50 --compile --out "$out" 2>&1 | grep -v Warning | tee -a "$out/gpu_log.txt"
+launch=(python3 -m accelerate.commands.launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision no)
+common=(data.root="$data" --config configs/busi.yaml data.size=224 track.log_with=none out_dir=/tmp/gpu_runs check.leakage=warn)
 {
-  python3 -m accelerate.commands.launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision no \
-      ssl/pretrain.py "${common[@]}" name=pre ssl.epochs=20 ssl.batch_size=256 &&
-  python3 -m accelerate.commands.launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision no \
-      finetune/train.py --probe "${common[@]}" name=probe model.weights=/tmp/gpu_runs/pre/checkpoint &&
-  python3 -m accelerate.commands.launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision no \
-      finetune/train.py "${common[@]}" name=ft model.weights=/tmp/gpu_runs/pre/checkpoint train.epochs=30
-} 2>&1 | grep -v -E "Warning|it/s\]|s/it\]" | tee "$out/gpu_e2e_log.txt"
-for r in pre probe ft; do cp /tmp/gpu_runs/$r/results.json "$out/gpu_e2e_$r.json" 2>/dev/null; done
+  "${launch[@]}" ssl/pretrain.py "${common[@]}" name=pre224 ssl.epochs=6 ssl.batch_size=64 ssl.knn_every=3
+  "${launch[@]}" finetune/train.py "${common[@]}" name=ft224 model.weights=/tmp/gpu_runs/pre224/checkpoint \
+      train.epochs=4 eval.bootstrap=200
+  "${launch[@]}" ssl/pretrain.py "${common[@]}" name=pre224-per-image ssl.epochs=3 ssl.batch_size=64 \
+      ssl.knn_every=0 data.augment_path=per_image
+} 2>&1 | grep -v -E "Warning|warn\(|it/s\]|s/it\]" | tee "$out/gpu_scripts.txt"
+for r in pre224 ft224 pre224-per-image; do cp /tmp/gpu_runs/$r/results.json "$out/gpu_$r.json" 2>/dev/null; done
 ls -la "$out"

@@ -106,7 +106,7 @@ else:
     if tc.augment and use_batched(cfg.data.augment_path, accelerator.device):  # views made on the device
         spec = train_spec(tc, cfg.data.size, norm)
         train_l = store_loader_on_device(
-            store, ("train",), spec, tc.batch_size, accelerator, cfg.seed, 1, in_chans, sampler
+            store, ("train",), spec, tc.batch_size, accelerator, cfg, 1, in_chans, sampler
         )
         model, optimizer, val_l, train_eval_l = accelerator.prepare(model, optimizer, val_l, train_eval_l)
     else:  # PIL transforms per image in the DataLoader

@@ -19,7 +19,7 @@ from lightly.utils.benchmarking import knn_predict
 from sklearn.metrics import balanced_accuracy_score
 from tqdm.auto import tqdm
 
-from lowshot.augment import DeviceLoader, simclr_spec, use_batched
+from lowshot.augment import simclr_spec, store_loader_on_device, use_batched
 from lowshot.check import leakage_guard
 from lowshot.cli import user_errors
 from lowshot.config import ConfigError, parse_args
@@ -46,16 +46,11 @@ backbone, in_chans, norm = backbone_for(cfg, store.grayscale)
 model, views = METHODS[cfg.ssl.method](backbone, backbone.num_features, cfg, store.grayscale, norm)
 rgb, plain, workers = in_chans == 3, eval_transform(norm), cfg.data.num_workers
 # SimCLR uses no labels: the training split plus any images left unlabelled by data.train_per_class.
-pool, n, rank = ("train", "unlabelled"), accelerator.num_processes, accelerator.process_index
+pool, n = ("train", "unlabelled"), accelerator.num_processes
 batched = use_batched(cfg.data.augment_path, accelerator.device)
 if batched:  # the uint8 store on the device, both views of a batch in one batched augmentation
-    rows = store.indices(*pool)
-    g = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + rank)  # each process its own draws
     spec = simclr_spec(cfg.aug, cfg.data.size, store.grayscale, norm)
-    images, labels = torch.from_numpy(store.images[rows]), torch.from_numpy(store.labels[rows])
-    loader = DeviceLoader(
-        images, labels, spec, cfg.ssl.batch_size, accelerator.device, g, cfg.seed, 2, in_chans, rank, n
-    )
+    loader = store_loader_on_device(store, pool, spec, cfg.ssl.batch_size, accelerator, cfg, 2, in_chans)
 else:
     loader = split_loader(store, pool, views, rgb, cfg.ssl.batch_size, workers, train=True, processes=n)
 batch_size = loader.batch_size or 1

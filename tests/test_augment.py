@@ -15,7 +15,16 @@ from PIL import Image
 from scipy import stats
 from torchvision import transforms as T
 
-from lowshot.augment import DeviceLoader, ViewSpec, render, sample_params, simclr_spec, train_spec, views
+from lowshot.augment import (
+    DeviceLoader,
+    ViewSpec,
+    compiled_render,
+    render,
+    sample_params,
+    simclr_spec,
+    train_spec,
+    views,
+)
 from lowshot.config import AugConfig, TrainConfig
 
 N = 20000
@@ -275,12 +284,18 @@ def test_device_loader_epochs_shards_and_labels() -> None:
     assert 0.4 < drawn.float().mean() < 0.6  # the 10% class drawn half of the time
 
 
-def test_jitter_on_a_gpu_path_equals_the_cpu_path() -> None:
-    """The GPU path applies each operation to the whole batch under a mask (no host sync); the CPU path
-    only to the samples concerned. Same parameters, same images."""
-    from lowshot.augment import _jitter
-
-    spec = simclr_spec(AugConfig(), 16, grayscale=False, norm={"mean": [0.0] * 3, "std": [1.0] * 3})
-    x = torch.rand(64, 3, 16, 16, generator=gen(5))
-    p = sample_params(64, 16, 16, spec, gen(6))
-    assert torch.allclose(_jitter(x, p, spec, masked=True), _jitter(x, p, spec, masked=False), atol=1e-6)
+def test_fused_and_compiled_render_equal_the_eager_path() -> None:
+    """The GPU form (every operation on the whole batch under masks, blur as shifted sums), and that form
+    through torch.compile, give what the eager per-subset path gives for the same parameters and images
+    (all operations on: crop, flips, 90° turns, jitter in random orders with hue, grayscale, blur)."""
+    spec = simclr_spec(
+        AugConfig(vflip=0.5, rotate=0.5), 16, grayscale=False, norm={"mean": [0.5] * 3, "std": [0.25] * 3}
+    )
+    img = (torch.rand(64, 3, 20, 20, generator=gen(5)) * 255).to(torch.uint8)
+    p = sample_params(64, 20, 20, spec, gen(6))
+    assert p["jitter"].any() and p["blur"].any() and p["gray"].any() and (p["order"][:, 0] == 3).any()
+    eager = render(img, p, spec, fused=False)
+    assert torch.allclose(render(img, p, spec, fused=True), eager, atol=1e-5)
+    compiled = compiled_render()(img, p, spec, 3, channels_last=True)
+    assert compiled.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(compiled, eager, atol=1e-4)

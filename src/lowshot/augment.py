@@ -12,18 +12,20 @@ order, random grayscale, Gaussian blur, normalisation) and the supervised ``data
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from kornia.color import hsv_to_rgb, rgb_to_hsv
 
-from .config import AugConfig, TrainConfig
+from .config import AugConfig, Config, TrainConfig
 from .data import Store, balanced_draw_weights
+from .tracking import memory_format
 
 
 @dataclass
@@ -151,10 +153,10 @@ def sample_params(
     }
 
 
-def _geometry(x: torch.Tensor, p: dict[str, torch.Tensor], size: int) -> torch.Tensor:
+def _geometry(x: torch.Tensor, p: dict[str, torch.Tensor], size: int, rotate: bool) -> torch.Tensor:
     """Crop box → (size, size), then flips, then rotation, as one affine ``grid_sample`` (bilinear).
-    x: (B, C, H, W) float."""
-    b, _, height, width = x.shape
+    x: (B, C, H, W) float. ``rotate``: arbitrary angles are drawn, so corners beyond the image are black."""
+    height, width = x.shape[2:]
     # Output coordinates u (right), v (down) in [-1, 1] map to crop coordinates through the inverse of
     # the rotation, then the flips; the crop maps [-1, 1] onto its box in the input's [-1, 1].
     angle = torch.deg2rad(p["angle"] + 90.0 * p["rot90"].float())
@@ -164,21 +166,24 @@ def _geometry(x: torch.Tensor, p: dict[str, torch.Tensor], size: int) -> torch.T
     sx, sy = p["w"] / width, p["h"] / height
     cx = (2 * p["left"] + p["w"]) / width - 1.0
     cy = (2 * p["top"] + p["h"]) / height - 1.0
-    # counter-clockwise on screen (v points down): the output point (u, v) reads the point rotated back
-    theta = torch.stack(
-        [
-            torch.stack([sx * fx * cos, -sx * fx * sin, cx], 1),
-            torch.stack([sy * fy * sin, sy * fy * cos, cy], 1),
-        ],
-        1,
-    )
-    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    # counter-clockwise on screen (v points down): the output point (u, v) reads the point rotated back.
+    # The grid written out (affine_grid's batched matmul with an inner size of 3 is ~5x slower on CPU):
+    # u, v at the output pixel centres (align_corners=False); grid (B, S, S, 2) as (x, y).
+    centres = (torch.arange(size, device=x.device, dtype=x.dtype) * 2 + 1) / size - 1.0
+    u, v = centres.view(1, 1, size), centres.view(1, size, 1)
+
+    def col(t: torch.Tensor) -> torch.Tensor:
+        return t.to(x.dtype).view(-1, 1, 1)
+
+    gx = col(sx * fx * cos) * u - col(sx * fx * sin) * v + col(cx)
+    gy = col(sy * fy * sin) * u + col(sy * fy * cos) * v + col(cy)
+    grid = torch.stack([gx, gy], -1)
     # Within half a pixel outside the image, repeat the edge (as a crop + resize does); farther out,
     # where only a rotation reaches, black (torchvision's fill=0).
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if bool((p["angle"] != 0).any()):
-        tol = torch.tensor([1 + 1 / width, 1 + 1 / height], device=x.device, dtype=grid.dtype)
-        out = out * (grid.abs() <= tol).all(-1, keepdim=True).permute(0, 3, 1, 2).to(out.dtype)
+    if rotate:  # decided by the spec, not by the drawn angles: no host sync, one graph for torch.compile
+        inside = (gx.abs() <= 1 + 1 / width) & (gy.abs() <= 1 + 1 / height)  # (B, S, S)
+        out = out * inside.unsqueeze(1).to(out.dtype)
     return out
 
 
@@ -189,88 +194,181 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).to(x.dtype)
 
 
-def _jitter(x: torch.Tensor, p: dict[str, torch.Tensor], spec: ViewSpec, masked: bool) -> torch.Tensor:
-    """torchvision ColorJitter per sample: the four operations in that sample's random order."""
-    ops = []
-    if spec.brightness:
-        ops.append((0, lambda y, f: (y * f).clamp(0, 1), p["brightness"]))
-    if spec.contrast:
-        ops.append(
-            (
-                1,
-                lambda y, f: (f * y + (1 - f) * _gray(y).mean((1, 2, 3), keepdim=True)).clamp(0, 1),
-                p["contrast"],
-            )
-        )
-    if spec.saturation and x.shape[1] == 3:
-        ops.append((2, lambda y, f: (f * y + (1 - f) * _gray(y)).clamp(0, 1), p["saturation"]))
-    if spec.hue and x.shape[1] == 3:
-        ops.append((3, _shift_hue, p["hue"]))
-    for slot in range(4):  # each sample meets each operation once, in its own order
-        for op, fn, f in ops:
-            take = p["jitter"] & (p["order"][:, slot] == op)
-            if masked:  # whole batch, no host sync: the GPU queue keeps running ahead
-                x = torch.where(take.view(-1, 1, 1, 1), fn(x, f.view(-1, 1, 1, 1)), x)
-            else:  # only the samples concerned: 4x less arithmetic where it is what costs (CPU)
-                sel = torch.nonzero(take).squeeze(1)
-                if len(sel):
-                    x = x.index_copy(
-                        0, sel, fn(x.index_select(0, sel), f.index_select(0, sel).view(-1, 1, 1, 1))
-                    )
+def _codes(p: dict[str, torch.Tensor], spec: ViewSpec, channels: int) -> torch.Tensor:
+    """(B, 4): the jitter operation of each sample in each of the four slots of its random order: 0
+    brightness, 1 contrast, 2 saturation, 3 hue, -1 none (no jitter drawn, or the operation is off)."""
+    on = [bool(spec.brightness), bool(spec.contrast), bool(spec.saturation), bool(spec.hue)]
+    on[2:] = [f and channels == 3 for f in on[2:]]  # no saturation or hue on one channel
+    # Built from comparisons, not from a host list: a host→GPU copy would wait for the GPU's queue.
+    enabled = torch.zeros_like(p["order"], dtype=torch.bool)
+    for op in (op for op, f in enumerate(on) if f):
+        enabled = enabled | (p["order"] == op)
+    return torch.where(enabled & p["jitter"].view(-1, 1), p["order"], -1)
+
+
+def _slot(
+    x: torch.Tensor,
+    code: torch.Tensor,
+    p: dict[str, torch.Tensor],
+    spec: ViewSpec,
+    ops: tuple[int, ...] = (0, 1, 2, 3),
+) -> torch.Tensor:
+    """One slot of the jitter, each sample its own operation ``code`` (B,): brightness, contrast and
+    saturation are one blend ``clamp(a x + b mean(gray x) + c gray(x))`` with per-sample a, b, c
+    (torchvision's ``_blend`` for each; a = 1, b = c = 0 where the code is another), then the hue turn
+    where the code is 3. ``ops``: the codes that can occur (terms for the others are skipped).
+    x: (B, C, H, W) in [0, 1]."""
+
+    def col(t: torch.Tensor) -> torch.Tensor:
+        return t.view(-1, 1, 1, 1)
+
+    one, zero = torch.ones_like(p["brightness"]), torch.zeros_like(p["brightness"])
+    a = torch.where(code == 0, p["brightness"], one)
+    a = torch.where(code == 1, p["contrast"], torch.where(code == 2, p["saturation"], a))
+    y = col(a) * x
+    if 1 in ops and spec.contrast:  # towards the image's mean gray level
+        y = y + col(torch.where(code == 1, 1 - p["contrast"], zero)) * _gray(x).mean((1, 2, 3), keepdim=True)
+    if 2 in ops and spec.saturation and x.shape[1] == 3:  # towards the pixel's gray level
+        y = y + col(torch.where(code == 2, 1 - p["saturation"], zero)) * _gray(x)
+    if ops == (3,):  # only hue turns here: no blend
+        return _shift_hue(x, col(p["hue"]))
+    y = y.clamp(0, 1)
+    if 3 in ops and spec.hue and x.shape[1] == 3:
+        y = torch.where(col(code == 3), _shift_hue(x, col(p["hue"])), y)
+    return y
+
+
+def _jitter(x: torch.Tensor, p: dict[str, torch.Tensor], spec: ViewSpec, fused: bool) -> torch.Tensor:
+    """torchvision ColorJitter per sample: the four operations in that sample's random order.
+
+    ``fused``: every slot on the whole batch, selection by masks (no host sync, so the GPU queue runs
+    ahead; under torch.compile each slot is one or two kernels). Otherwise (eager CPU) each operation
+    of each slot touches only the samples drawn for it."""
+    codes = _codes(p, spec, x.shape[1])
+    x = x if fused else x.clone()  # written in place below: one copy, not one per operation
+    for slot in range(4):
+        code = codes[:, slot]
+        if fused:
+            x = _slot(x, code, p, spec)
+            continue
+        for op in range(4):
+            sel = torch.nonzero(code == op).squeeze(1)
+            if len(sel):
+                sub = {k: p[k].index_select(0, sel) for k in ("brightness", "contrast", "saturation", "hue")}
+                y = _slot(x.index_select(0, sel), code.index_select(0, sel), sub, spec, (op,))
+                x.index_copy_(0, sel, y)
     return x
 
 
 def _shift_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Hue rotation by f turns (f in [-0.5, 0.5]), through HSV (kornia: hue in radians)."""
-    hsv = rgb_to_hsv(x)
-    h = torch.remainder(hsv[:, 0:1] + f * 2 * math.pi, 2 * math.pi)
-    return hsv_to_rgb(torch.cat([h, hsv[:, 1:]], 1)).clamp(0, 1)
+    """Hue turned by f turns (f in [-0.5, 0.5]), as torchvision's ``adjust_hue`` (HSV round trip), in
+    closed form: the hue h in sixths as in its ``_rgb2hsv``, and back by the standard
+    ``v - c clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + h) mod 6``, n = 5, 3, 1 for R, G, B (v: max,
+    c: chroma). About 15 whole-tensor operations where an RGB→HSV→RGB library round trip takes ~50.
+    x: (B, 3, H, W) in [0, 1]; f: (B, 1, 1, 1)."""
+    maxc, minc = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    chroma = maxc - minc
+    rc, gc, bc = ((maxc - x) / torch.where(chroma > 0, chroma, 1.0)).split(1, 1)
+    r, g = x[:, 0:1], x[:, 1:2]
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
+    k = torch.remainder(n + h + 6.0 * f, 6.0)
+    return maxc - chroma * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-def _blur(x: torch.Tensor, p: dict[str, torch.Tensor], spec: ViewSpec) -> torch.Tensor:
+def _blur(x: torch.Tensor, p: dict[str, torch.Tensor], spec: ViewSpec, fused: bool) -> torch.Tensor:
     """Gaussian blur with a per-sample sigma (px) on the samples drawn for it: separable, reflect padding,
-    radius 3 sigma_max; one grouped convolution per axis for the whole batch."""
-    b, c, hh, ww = x.shape
+    radius 3 sigma_max. ``fused``: the whole batch (the identity kernel where no blur was drawn) as a
+    sum of 2r + 1 shifted copies per axis, which torch.compile turns into one kernel each; eager: the
+    drawn samples only, one grouped convolution per axis."""
     radius = max(1, math.ceil(3 * spec.sigma[1]))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    sigma = p["sigma"].to(x.dtype).view(-1, 1)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum(1, keepdim=True)
-    delta = (t == 0).to(x.dtype).expand(b, -1)
-    k = torch.where(p["blur"].view(-1, 1), k, delta).repeat_interleave(c, 0)  # (B*C, 2r+1)
-    y = F.pad(x.reshape(1, b * c, hh, ww), (radius, radius, radius, radius), mode="reflect")
+
+    def kernels(sigma: torch.Tensor) -> torch.Tensor:  # (n,) px → (n, 2r+1), each summing to 1
+        k = torch.exp(-0.5 * (t / sigma.to(x.dtype).view(-1, 1)) ** 2)
+        return k / k.sum(1, keepdim=True)
+
+    if fused:
+        _, _, hh, ww = x.shape
+        k = torch.where(p["blur"].view(-1, 1), kernels(p["sigma"]), (t == 0).to(x.dtype))
+        kk = k.view(len(x), 1, 1, -1)
+        y = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+        acc = kk[..., 0:1] * y[..., 0:ww]
+        for i in range(1, 2 * radius + 1):
+            acc = acc + kk[..., i : i + 1] * y[..., i : i + ww]
+        y = F.pad(acc, (0, 0, radius, radius), mode="reflect")
+        acc = kk[..., 0:1] * y[..., 0:hh, :]
+        for i in range(1, 2 * radius + 1):
+            acc = acc + kk[..., i : i + 1] * y[..., i : i + hh, :]
+        return acc
+    sel = torch.nonzero(p["blur"]).squeeze(1)
+    if not len(sel):
+        return x
+    sub = x.index_select(0, sel)
+    b, c, hh, ww = sub.shape
+    k = kernels(p["sigma"].index_select(0, sel)).repeat_interleave(c, 0)  # (b*C, 2r+1)
+    y = F.pad(sub.reshape(1, b * c, hh, ww), (radius, radius, radius, radius), mode="reflect")
     y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
     y = F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c)
-    return y.view(b, c, hh, ww)
+    return x.index_copy(0, sel, y.view(b, c, hh, ww))
 
 
 def render(
-    images: torch.Tensor, p: dict[str, torch.Tensor], spec: ViewSpec, channels: int = 0
+    images: torch.Tensor,
+    p: dict[str, torch.Tensor],
+    spec: ViewSpec,
+    channels: int = 0,
+    fused: bool | None = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """(B, C, H, W) uint8 → (B, C, S, S) float views for parameters ``p`` (see ``sample_params``);
-    ``channels=3`` replicates grayscale views before normalising (data.channels=replicate)."""
-    x = _geometry(images.float() / 255.0, p, spec.size)
+    ``channels=3`` replicates grayscale views before normalising (data.channels=replicate).
+
+    ``fused`` (default: on a GPU): whole-batch masked operations with no data-dependent branch or host
+    sync, the form ``torch.compile`` fuses (see ``compiled_render``); otherwise each operation touches
+    only the samples drawn for it. ``channels_last``: the output in NHWC, as the model takes it."""
+    fused = images.is_cuda if fused is None else fused
+    x = _geometry(images.float() / 255.0, p, spec.size, rotate=spec.degrees > 0)
     if spec.cj_prob and (spec.brightness or spec.contrast or spec.saturation or spec.hue):
-        x = _jitter(x, p, spec, masked=x.is_cuda)
+        x = _jitter(x, p, spec, fused)
     if spec.gray_prob and x.shape[1] == 3:
         x = torch.where(p["gray"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
-    if spec.blur_prob and bool(p["blur"].any()):
-        x = _blur(x, p, spec)
+    if spec.blur_prob:
+        x = _blur(x, p, spec, fused)
     if channels > x.shape[1]:
         x = x.expand(-1, channels, -1, -1)
-    mean = torch.tensor(spec.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean) / std
+    # per-channel constants by fills, not host lists: a blocking host→GPU copy would drain the queue
+    mean = torch.cat([x.new_full((1, 1, 1, 1), m) for m in spec.mean], 1)
+    std = torch.cat([x.new_full((1, 1, 1, 1), s) for s in spec.std], 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@functools.cache
+def compiled_render() -> Callable[..., torch.Tensor]:
+    """``render`` through torch.compile (inductor): the ~100 whole-batch eager kernels of the fused form
+    (four jitter slots, each with an HSV round trip; blur taps) become about a dozen, which is what lets
+    the augmentation keep up with the model on a GPU (bench/simclr_throughput.py). Shapes are fixed per
+    loader (full batches only), so it compiles once per spec."""
+    return torch.compile(functools.partial(render, fused=True), dynamic=False)
 
 
 def views(
-    images: torch.Tensor, spec: ViewSpec, g: torch.Generator, n_views: int = 1, channels: int = 0
+    images: torch.Tensor,
+    spec: ViewSpec,
+    g: torch.Generator,
+    n_views: int = 1,
+    channels: int = 0,
+    renderer: Callable[..., torch.Tensor] = render,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """``n_views`` independent views of each image: (B, C, H, W) uint8 → (n_views * B, C', S, S), the
     views of image i at rows i, B + i, ...; one parameter draw and one resample for all of them.
-    Grayscale is augmented on its one channel and replicated to ``channels`` at the end."""
+    Grayscale is augmented on its one channel and replicated to ``channels`` at the end. ``renderer``:
+    ``render`` or ``compiled_render()``."""
     x = images.repeat(n_views, 1, 1, 1) if n_views > 1 else images
-    return render(x, sample_params(len(x), images.shape[2], images.shape[3], spec, g), spec, channels)
+    p = sample_params(len(x), images.shape[2], images.shape[3], spec, g)
+    return renderer(x, p, spec, channels, channels_last=channels_last)
 
 
 class DeviceLoader:
@@ -281,7 +379,9 @@ class DeviceLoader:
     this process's ``rank::world`` share of it, full batches only. Yields ``((x0, x1), y)`` for
     ``n_views=2`` (SimCLR, like the DataLoader of lightly's transform) and ``(x, y)`` for 1; the
     augmentation draws from ``generator`` (seed it per process). ``balance`` draws items with
-    replacement at 1 / (K n_class) instead of a permutation.
+    replacement at 1 / (K n_class) instead of a permutation. ``compile``: render through
+    ``compiled_render`` (falls back to eager, with a warning, if compiling fails); ``channels_last``:
+    views in NHWC.
     """
 
     def __init__(
@@ -298,6 +398,8 @@ class DeviceLoader:
         rank: int = 0,
         world: int = 1,
         balance: bool = False,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         # (N, H, W, C) numpy layout → (N, C, H, W)
         images = images.permute(0, 3, 1, 2).contiguous() if images.shape[-1] in (1, 3) else images
@@ -307,10 +409,28 @@ class DeviceLoader:
         self.spec, self.device, self.generator, self.seed = spec, device, generator, seed
         self.n_views, self.channels, self.rank, self.world = n_views, channels, rank, world
         self.batch_size = max(1, min(batch_size, len(images) // world))
-        self.balance, self.epoch = balance, 0
+        self.balance, self.epoch, self.channels_last = balance, 0, channels_last
+        self.renderer = compiled_render() if compile else render
+        self.compiled = compile  # until the first batch has gone through the compiler
 
     def __len__(self) -> int:
         return (len(self.images) // self.world) // self.batch_size
+
+    def _views(self, x: torch.Tensor) -> torch.Tensor:
+        args = (x, self.spec, self.generator, self.n_views, self.channels)
+        if self.renderer is render or not self.compiled:
+            return views(*args, self.renderer, self.channels_last)
+        state = self.generator.get_state()
+        try:
+            out = views(*args, self.renderer, self.channels_last)
+            self.compiled = False  # compiled once: later calls need no guard
+            return out
+        except Exception as e:  # an inductor/Triton failure must not stop a training run
+            msg = f"torch.compile of the augmentation failed ({type(e).__name__}: {e}); eager instead"
+            warnings.warn(msg, stacklevel=2)
+            self.renderer = render
+            self.generator.set_state(state)
+            return views(*args, self.renderer, self.channels_last)
 
     def __iter__(self) -> Iterator[Any]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)  # the same on every process
@@ -324,8 +444,7 @@ class DeviceLoader:
         mine = order[self.rank :: self.world].to(self.images.device)
         for step in range(len(self)):
             idx = mine[step * self.batch_size : (step + 1) * self.batch_size]
-            x = self.images[idx].to(self.device, non_blocking=True)
-            v = views(x, self.spec, self.generator, self.n_views, self.channels)
+            v = self._views(self.images[idx].to(self.device, non_blocking=True))
             y = self.labels[idx].to(self.device, non_blocking=True)
             yield (tuple(v.chunk(self.n_views)), y) if self.n_views > 1 else (v, y)
 
@@ -335,34 +454,43 @@ def use_batched(path: str, device: torch.device) -> bool:
     return path == "batched" or (path == "auto" and device.type == "cuda")
 
 
+def use_compile(setting: str, device: torch.device) -> bool:
+    """data.augment_compile: compiled on a GPU for "auto" (on CPU the compile takes longer than it saves
+    in a short run; bench/simclr_throughput.py measures both)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 def store_loader_on_device(
     store: Store,
     splits: tuple[str, ...],
     spec: ViewSpec,
     batch_size: int,
     accelerator: Accelerator,
-    seed: int,
+    cfg: Config,
     n_views: int,
     channels: int,
     balance: bool = False,
 ) -> DeviceLoader:
     """A ``DeviceLoader`` over the store rows of ``splits`` for this process; each process draws its own
-    augmentations (generator seeded by seed and process index) from a shared permutation."""
+    augmentations (generator seeded by cfg.seed and process index) from a shared permutation, compiled
+    and in the memory layout as ``cfg`` says (data.augment_compile, channels_last)."""
     rows = store.indices(*splits)
-    rank = accelerator.process_index
-    g = torch.Generator(accelerator.device).manual_seed(seed * 1000 + rank)
+    rank, device = accelerator.process_index, accelerator.device
+    g = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     images, labels = torch.from_numpy(store.images[rows]), torch.from_numpy(store.labels[rows])
     return DeviceLoader(
         images,
         labels,
         spec,
         batch_size,
-        accelerator.device,
+        device,
         g,
-        seed,
+        cfg.seed,
         n_views,
         channels,
         rank,
         accelerator.num_processes,
         balance,
+        compile=use_compile(cfg.data.augment_compile, device),
+        channels_last=memory_format(cfg.channels_last, device) == torch.channels_last,
     )

@@ -68,10 +68,15 @@ class DataConfig:
     # per step (lowshot.augment, same distributions); "per_image": PIL transforms in DataLoader workers.
     # "auto": batched on a GPU (per-image PIL starves it), per_image on CPU.
     augment_path: str = "auto"
+    # The batched augmentation through torch.compile: a dozen fused kernels instead of ~100 eager ones
+    # (needed to keep up with the model on a GPU); "auto": on a GPU only (on CPU the one-off compile,
+    # ~1 min, outweighs what it saves in short runs).
+    augment_compile: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("data.channels", self.channels, ("replicate", "single"))
         _choice("data.augment_path", self.augment_path, ("auto", "batched", "per_image"))
+        _choice("data.augment_compile", self.augment_compile, ("auto", "on", "off"))
         _choice("data.color", self.color, ("auto", "gray", "rgb"))
         if not 0.0 < self.val_fraction < 1.0 or not 0.0 < self.test_fraction < 1.0:
             raise ConfigError("data.val_fraction and data.test_fraction must lie in (0, 1)")
@@ -360,6 +365,8 @@ def _merge(cfg: DictConfig, other: Any, where: str) -> DictConfig:
 
 
 def _parse_value(key: str, raw: str) -> Any:
+    if raw.lower() in ("on", "off", "yes", "no", "y", "n"):  # YAML 1.1 booleans; strings here, as in
+        return raw  # OmegaConf's files (channels_last=on, data.augment_compile=off)
     try:
         return yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
