@@ -77,9 +77,10 @@ dev_name = (
     if cuda
     else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 )
-sha = (
+# GIT_SHA first: the lent GPU machine gets a copy of the working tree whose .git may name an older commit
+sha = os.environ.get("GIT_SHA") or (
     subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    or os.environ.get("GIT_SHA", "unknown")  # a copy of the tree without .git (the lent GPU machine)
+    or "unknown"
 )
 meta = {
     "device": dev_name,
@@ -222,8 +223,12 @@ for model_name in args.models:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    synth = torch.randn(2, args.batch, 3, args.size, args.size, device=device)
-    synth = synth.contiguous(memory_format=memory_format) if cuda else synth
+    synth = tuple(  # two views, in the layout the model takes
+        torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(
+            memory_format=memory_format
+        )
+        for _ in range(2)
+    )
     settings = {"": step}
     if cuda:  # fp16 autocast with a gradient scaler, what accelerate does for mixed_precision=fp16
         scaler = torch.amp.GradScaler("cuda")
@@ -253,7 +258,7 @@ for model_name in args.models:
             model_name,
             "compute" + suffix,
             "end to end",
-            lambda fn=fn, synth=synth: timed(itertools.repeat(tuple(synth)), fn),
+            lambda fn=fn, synth=synth: timed(itertools.repeat(synth), fn),
         )
     for name, (make, n) in pipelines.items():  # every pipeline with the plain step (bf16 / CPU fp32)
         record(model_name, name, "end to end", lambda make=make, n=n: timed(make(), step, n))
