@@ -13,7 +13,8 @@ Pipelines (each timed on the views alone, "data", and with a SimCLR training ste
                      pass (same distributions as SimCLRTransform; what ssl/pretrain.py uses on a GPU),
                      compiled where data.augment_compile=auto compiles it (a GPU); "lowshot batched
                      eager" / "compiled" is the other one. On a GPU it also runs end to end with each
-                     faster model setting (fp16, compile).
+                     faster model setting (fp16, compile). On CPU with workers also "lowshot batched,
+                     N workers": each worker renders a chunk of every batch, single-threaded.
 Worker-fed pipelines run --slow-steps timed steps (data-bound at ~200 pairs/s on an H100, 20 steps of
 256 would take half a minute each). Each row is written as soon as it is measured; a row that fails is
 recorded with its error instead of stopping the run.
@@ -33,12 +34,12 @@ from pathlib import Path
 import timm
 import torch
 from lightly.transforms import SimCLRTransform
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 from torchvision.datasets import ImageFolder
 
-from lowshot.augment import DeviceLoader, simclr_spec, use_compile
+from lowshot.augment import DeviceLoader, ViewCollate, simclr_spec, use_compile
 from lowshot.config import AugConfig, DataConfig
-from lowshot.data import StoreDataset, load_store, normalisation
+from lowshot.data import StoreDataset, load_store, normalisation, train_loader
 from lowshot.methods import SimCLR, simclr_views
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,7 +151,7 @@ def loader(ds: torch.utils.data.Dataset) -> DataLoader:
     )
 
 
-def batches_from(dl: DataLoader):
+def batches_from(dl):
     """Endless (view0, view1) batches on the device."""
     for (x0, x1), _ in itertools.chain.from_iterable(itertools.repeat(dl)):
         yield x0.to(device, non_blocking=True), x1.to(device, non_blocking=True)
@@ -206,6 +207,21 @@ pipelines = {
         args.steps,
     ),
 }
+if not cuda and args.workers > 0:  # the CPU batched path with workers: each renders a chunk of every batch
+    pipelines[f"lowshot batched, {args.workers} workers"] = (
+        lambda: batches_from(
+            train_loader(
+                TensorDataset(
+                    torch.from_numpy(store.images).permute(0, 3, 1, 2).contiguous(),
+                    torch.from_numpy(store.labels),
+                ),
+                args.batch,
+                args.workers,
+                collate_fn=ViewCollate(spec, 2, 0),
+            )
+        ),
+        args.steps,
+    )
 for name, (make, n) in pipelines.items():
     record("-", name, "data", lambda make=make, n=n: timed(make(), None, n))
 

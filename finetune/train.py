@@ -27,11 +27,18 @@ from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 
 from lowshot import finetune as ft
-from lowshot.augment import store_loader_on_device, train_spec, use_batched
+from lowshot.augment import batched_loader, train_spec, use_batched
 from lowshot.check import leakage_guard
 from lowshot.cli import user_errors
 from lowshot.config import parse_args
-from lowshot.data import eval_transform, load_store, split_loader, store_loader, train_transform
+from lowshot.data import (
+    eval_transform,
+    load_store,
+    split_loader,
+    split_train_loader,
+    store_loader,
+    train_transform,
+)
 from lowshot.evaluation import auroc, final_reports, format_report, nll
 from lowshot.models import backbone_for, cached_embeddings, save_checkpoint
 from lowshot.tracking import Run, make_accelerator, memory_format
@@ -103,19 +110,17 @@ else:
     )
     val_l = split_loader(store, "val", plain, rgb, 256, workers)
     train_eval_l = split_loader(store, "train", plain, rgb, 256, workers)  # un-augmented, for the clean curve
-    if tc.augment and use_batched(cfg.data.augment_path, accelerator.device):  # views made on the device
+    if tc.augment and use_batched(cfg.data.augment_path, accelerator.device):  # views made batched
         spec = train_spec(tc, cfg.data.size, norm)
-        train_l = store_loader_on_device(
+        train_l = batched_loader(
             store, ("train",), spec, tc.batch_size, accelerator, cfg, 1, in_chans, sampler
         )
-        model, optimizer, val_l, train_eval_l = accelerator.prepare(model, optimizer, val_l, train_eval_l)
     else:  # PIL transforms per image in the DataLoader
         aug = train_transform(cfg.data.size, tc, norm) if tc.augment else plain
         n = accelerator.num_processes
-        train_l = split_loader(store, "train", aug, rgb, tc.batch_size, workers, True, n, sampler)
-        model, optimizer, train_l, val_l, train_eval_l = accelerator.prepare(
-            model, optimizer, train_l, val_l, train_eval_l
-        )
+        train_l = split_train_loader(store, "train", aug, rgb, tc.batch_size, workers, n, sampler)
+    model, optimizer, val_l, train_eval_l = accelerator.prepare(model, optimizer, val_l, train_eval_l)
+    train_l = train_l.prepare(accelerator)  # shards the chunks over processes (the device loader: itself)
     scheduler = ft.lr_schedule(optimizer, tc, len(train_l))
     criterion = ft.make_criterion(tc, store.labels[store.indices("train")], store.num_classes)
     criterion = criterion.to(accelerator.device)

@@ -19,11 +19,11 @@ from lightly.utils.benchmarking import knn_predict
 from sklearn.metrics import balanced_accuracy_score
 from tqdm.auto import tqdm
 
-from lowshot.augment import simclr_spec, store_loader_on_device, use_batched
+from lowshot.augment import batched_loader, simclr_spec, use_batched
 from lowshot.check import leakage_guard
 from lowshot.cli import user_errors
 from lowshot.config import ConfigError, parse_args
-from lowshot.data import eval_transform, load_store, split_loader
+from lowshot.data import eval_transform, load_store, split_loader, split_train_loader
 from lowshot.finetune import make_optimizer, warmup_cosine
 from lowshot.methods import METHODS
 from lowshot.models import backbone_for, embed, save_checkpoint
@@ -50,9 +50,9 @@ pool, n = ("train", "unlabelled"), accelerator.num_processes
 batched = use_batched(cfg.data.augment_path, accelerator.device)
 if batched:  # the uint8 store on the device, both views of a batch in one batched augmentation
     spec = simclr_spec(cfg.aug, cfg.data.size, store.grayscale, norm)
-    loader = store_loader_on_device(store, pool, spec, cfg.ssl.batch_size, accelerator, cfg, 2, in_chans)
+    loader = batched_loader(store, pool, spec, cfg.ssl.batch_size, accelerator, cfg, 2, in_chans)
 else:
-    loader = split_loader(store, pool, views, rgb, cfg.ssl.batch_size, workers, train=True, processes=n)
+    loader = split_train_loader(store, pool, views, rgb, cfg.ssl.batch_size, workers, processes=n)
 batch_size = loader.batch_size or 1
 bank_loader = split_loader(store, "train", plain, rgb, 256, workers)  # kNN bank: un-augmented training images
 val_loader = split_loader(store, "val", plain, rgb, 256, workers)
@@ -60,8 +60,7 @@ val_loader = split_loader(store, "val", plain, rgb, 256, workers)
 model = model.to(memory_format=memory_format(cfg.channels_last, accelerator.device))
 optimizer = make_optimizer(model, cfg.ssl.optimizer, cfg.ssl.lr, cfg.ssl.weight_decay)
 model, optimizer, bank_loader, val_loader = accelerator.prepare(model, optimizer, bank_loader, val_loader)
-if not batched:
-    loader = accelerator.prepare(loader)
+loader = loader.prepare(accelerator)  # shards the chunks over processes (the device loader: itself)
 steps_per_epoch = len(loader)  # per process, after sharding
 scheduler = warmup_cosine(
     optimizer, cfg.ssl.warmup_epochs * steps_per_epoch, cfg.ssl.epochs * steps_per_epoch, cfg.ssl.min_lr_ratio

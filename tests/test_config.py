@@ -94,3 +94,10 @@ def test_recommended_recipe_is_the_setting_measured_in_the_results_table() -> No
     assert setting_key(to_dict(rec)) != setting_key(
         to_dict(parse_args(["--config", str(recipes / "gradual-llrd.yaml")])[0])
     )
+
+
+def test_on_off_values_stay_strings_on_the_command_line() -> None:
+    """YAML 1.1 reads `on`/`off` as booleans; OmegaConf's files do not, and neither does the command line."""
+    cfg, _ = parse_args(["channels_last=on", "data.augment_compile=off", "eval.test=false", "data.limit=3"])
+    assert cfg.channels_last == "on" and cfg.data.augment_compile == "off"
+    assert cfg.eval.test is False and cfg.data.limit == 3
