@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, as run on a lent machine (one call, ~8 min on an H100):
+# The GPU check, as run on a lent machine (~8 min; 2026-11-27 on an H200: the benchmark 194 s):
 #  1. bench/simclr_throughput.py at 224 px, batch 256, resnet18 and resnet50: compute bound (bf16, fp16,
 #     bf16 + torch.compile), lightly-style and lowshot per-image loaders on 15 workers, lowshot batched
 #     views (compiled and eager), and lowshot batched end to end with each model setting;
@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, timm, torchvision; print('torch', torch.__version__, 'timm', timm.__version__, 'torchvision', torchvision.__version__)" | tee -a "$out/gpu_log.txt"
 echo "git ${GIT_SHA:-unknown}" | tee -a "$out/gpu_log.txt"
 python3 bench/simclr_throughput.py --data-root "$data" --size 224 --batch 256 --workers 15 --steps 20 \
-    --slow-steps 4 --models resnet18 resnet50 --compile --out "$out" 2>&1 | grep -v Warning | tee -a "$out/gpu_log.txt"
+    --slow-steps 3 --models resnet18 resnet50 --compile --out "$out" 2>&1 | grep -v Warning | tee -a "$out/gpu_log.txt"
 launch=(python3 -m accelerate.commands.launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision no)
 common=(data.root="$data" --config configs/busi.yaml data.size=224 track.log_with=none out_dir=/tmp/gpu_runs check.leakage=warn)
 {
@@ -26,6 +26,6 @@ common=(data.root="$data" --config configs/busi.yaml data.size=224 track.log_wit
       train.epochs=4 eval.bootstrap=200
   "${launch[@]}" ssl/pretrain.py "${common[@]}" name=pre224-per-image ssl.epochs=3 ssl.batch_size=64 \
       ssl.knn_every=0 data.augment_path=per_image
-} 2>&1 | grep -v -E "Warning|warn\(|it/s\]|s/it\]" | tee "$out/gpu_scripts.txt"
+} 2>&1 | tr '\r' '\n' | grep -v -E "Warning|warn\(|it/s\]|s/it\]" | tee "$out/gpu_scripts.txt"  # tqdm's \r lines
 for r in pre224 ft224 pre224-per-image; do cp /tmp/gpu_runs/$r/results.json "$out/gpu_$r.json" 2>/dev/null; done
 ls -la "$out"

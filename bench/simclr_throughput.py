@@ -8,13 +8,13 @@ Pipelines (each timed on the views alone, "data", and with a SimCLR training ste
   compute            synthetic view tensors already on the device: the most the model can take
                      (on a GPU: bf16 and fp16 autocast, channels_last, and with --compile torch.compile)
   lightly-style      PNG files → PIL → lightly SimCLRTransform on DataLoader workers (lightly's examples)
-  lowshot per-image  decode-once uint8 store → PIL → the same SimCLRTransform on workers
+  lowshot per-image  decode-once uint8 store → PIL → the same SimCLRTransform on workers, each worker a
+                     chunk of every batch (lowshot.data.train_loader)
   lowshot batched    uint8 store on the device → lowshot.augment: both views of a batch in one batched
                      pass (same distributions as SimCLRTransform; what ssl/pretrain.py uses on a GPU),
                      compiled where data.augment_compile=auto compiles it (a GPU); "lowshot batched
                      eager" / "compiled" is the other one. On a GPU it also runs end to end with each
-                     faster model setting (fp16, compile). On CPU with workers also "lowshot batched,
-                     N workers": each worker renders a chunk of every batch, single-threaded.
+                     faster model setting (fp16, compile).
 Worker-fed pipelines run --slow-steps timed steps (data-bound at ~200 pairs/s on an H100, 20 steps of
 256 would take half a minute each). Each row is written as soon as it is measured; a row that fails is
 recorded with its error instead of stopping the run.
@@ -34,10 +34,10 @@ from pathlib import Path
 import timm
 import torch
 from lightly.transforms import SimCLRTransform
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from lowshot.augment import DeviceLoader, ViewCollate, simclr_spec, use_compile
+from lowshot.augment import DeviceLoader, simclr_spec, use_compile
 from lowshot.config import AugConfig, DataConfig
 from lowshot.data import StoreDataset, load_store, normalisation, train_loader
 from lowshot.methods import SimCLR, simclr_views
@@ -50,6 +50,7 @@ p.add_argument("--batch", type=int, default=64)
 p.add_argument("--workers", type=int, default=2)
 p.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
 p.add_argument("--slow-steps", type=int, default=0, help="timed steps of worker-fed pipelines (0: --steps)")
+p.add_argument("--data-steps", type=int, default=0, help="timed steps of the views-only rows (0: --steps)")
 p.add_argument("--warmup", type=int, default=3)
 p.add_argument("--models", nargs="+", default=["resnet18"])
 p.add_argument("--compile", action="store_true", help="also time torch.compile of the model")
@@ -93,6 +94,7 @@ meta = {
     "batch": args.batch,
     "workers": args.workers,
     "steps": args.steps,
+    "data_steps": args.data_steps or args.steps,
     "slow_steps": args.slow_steps or args.steps,
     "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
     "date": time.strftime("%Y-%m-%d"),
@@ -197,8 +199,10 @@ pipelines = {
         ),
         slow,
     ),
-    "lowshot per-image": (
-        lambda: batches_from(loader(StoreDataset(store.images, store.labels, views, rgb=True))),
+    "lowshot per-image": (  # lowshot's training loader: each worker transforms a chunk of every batch
+        lambda: batches_from(
+            train_loader(StoreDataset(store.images, store.labels, views, True), args.batch, args.workers)
+        ),
         slow,
     ),
     "lowshot batched": (lambda: device_batches(default_compiled), args.steps),
@@ -207,22 +211,8 @@ pipelines = {
         args.steps,
     ),
 }
-if not cuda and args.workers > 0:  # the CPU batched path with workers: each renders a chunk of every batch
-    pipelines[f"lowshot batched, {args.workers} workers"] = (
-        lambda: batches_from(
-            train_loader(
-                TensorDataset(
-                    torch.from_numpy(store.images).permute(0, 3, 1, 2).contiguous(),
-                    torch.from_numpy(store.labels),
-                ),
-                args.batch,
-                args.workers,
-                collate_fn=ViewCollate(spec, 2, 0),
-            )
-        ),
-        args.steps,
-    )
 for name, (make, n) in pipelines.items():
+    n = args.data_steps or n
     record("-", name, "data", lambda make=make, n=n: timed(make(), None, n))
 
 for model_name in args.models:

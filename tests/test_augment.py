@@ -13,12 +13,10 @@ import torchvision.transforms.functional as TF
 from lightly.transforms import SimCLRTransform
 from PIL import Image
 from scipy import stats
-from torch.utils.data import TensorDataset
 from torchvision import transforms as T
 
 from lowshot.augment import (
     DeviceLoader,
-    ViewCollate,
     ViewSpec,
     compiled_render,
     render,
@@ -28,7 +26,6 @@ from lowshot.augment import (
     views,
 )
 from lowshot.config import AugConfig, TrainConfig
-from lowshot.data import train_loader
 
 N = 20000
 ID = {"mean": [0.0], "std": [1.0]}
@@ -302,31 +299,6 @@ def test_fused_and_compiled_render_equal_the_eager_path() -> None:
     compiled = compiled_render()(img, p, spec, 3, channels_last=True)
     assert compiled.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(compiled, eager, atol=1e-4)
-
-
-def test_workers_render_chunks_that_make_whole_batches() -> None:
-    """CPU batched path with workers: each of 2 workers renders a chunk of every batch (ViewCollate);
-    Rebatch joins them into full batches; every image once per epoch, views and labels aligned."""
-    n = 40
-    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous() * 5
-    labels = torch.arange(n) % 4
-    spec = ViewSpec(size=8, mean=[0.0], std=[1.0], hflip=0.5)  # pixel values survive the geometry
-    torch.manual_seed(0)
-    dl = train_loader(TensorDataset(images, labels), 8, 2, collate_fn=ViewCollate(spec, 2, 3))
-    assert dl.per_batch == 2 and dl.loader.batch_size == 4 and dl.batch_size == 8 and len(dl) == 5
-    seen = []
-    for (x0, x1), y in dl:
-        assert x0.shape == x1.shape == (8, 3, 8, 8)  # grayscale replicated to 3 channels after augmenting
-        idx = torch.round(x0[:, 0].mean((1, 2)) * 255 / 5).long()
-        assert torch.equal(y, idx % 4) and torch.equal(
-            idx, torch.round(x1[:, 0].mean((1, 2)) * 255 / 5).long()
-        )
-        seen += idx.tolist()
-    assert sorted(seen) == list(range(n))
-    assert (
-        max(k for k in range(1, 4) if 12 % k == 0)
-        == train_loader(TensorDataset(images, labels), 12, 3).per_batch
-    )
 
 
 def test_a_failed_compile_falls_back_to_the_same_eager_views() -> None:

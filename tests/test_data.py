@@ -236,3 +236,25 @@ def test_label_budget_keeps_k_per_class(data_root: Path, cache_dir: Path) -> Non
     c = load_store(cfg(data_root, "breastmnist.npz", cache_dir, size=28, train_per_class=5, train_draw=1))
     assert np.array_equal(a.indices("train"), b.indices("train"))  # seeded
     assert not np.array_equal(a.indices("train"), c.indices("train"))  # another draw
+
+
+def test_training_batches_split_into_worker_chunks_only_when_workers_would_idle() -> None:
+    """4 workers, 40 items, batch 8: 5 batches per epoch cannot keep 4 workers x 2 prefetched batches
+    busy, so each batch is 4 chunks of 2 (one per worker), joined again; every item once per epoch,
+    images and labels aligned. With 2 workers the 5 batches suffice: whole batches."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from lowshot.data import train_loader
+
+    ds = TensorDataset(torch.arange(40).view(40, 1).float(), torch.arange(40) % 3)
+    dl = train_loader(ds, 8, 4)
+    assert (dl.per_batch, dl.loader.batch_size, dl.batch_size, len(dl)) == (4, 2, 8, 5)
+    seen = []
+    for x, y in dl:
+        assert x.shape == (8, 1) and torch.equal(y, x[:, 0].long() % 3)
+        seen += x[:, 0].long().tolist()
+    assert sorted(seen) == list(range(40))
+    whole = train_loader(ds, 8, 2)
+    assert (whole.per_batch, whole.loader.batch_size, len(whole)) == (1, 8, 5)
+    assert train_loader(ds, 12, 5).per_batch == 4  # largest divisor of the batch not above the workers

@@ -22,10 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from torch.utils.data import TensorDataset
 
 from .config import AugConfig, Config, TrainConfig
-from .data import Rebatch, Store, balanced_draw_weights, resolve_workers, train_loader
+from .data import Store, balanced_draw_weights
 from .tracking import memory_format
 
 
@@ -418,7 +417,7 @@ class DeviceLoader:
         return (len(self.images) // self.world) // self.batch_size
 
     def prepare(self, accelerator: Accelerator) -> DeviceLoader:
-        """Nothing to do: the loader shards itself (kept for one call shape with ``data.Rebatch``)."""
+        """Nothing to do: the loader shards itself (one call shape with ``data.Rebatch``)."""
         return self
 
     def _views(self, x: torch.Tensor) -> torch.Tensor:
@@ -465,21 +464,6 @@ def use_compile(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-class ViewCollate:
-    """A DataLoader ``collate_fn`` that renders a chunk's views batched, in the worker: items
-    ``(uint8 (C, H, W), label)`` → ``((x0, x1), y)`` for two views, ``(x, y)`` for one. Draws from the
-    worker's default generator, which the DataLoader seeds per worker and epoch from the main process."""
-
-    def __init__(self, spec: ViewSpec, n_views: int, channels: int) -> None:
-        self.spec, self.n_views, self.channels = spec, n_views, channels
-
-    def __call__(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-        x = torch.stack([img for img, _ in items])
-        y = torch.stack([label for _, label in items])
-        v = views(x, self.spec, torch.default_generator, self.n_views, self.channels)
-        return (tuple(v.chunk(self.n_views)), y) if self.n_views > 1 else (v, y)
-
-
 def batched_loader(
     store: Store,
     splits: tuple[str, ...],
@@ -490,24 +474,16 @@ def batched_loader(
     n_views: int,
     channels: int,
     balance: bool = False,
-) -> DeviceLoader | Rebatch:
-    """The training loader of the batched path over the store rows of ``splits`` for this process.
-
-    On a GPU (or on CPU without workers): a ``DeviceLoader``, each process drawing its own augmentations
-    (generator seeded by cfg.seed and process index) from a shared permutation, compiled and laid out as
-    ``cfg`` says (data.augment_compile, channels_last). On CPU with workers: each worker renders a chunk
-    of every batch batched and single-threaded (``ViewCollate``, ``data.train_loader``), which on 2 cores
-    makes views ~1.7x faster than one process on two threads (bench/simclr_throughput.py). Either way,
-    call ``prepare(accelerator)`` on it."""
+) -> DeviceLoader:
+    """The training loader of the batched path over the store rows of ``splits`` for this process: a
+    ``DeviceLoader``, each process drawing its own augmentations (generator seeded by cfg.seed and
+    process index) from a shared permutation, compiled and laid out as ``cfg`` says
+    (data.augment_compile, channels_last). On CPU it runs in the main process on all its threads: on 2
+    cores that made views ~1.6x faster than rendering chunks in 2 single-threaded DataLoader workers
+    (2,559 vs 1,585 pairs/s at 64 px, bench/simclr_throughput.py)."""
     rows = store.indices(*splits)
     rank, device = accelerator.process_index, accelerator.device
     images, labels = torch.from_numpy(store.images[rows]), torch.from_numpy(store.labels[rows])
-    workers = resolve_workers(cfg.data.num_workers)
-    if device.type == "cpu" and workers > 0:
-        per_process = max(1, min(batch_size, len(rows) // accelerator.num_processes))
-        ds = TensorDataset(images.permute(0, 3, 1, 2).contiguous(), labels)
-        collate = ViewCollate(spec, n_views, channels)
-        return train_loader(ds, per_process, workers, store.labels[rows] if balance else None, collate)
     g = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     return DeviceLoader(
         images,
