@@ -7,7 +7,9 @@ set -euo pipefail
 runs=${1:-runs/fewshot-compare}
 out=bench/results/fewshot
 mkdir -p "$out"
-launch() { accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no "$@"; }
+# per-image views, as when bench/results/fewshot was made (data.augment_path=auto was per_image on CPU then)
+launch() { accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+    "$1" data.augment_path=per_image "${@:2}"; }
 # check.leakage=warn: the official splits as published, as when these results were recorded (lowshot check lists their duplicates)
 common=(out_dir="$runs" data.size=32 track.group=fewshot-compare check.leakage=warn)
 for set in breastmnist retinamnist; do

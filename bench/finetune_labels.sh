@@ -7,7 +7,9 @@ set -euo pipefail
 runs=${1:-runs/fewshot-compare}
 ckpt="$runs/breastmnist-simclr/checkpoint"
 [ -f "$ckpt/backbone.safetensors" ] || { echo "run bench/fewshot_compare.sh first ($ckpt missing)"; exit 1; }
-launch() { accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no "$@"; }
+# per-image views, as when bench/results/fewshot was made (data.augment_path=auto was per_image on CPU then)
+launch() { accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+    "$1" data.augment_path=per_image "${@:2}"; }
 for k in 2 5 20 50 0; do
   for d in 0 1 2 3 4; do
     [ "$k" = 0 ] && [ "$d" != 0 ] && continue  # all labels: nothing to draw

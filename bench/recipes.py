@@ -97,6 +97,7 @@ def command(name: str, data: str, seed: int, runs: Path) -> list[str]:
         f"track.group={data}-{slug(name)}",
         "train.eval_train=false",  # saves ~10% of the time; changes no weight (but later shuffles, see EXPERIMENTS.md)
         "check.leakage=drop",  # BreastMNIST's official split holds one image twice across train/test
+        "data.augment_path=per_image",  # as the table was made (auto meant per_image on CPU then)
     ]
 
 

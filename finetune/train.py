@@ -110,7 +110,7 @@ else:
     )
     val_l = split_loader(store, "val", plain, rgb, 256, workers)
     train_eval_l = split_loader(store, "train", plain, rgb, 256, workers)  # un-augmented, for the clean curve
-    if tc.augment and use_batched(cfg.data.augment_path, accelerator.device):  # views made batched
+    if tc.augment and use_batched(cfg.data.augment_path):  # views made batched
         spec = train_spec(tc, cfg.data.size, norm)
         train_l = batched_loader(
             store, ("train",), spec, tc.batch_size, accelerator, cfg, 1, in_chans, sampler

@@ -47,7 +47,7 @@ model, views = METHODS[cfg.ssl.method](backbone, backbone.num_features, cfg, sto
 rgb, plain, workers = in_chans == 3, eval_transform(norm), cfg.data.num_workers
 # SimCLR uses no labels: the training split plus any images left unlabelled by data.train_per_class.
 pool, n = ("train", "unlabelled"), accelerator.num_processes
-batched = use_batched(cfg.data.augment_path, accelerator.device)
+batched = use_batched(cfg.data.augment_path)
 if batched:  # the uint8 store on the device, both views of a batch in one batched augmentation
     spec = simclr_spec(cfg.aug, cfg.data.size, store.grayscale, norm)
     loader = batched_loader(store, pool, spec, cfg.ssl.batch_size, accelerator, cfg, 2, in_chans)

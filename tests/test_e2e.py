@@ -152,16 +152,16 @@ def test_busi_folder_pipeline(busi: Path, cache_dir: Path, tmp_path: Path) -> No
         "data.channels=single",
         "track.log_with=none",
     ]
-    # the batched augmentation path (the default on a GPU), on one grayscale channel
-    batched = "data.augment_path=batched"
+    # the per-image (PIL, DataLoader) augmentation path, on one grayscale channel
+    per_image = "data.augment_path=per_image"
     ok(
         launch(
             "ssl/pretrain.py",
-            [*args, "name=pre", "ssl.epochs=1", "model.name=test_resnet", batched],
+            [*args, "name=pre", "ssl.epochs=1", "model.name=test_resnet", per_image],
             tmp_path,
         )
     )
-    assert json.loads((tmp_path / "pre" / "results.json").read_text())["augment_path"] == "batched"
+    assert json.loads((tmp_path / "pre" / "results.json").read_text())["augment_path"] == "per_image"
     w = f"model.weights={tmp_path / 'pre' / 'checkpoint'}"
     ok(launch("finetune/train.py", ["--probe", *args, "name=probe", "model.name=test_resnet", w], tmp_path))
     res = check_test_report(tmp_path / "probe")
@@ -169,7 +169,7 @@ def test_busi_folder_pipeline(busi: Path, cache_dir: Path, tmp_path: Path) -> No
     ok(
         launch(
             "finetune/train.py",
-            [*args, "name=ft", "model.name=test_resnet", "train.epochs=1", w, batched, "train.rotate=10"],
+            [*args, "name=ft", "model.name=test_resnet", "train.epochs=1", w, per_image, "train.rotate=10"],
             tmp_path,
         )
     )

@@ -453,9 +453,9 @@ class DeviceLoader:
             yield (tuple(v.chunk(self.n_views)), y) if self.n_views > 1 else (v, y)
 
 
-def use_batched(path: str, device: torch.device) -> bool:
-    """data.augment_path: batched on a GPU for "auto"."""
-    return path == "batched" or (path == "auto" and device.type == "cuda")
+def use_batched(path: str) -> bool:
+    """data.augment_path: "auto" is batched, on a GPU and on CPU alike (see DataConfig)."""
+    return path != "per_image"
 
 
 def use_compile(setting: str, device: torch.device) -> bool:

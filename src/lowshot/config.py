@@ -66,7 +66,8 @@ class DataConfig:
     num_workers: int = -1
     # Where training views are made. "batched": the uint8 store on the device, one batched augmentation
     # per step (lowshot.augment, same distributions); "per_image": PIL transforms in DataLoader workers.
-    # "auto": batched on a GPU (per-image PIL starves it), per_image on CPU.
+    # "auto" = batched: per-image PIL starves a GPU (3% of the model's speed on an H200), and on 2 CPU
+    # cores it took 9-10% of a resnet18 step at 64 px against 1% batched (bench/, EXPERIMENTS.md).
     augment_path: str = "auto"
     # The batched augmentation through torch.compile: a dozen fused kernels instead of ~100 eager ones
     # (needed to keep up with the model on a GPU); "auto": on a GPU only (on CPU the one-off compile,
@@ -472,9 +473,17 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Settings that make runs repeats of one experiment (the draws), and settings that say where things go
-# or what is logged rather than what is learned: neither makes a different experiment.
-REPEAT_KEYS = {"seed", "data.fold", "data.split_seed", "data.train_draw"}
+# Settings that make runs repeats of one experiment (the draws; the view path draws the same
+# distributions in another order), and settings that say where things go or what is logged rather than
+# what is learned: neither makes a different experiment.
+REPEAT_KEYS = {
+    "seed",
+    "data.fold",
+    "data.split_seed",
+    "data.train_draw",
+    "data.augment_path",
+    "data.augment_compile",
+}
 PLACE_KEYS = {"name", "out_dir", "data.root", "data.cache_dir", "data.num_workers", "train.eval_train"}
 
 
