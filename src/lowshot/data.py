@@ -739,7 +739,6 @@ def make_loader(
     num_workers: int,
     train: bool,
     balance: np.ndarray | None = None,
-    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     """Shuffled, last partial batch dropped, for training; in order and complete for evaluation.
 
@@ -760,7 +759,6 @@ def make_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
-        collate_fn=collate_fn,
     )
 
 
@@ -803,7 +801,6 @@ def train_loader(
     batch_size: int,
     num_workers: int,
     balance: np.ndarray | None = None,
-    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> Rebatch:
     """A training loader that keeps every worker busy. Each worker prefetches 2 batches; when an epoch
     has fewer than 2 batches per worker (many workers, few images, big batches), each batch is split
@@ -814,7 +811,7 @@ def train_loader(
     per = 1
     if workers > 1 and len(ds) // batch_size < 2 * workers:  # type: ignore[arg-type]
         per = max(k for k in range(1, workers + 1) if batch_size % k == 0)
-    return Rebatch(make_loader(ds, batch_size // per, workers, True, balance, collate_fn), per)
+    return Rebatch(make_loader(ds, batch_size // per, workers, True, balance), per)
 
 
 def store_loader(
