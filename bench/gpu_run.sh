@@ -8,7 +8,7 @@
 #     with per-image views for comparison (pairs/s and data-time share per epoch).
 # Data and wheels travel with the call (.devdata/, .whl/, ignored by git); results land in OUT_DIR and
 # are committed under bench/results/.
-#   usage: bash bench/gpu_run.sh OUT_DIR DATA_ROOT
+#   usage: GIT_SHA=<commit> bash bench/gpu_run.sh OUT_DIR DATA_ROOT   (the device copy's .git may be stale)
 set -uo pipefail
 out=${1:?out dir}; data=${2:?data root}
 mkdir -p "$out"
