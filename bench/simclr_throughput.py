@@ -8,8 +8,9 @@ Pipelines (each timed on the views alone, "data", and with a SimCLR training ste
   compute            synthetic view tensors already on the device: the most the model can take
                      (on a GPU: bf16 and fp16 autocast, channels_last, and with --compile torch.compile)
   lightly-style      PNG files → PIL → lightly SimCLRTransform on DataLoader workers (lightly's examples)
-  lowshot per-image  decode-once uint8 store → PIL → the same SimCLRTransform on workers, each worker a
-                     chunk of every batch (lowshot.data.train_loader)
+  lowshot per-image  decode-once uint8 store → PIL → the same SimCLRTransform on workers, through
+                     lowshot.data.train_loader (a chunk of every batch per worker where whole batches
+                     would leave workers idle)
   lowshot batched    uint8 store on the device → lowshot.augment: both views of a batch in one batched
                      pass (same distributions as SimCLRTransform; what ssl/pretrain.py uses on a GPU),
                      compiled where data.augment_compile=auto compiles it (a GPU); "lowshot batched
@@ -199,7 +200,7 @@ pipelines = {
         ),
         slow,
     ),
-    "lowshot per-image": (  # lowshot's training loader: each worker transforms a chunk of every batch
+    "lowshot per-image": (  # lowshot's training loader (chunks per worker where whole batches idle some)
         lambda: batches_from(
             train_loader(StoreDataset(store.images, store.labels, views, True), args.batch, args.workers)
         ),
