@@ -222,6 +222,8 @@ def _slot(
     def col(t: torch.Tensor) -> torch.Tensor:
         return t.view(-1, 1, 1, 1)
 
+    if ops == (3,):  # only hue turns here: no blend to compute
+        return _shift_hue(x, col(p["hue"]))
     one, zero = torch.ones_like(p["brightness"]), torch.zeros_like(p["brightness"])
     a = torch.where(code == 0, p["brightness"], one)
     a = torch.where(code == 1, p["contrast"], torch.where(code == 2, p["saturation"], a))
@@ -230,8 +232,6 @@ def _slot(
         y = y + col(torch.where(code == 1, 1 - p["contrast"], zero)) * _gray(x).mean((1, 2, 3), keepdim=True)
     if 2 in ops and spec.saturation and x.shape[1] == 3:  # towards the pixel's gray level
         y = y + col(torch.where(code == 2, 1 - p["saturation"], zero)) * _gray(x)
-    if ops == (3,):  # only hue turns here: no blend
-        return _shift_hue(x, col(p["hue"]))
     y = y.clamp(0, 1)
     if 3 in ops and spec.hue and x.shape[1] == 3:
         y = torch.where(col(code == 3), _shift_hue(x, col(p["hue"])), y)
@@ -424,7 +424,7 @@ class DeviceLoader:
 
     def _views(self, x: torch.Tensor) -> torch.Tensor:
         args = (x, self.spec, self.generator, self.n_views, self.channels)
-        if self.renderer is render or not self.compiled:
+        if not self.compiled:
             return views(*args, self.renderer, self.channels_last)
         state = self.generator.get_state()
         try:
@@ -434,7 +434,7 @@ class DeviceLoader:
         except Exception as e:  # an inductor/Triton failure must not stop a training run
             msg = f"torch.compile of the augmentation failed ({type(e).__name__}: {e}); eager instead"
             warnings.warn(msg, stacklevel=2)
-            self.renderer = render
+            self.renderer, self.compiled = render, False
             self.generator.set_state(state)
             return views(*args, self.renderer, self.channels_last)
 
