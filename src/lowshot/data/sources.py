@@ -1,0 +1,290 @@
+"""Sources: a MedMNIST .npz, a class-per-folder directory or a CSV manifest, read into a Store."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import UnidentifiedImageError
+
+from ..config import DataConfig
+from .cache import store_cache_file
+from .decode import (
+    IMAGE_SUFFIXES,
+    decode_image,
+    file_digest,
+    fingerprints,
+    resize_batch,
+    square_resize,
+    stack_images,
+)
+from .duplicates import duplicate_groups
+from .splits import apply_limit, assign_fold, fill_splits, label_budget, warn_group_leaks
+from .store import SPLITS, DataError, Store
+
+log = logging.getLogger(__name__)
+
+# md5 and class names of the 28 px MedMNIST files used most here, for machines without the
+# `medmnist` package (which lists every set and size).
+KNOWN_NPZ = {
+    "breastmnist.npz": ("750601b1f35ba3300ea97c75c52ff8f6", ["malignant", "normal, benign"]),
+    "retinamnist.npz": ("bd4c0672f1bba3e3a89f0e4e876791e4", ["0", "1", "2", "3", "4"]),
+}
+
+
+def source_path(cfg: DataConfig) -> Path:
+    p = Path(cfg.source).expanduser()
+    return p if p.is_absolute() else Path(cfg.root).expanduser() / p
+
+
+def load_store(cfg: DataConfig) -> Store:
+    """Read ``cfg.source`` into a :class:`Store` at ``cfg.size`` px with train/val/test splits."""
+    path = source_path(cfg)
+    if path.suffix == ".npz":
+        store = _load_npz(path, cfg.size)
+    elif path.suffix == ".csv":
+        store = _load_files(*_read_manifest(path), name=path.stem, cfg=cfg)
+    elif path.is_dir():
+        store = _load_files(*_scan_folder(path), name=path.name, cfg=cfg)
+    elif not path.exists():
+        raise DataError(
+            f"data source {path} does not exist. Set data.root (or $LOWSHOT_DATA_ROOT) to the folder that holds "
+            f"it, or data.source to a .npz, a class-per-folder directory or a .csv manifest."
+        )
+    else:
+        raise DataError(
+            f"data source {path}: expected a .npz, a .csv manifest or a class-per-folder directory"
+        )
+    if cfg.color == "gray" and not store.grayscale:
+        # ITU-R 601 luma, as PIL's convert("L"): for gray modalities whose exports carry coloured marks
+        luma = store.images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        store.images = np.clip(luma + 0.5, 0, 255).astype(np.uint8)[..., None]
+    elif cfg.color == "rgb" and store.grayscale:
+        store.images = np.repeat(store.images, 3, axis=-1)
+    warn_group_leaks(store)  # the source's own split, by its own groups (duplicates: the leakage check)
+    if cfg.group_duplicates:
+        store.source_groups = store.groups
+        store.groups = duplicate_groups(store, cfg.duplicate_bits)
+    missing = [s for s in SPLITS if not (store.split == s).any()]
+    if missing:
+        fill_splits(store, cfg, missing)
+    if cfg.folds:
+        assign_fold(store, cfg)
+    if cfg.limit:
+        apply_limit(store, cfg.limit, cfg.split_seed)
+    if cfg.train_per_class:
+        label_budget(store, cfg.train_per_class, cfg.split_seed, cfg.train_draw)
+    for f, why in store.skipped:
+        log.warning("skipped %s: %s", f, why)
+    return store
+
+
+def _medmnist_info(path: Path) -> tuple[str, int, dict[str, Any]] | None:
+    """(flag, size, INFO entry) when ``path`` is named like a MedMNIST file (``breastmnist.npz``,
+    ``breastmnist_64.npz``) and the ``medmnist`` package is installed."""
+    try:
+        from medmnist import INFO
+    except ImportError:
+        return None
+    stem = path.stem
+    flag, _, size = stem.rpartition("_") if stem.rsplit("_", 1)[-1].isdigit() else (stem, "", "28")
+    return (flag, int(size), INFO[flag]) if flag in INFO else None
+
+
+def _expected_md5(path: Path) -> str | None:
+    info = _medmnist_info(path)
+    if info is not None:
+        _, size, entry = info
+        return entry.get("MD5" if size == 28 else f"MD5_{size}")
+    return KNOWN_NPZ[path.name][0] if path.name in KNOWN_NPZ else None
+
+
+def _download_medmnist(path: Path) -> None:
+    info = _medmnist_info(path)
+    if info is None:
+        raise DataError(
+            f"{path} does not exist. Put the file there (data.root / data.source), or, for a MedMNIST set on an "
+            f"online machine, install the downloader: pip install 'lowshot[medmnist]'."
+        )
+    flag, size, entry = info
+    import medmnist
+
+    log.info("downloading %s (%d px) through medmnist into %s", flag, size, path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        getattr(medmnist, entry["python_class"])(
+            split="train", download=True, root=str(path.parent), size=size
+        )
+    except Exception as err:
+        raise DataError(
+            f"{path} does not exist and could not be downloaded ({type(err).__name__}: {err}). On a machine "
+            f"without network, copy {path.name} (md5 {_expected_md5(path)}) into {path.parent}."
+        ) from None
+    if not path.exists():
+        raise DataError(f"medmnist downloaded {flag} but {path} is still missing; check data.source")
+
+
+def _load_npz(path: Path, size: int) -> Store:
+    if not path.exists():
+        _download_medmnist(path)
+    want = _expected_md5(path)
+    if want is not None and (got := file_digest(path, "md5")) != want:
+        raise DataError(
+            f"{path} is corrupt or not the official file: md5 {got}, expected {want}. Download it again."
+        )
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise DataError(f"{path} is not a readable .npz ({err})") from None
+    keys = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
+    if absent := [k for k in keys if k not in npz.files]:
+        raise DataError(f"{path} lacks the MedMNIST keys {absent} (has {npz.files})")
+    images, labels, split, paths, prints = [], [], [], [], []
+    for s in SPLITS:
+        x = npz[f"{s}_images"]
+        prints.append(fingerprints(list(x if x.ndim == 4 else x[..., None])))
+        y = npz[f"{s}_labels"].reshape(len(x), -1)
+        if y.shape[1] != 1:
+            raise DataError(
+                f"{path}: {s}_labels has {y.shape[1]} columns; only single-label sets are supported"
+            )
+        images.append(resize_batch(x if x.ndim == 4 else x[..., None], size))
+        labels.append(y[:, 0].astype(np.int64))
+        split += [s] * len(x)
+        paths += [f"{path.name}:{s}/{i}" for i in range(len(x))]
+    y_all = np.concatenate(labels)
+    classes = _medmnist_classes(path, int(y_all.max()) + 1)
+    return Store(
+        images=np.concatenate(images),
+        labels=y_all,
+        split=np.array(split),
+        groups=np.array(paths),  # MedMNIST ships no patient ids: each image is its own group
+        paths=np.array(paths),
+        hashes=np.concatenate([h for h, _ in prints]),
+        digests=np.concatenate([d for _, d in prints]),
+        classes=classes,
+        name=path.stem,
+    )
+
+
+def _medmnist_classes(path: Path, n: int) -> list[str]:
+    info = _medmnist_info(path)
+    if info is not None:
+        names = info[2]["label"]
+        return [names[str(i)] for i in range(len(names))]
+    return KNOWN_NPZ[path.name][1] if path.name in KNOWN_NPZ else [str(i) for i in range(n)]
+
+
+def _scan_folder(
+    root: Path,
+) -> tuple[list[Path], list[str], list[str] | None, list[str] | None, list[tuple[str, str]]]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise DataError(
+            f"{root} should hold one sub-folder per class (e.g. {root}/benign/*.png, {root}/malignant/*.png); "
+            f"found {classes or 'none'}"
+        )
+    files: list[Path] = []
+    labels: list[str] = []
+    skipped = [(str(f), "not inside a class folder") for f in sorted(root.iterdir()) if f.is_file()]
+    for c in classes:
+        for f in sorted((root / c).rglob("*")):
+            if f.is_file():
+                files.append(f)
+                labels.append(c)
+    return files, labels, None, None, skipped
+
+
+def _read_manifest(
+    path: Path,
+) -> tuple[list[Path], list[str], list[str] | None, list[str] | None, list[tuple[str, str]]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        if "path" not in cols or "label" not in cols:
+            raise DataError(
+                f"{path}: a manifest needs a header with at least 'path,label' (optional: group, split); got {cols}"
+            )
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{path}: the manifest lists no images")
+    files, labels, groups, splits = [], [], [], []
+    for i, r in enumerate(rows, start=2):
+        if not r["path"] or not r["label"]:
+            raise DataError(f"{path} line {i}: empty path or label")
+        p = Path(r["path"]).expanduser()
+        files.append(p if p.is_absolute() else path.parent / p)
+        labels.append(r["label"].strip())
+        groups.append((r.get("group") or "").strip())
+        s = (r.get("split") or "").strip().lower()
+        if "split" in cols and s not in SPLITS:
+            raise DataError(f"{path} line {i}: split {s!r} must be one of train, val, test")
+        splits.append(s)
+    if "group" in cols and not all(groups):
+        raise DataError(
+            f"{path}: the 'group' column is empty on some rows; give every image its patient/study id"
+        )
+    return files, labels, groups if "group" in cols else None, splits if "split" in cols else None, []
+
+
+def _load_files(
+    files: list[Path],
+    labels: list[str],
+    groups: list[str] | None,
+    splits: list[str] | None,
+    skipped: list[tuple[str, str]],
+    *,
+    name: str,
+    cfg: DataConfig,
+) -> Store:
+    """Decode image files into a cached store; unreadable files are reported, not fatal."""
+    cache = store_cache_file(files, name, cfg)
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as z:
+            kept, images, hashes, digests = z["kept"], z["images"], z["hashes"], z["digests"]
+            bad = json.loads(str(z["skipped"]))
+    else:
+        kept_l, imgs, natives, bad = [], [], [], []
+        for i, f in enumerate(files):
+            if f.suffix.lower() not in IMAGE_SUFFIXES and f.suffix:
+                bad.append((str(f), f"not an image file (suffix {f.suffix})"))
+                continue
+            try:
+                native = decode_image(f, 0)  # padded to a square; fingerprinted at full resolution
+                imgs.append(square_resize(native, cfg.size))
+                natives.append(fingerprints([native]))
+                kept_l.append(i)
+            except FileNotFoundError:
+                bad.append((str(f), "missing (manifest paths are relative to the manifest's folder)"))
+            except (UnidentifiedImageError, OSError, ValueError) as err:
+                bad.append((str(f), f"cannot decode: {err}"))
+        if not imgs:
+            raise DataError(f"no readable images in {name}: {bad[:3]}")
+        kept = np.array(kept_l)
+        images = stack_images(imgs)
+        hashes = np.concatenate([h for h, _ in natives])
+        digests = np.concatenate([d for _, d in natives])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, images=images, kept=kept, skipped=json.dumps(bad), hashes=hashes, digests=digests)
+        os.replace(tmp, cache)  # atomic: a killed run never leaves a half-written cache
+    classes = sorted(set(labels))
+    lab = np.array([classes.index(labels[i]) for i in kept], dtype=np.int64)
+    paths = np.array([str(files[i]) for i in kept])
+    return Store(
+        images=images,
+        labels=lab,
+        split=np.array([splits[i] for i in kept]) if splits else np.full(len(kept), "", dtype="<U5"),
+        groups=np.array([groups[i] for i in kept]) if groups else paths.copy(),
+        paths=paths,
+        classes=classes,
+        name=name,
+        skipped=skipped + [(str(b[0]), str(b[1])) for b in bad],
+        hashes=hashes,
+        digests=digests,
+    )
