@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from lowshot.augment import DeviceLoader, simclr_spec, use_compile
-from lowshot.config import AugConfig, DataConfig
+from lowshot.config import AugConfig, DataConfig, SSLConfig
 from lowshot.data import StoreDataset, load_store, normalisation, train_loader
 from lowshot.methods import SimCLR, simclr_views
 
@@ -218,7 +218,9 @@ for name, (make, n) in pipelines.items():
 
 for model_name in args.models:
     backbone = timm.create_model(model_name, num_classes=0)
-    model = SimCLR(backbone, backbone.num_features, 2048, 128, 0.2).to(device, memory_format=memory_format)
+    model = SimCLR(
+        backbone, backbone.num_features, SSLConfig(proj_hidden_dim=2048, proj_dim=128, temperature=0.2)
+    ).to(device, memory_format=memory_format)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(

@@ -22,17 +22,15 @@ from tqdm.auto import tqdm
 from lowshot.augment import batched_loader, simclr_spec, use_batched
 from lowshot.check import leakage_guard
 from lowshot.cli import user_errors
-from lowshot.config import ConfigError, parse_args
+from lowshot.config import parse_args
 from lowshot.data import eval_transform, load_store, split_loader, split_train_loader
 from lowshot.finetune import make_optimizer, warmup_cosine
-from lowshot.methods import METHODS
+from lowshot.methods import build_method, negatives_per_anchor
 from lowshot.models import backbone_for, embed, save_checkpoint
 from lowshot.tracking import Run, make_accelerator, memory_format
 
 user_errors()
 cfg, overrides = parse_args(sys.argv[1:])
-if cfg.ssl.method not in METHODS:
-    raise ConfigError(f"config key 'ssl.method': {cfg.ssl.method!r} is not one of {sorted(METHODS)}")
 accelerator = make_accelerator(cfg)
 set_seed(cfg.seed, device_specific=True)  # each process draws its own augmentations
 with accelerator.main_process_first():  # the first process decodes and caches; the others read the cache
@@ -43,7 +41,7 @@ run = Run(accelerator, cfg, "pretrain", store.name, overrides)
 
 # ---- model, views, data --------------------------------------------------------------------------------
 backbone, in_chans, norm = backbone_for(cfg, store.grayscale)
-model, views = METHODS[cfg.ssl.method](backbone, backbone.num_features, cfg, store.grayscale, norm)
+model, views = build_method(cfg, backbone, store.grayscale, norm)
 rgb, plain, workers = in_chans == 3, eval_transform(norm), cfg.data.num_workers
 # SimCLR uses no labels: the training split plus any images left unlabelled by data.train_per_class.
 pool, n = ("train", "unlabelled"), accelerator.num_processes
@@ -57,26 +55,30 @@ batch_size = loader.batch_size or 1
 bank_loader = split_loader(store, "train", plain, rgb, 256, workers)  # kNN bank: un-augmented training images
 val_loader = split_loader(store, "val", plain, rgb, 256, workers)
 
+if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+    # BatchNorm statistics over the global batch, as SimCLR/BYOL/VICReg train (torch has no CPU SyncBatchNorm).
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 model = model.to(memory_format=memory_format(cfg.channels_last, accelerator.device))
 optimizer = make_optimizer(model, cfg.ssl.optimizer, cfg.ssl.lr, cfg.ssl.weight_decay)
 model, optimizer, bank_loader, val_loader = accelerator.prepare(model, optimizer, bank_loader, val_loader)
 loader = loader.prepare(accelerator)  # shards the chunks over processes (the device loader: itself)
 steps_per_epoch = len(loader)  # per process, after sharding
+total_steps = cfg.ssl.epochs * steps_per_epoch
 scheduler = warmup_cosine(
-    optimizer, cfg.ssl.warmup_epochs * steps_per_epoch, cfg.ssl.epochs * steps_per_epoch, cfg.ssl.min_lr_ratio
+    optimizer, cfg.ssl.warmup_epochs * steps_per_epoch, total_steps, cfg.ssl.min_lr_ratio
 )
 global_batch = batch_size * accelerator.num_processes
 accelerator.print(
-    f"SimCLR: {cfg.model.name} ({sum(p.numel() for p in backbone.parameters()) / 1e6:.2f} M params, {in_chans} ch, "
+    f"{cfg.ssl.method}: {cfg.model.name} ({sum(p.numel() for p in backbone.parameters()) / 1e6:.2f} M params, {in_chans} ch, "
     f"{cfg.data.size} px) | {accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision} | "
-    f"global batch {global_batch} → {2 * global_batch - 2} negatives per anchor | {steps_per_epoch} steps/epoch | "
+    f"global batch {global_batch} → {negatives_per_anchor(cfg, global_batch)} negatives per anchor | {steps_per_epoch} steps/epoch | "
     f"views: {'batched on ' + str(accelerator.device) if batched else 'per image (PIL) in the DataLoader'}"
 )
 
 
 def knn_monitor() -> dict[str, float]:
     """Weighted kNN (Wu et al., 2018) of validation images against the training bank, cosine similarity."""
-    unwrapped = accelerator.unwrap_model(model).backbone
+    unwrapped = accelerator.unwrap_model(model).encoder()
     bank, bank_y = embed(unwrapped, bank_loader, accelerator)
     val, val_y = embed(unwrapped, val_loader, accelerator)
     bank, val = torch.nn.functional.normalize(bank, dim=1), torch.nn.functional.normalize(val, dim=1)
@@ -107,6 +109,9 @@ for epoch in range(cfg.ssl.epochs):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        accelerator.unwrap_model(model).after_step(
+            step, total_steps
+        )  # momentum copies follow (MoCo, BYOL, DINO)
         total += loss.detach()
         count += 1
         step += 1
@@ -133,7 +138,7 @@ ckpt = run.dir / "checkpoint"
 if accelerator.is_main_process:
     save_checkpoint(
         ckpt,
-        accelerator.unwrap_model(model).backbone,
+        accelerator.unwrap_model(model).encoder(),
         cfg,
         {"in_chans": in_chans, "epochs": cfg.ssl.epochs, **run.meta},
     )
@@ -147,7 +152,7 @@ run.finish(
         "final_loss": metrics["train/loss"],
         "world_size": accelerator.num_processes,
         "global_batch": global_batch,
-        "negatives_per_anchor": 2 * global_batch - 2,
+        "negatives_per_anchor": negatives_per_anchor(cfg, global_batch),
         "augment_path": "batched" if batched else "per_image",
         **knn,
         "leakage": leakage,

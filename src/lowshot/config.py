@@ -129,6 +129,9 @@ class AugConfig:
 
 @dataclass
 class SSLConfig:
+    # simclr | moco (v2, memory bank) | byol | vicreg | dino: lowshot.methods, same views and launch.
+    # Start from any weights with model.weights (ImageNet Lite0 from PyPI, a file, the hub, a checkpoint):
+    # continued, domain-adaptive pretraining (Azizi et al., 2021) instead of from scratch.
     method: str = "simclr"
     epochs: int = 50
     batch_size: int = 128  # per process; NT-Xent negatives are gathered from every process
@@ -138,14 +141,28 @@ class SSLConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 3
     temperature: float = 0.2
-    proj_hidden_dim: int = 512
-    proj_dim: int = 128
+    proj_hidden_dim: int = 512  # projection (and BYOL predictor, DINO head) hidden width
+    proj_dim: int = 128  # projection output (SimCLR, MoCo, BYOL); DINO's bottleneck
+    # MoCo/BYOL/DINO: EMA decay of the momentum copy, cosine-scheduled from this to 1 over training
+    # (BYOL's 0.996 is for ~100k steps; a few thousand steps on a small set want a faster-moving target).
+    momentum: float = 0.99
+    memory_bank: int = 4096  # MoCo: negatives are this many past keys (independent of the batch size)
+    wide_dim: int = 1024  # VICReg: expander width and output (the paper's 8192 needs far larger batches)
+    dino_prototypes: int = 4096  # DINO head outputs (the paper's 65536 is for ImageNet)
+    teacher_temp: float = 0.04  # DINO: teacher softmax temperature (the student's is 0.1)
+    center_momentum: float = 0.9  # DINO: EMA of the teacher-output centre
     knn_every: int = 5  # epochs between online kNN checks on the validation split (0 = off)
     knn_k: int = 20
     knn_t: float = 0.1
 
     def __post_init__(self) -> None:
+        _choice("ssl.method", self.method, ("simclr", "moco", "byol", "vicreg", "dino"))
         _choice("ssl.optimizer", self.optimizer, ("adamw", "sgd"))
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ConfigError(f"config key 'ssl.momentum': {self.momentum} must lie in [0, 1], e.g. 0.99")
+        _positive(
+            "ssl", memory_bank=self.memory_bank, wide_dim=self.wide_dim, dino_prototypes=self.dino_prototypes
+        )
         _positive("ssl", epochs=self.epochs, batch_size=self.batch_size)
 
 
