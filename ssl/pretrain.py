@@ -1,4 +1,5 @@
-"""SimCLR pretraining of any timm backbone on the (unlabelled) training images.
+"""Self-supervised pretraining (SimCLR, MoCo, BYOL, VICReg, DINO) of any timm backbone, from scratch or
+from any weights, on the training images and an unlabelled pool (ssl.unlabelled).
 
     accelerate launch ssl/pretrain.py [--config FILE.yaml] [key=value ...]
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ssl/pretrain.py ...   # 2 CPU processes
@@ -6,8 +7,8 @@
 Writes ``out_dir/<name>/checkpoint/`` (backbone.safetensors + config.yaml): pass that folder to
 ``finetune/train.py model.weights=...``. Labels are never used for training; the training and
 validation labels only feed the online kNN monitor (training images as the bank, validation images as
-queries), because the contrastive loss alone says little about the representation. The test split
-is not read.
+queries), because the loss alone says little about the representation. The test split is never trained
+on; its fingerprints are compared with the pool's, to keep copies of it out (check.pool_leakage).
 """
 
 import sys
@@ -20,13 +21,14 @@ from sklearn.metrics import balanced_accuracy_score
 from tqdm.auto import tqdm
 
 from lowshot.augment import batched_loader, simclr_spec, use_batched
-from lowshot.check import leakage_guard
+from lowshot.check import leakage_guard, pool_guard
 from lowshot.cli import user_errors
 from lowshot.config import parse_args
 from lowshot.data import eval_transform, load_store, split_loader, split_train_loader
+from lowshot.data.pool import load_pool, pretraining_store
 from lowshot.finetune import make_optimizer, warmup_cosine
 from lowshot.methods import build_method, negatives_per_anchor
-from lowshot.models import backbone_for, embed, save_checkpoint
+from lowshot.models import backbone_for, embed, save_checkpoint, weights_fingerprint
 from lowshot.tracking import Run, make_accelerator, memory_format
 
 user_errors()
@@ -35,22 +37,30 @@ accelerator = make_accelerator(cfg)
 set_seed(cfg.seed, device_specific=True)  # each process draws its own augmentations
 with accelerator.main_process_first():  # the first process decodes and caches; the others read the cache
     store = load_store(cfg.data)
+    pool = load_pool(cfg.ssl.unlabelled, cfg.data, store.images.shape[-1]) if cfg.ssl.unlabelled else None
 leakage = leakage_guard(store, cfg)  # identical images in two splits: stop, warn or drop
 accelerator.print(store.describe())
+pool_leakage: dict = {}
+if pool is not None:  # copies of the val/test images in the pool: stop, warn or drop (check.pool_leakage)
+    pool, pool_leakage = pool_guard(pool, store, cfg)
+    accelerator.print(
+        f"pool: {len(pool)} images from {', '.join(cfg.ssl.unlabelled)} ({len(pool.skipped)} unreadable, "
+        f"{pool_leakage['pairs']} copies of val/test images: {pool_leakage['by_kind'] or 'none'})"
+    )
+ssl_set = pretraining_store(store, pool, cfg.ssl.use_train)  # all rows 'train'; labels unused
 run = Run(accelerator, cfg, "pretrain", store.name, overrides)
 
 # ---- model, views, data --------------------------------------------------------------------------------
 backbone, in_chans, norm = backbone_for(cfg, store.grayscale)
 model, views = build_method(cfg, backbone, store.grayscale, norm)
 rgb, plain, workers = in_chans == 3, eval_transform(norm), cfg.data.num_workers
-# SimCLR uses no labels: the training split plus any images left unlabelled by data.train_per_class.
-pool, n = ("train", "unlabelled"), accelerator.num_processes
-batched = use_batched(cfg.data.augment_path)
+# No labels: the training split, the images left unlabelled by data.train_per_class, the pool.
+n, batched = accelerator.num_processes, use_batched(cfg.data.augment_path)
 if batched:  # the uint8 store on the device, both views of a batch in one batched augmentation
     spec = simclr_spec(cfg.aug, cfg.data.size, store.grayscale, norm)
-    loader = batched_loader(store, pool, spec, cfg.ssl.batch_size, accelerator, cfg, 2, in_chans)
+    loader = batched_loader(ssl_set, ("train",), spec, cfg.ssl.batch_size, accelerator, cfg, 2, in_chans)
 else:
-    loader = split_train_loader(store, pool, views, rgb, cfg.ssl.batch_size, workers, processes=n)
+    loader = split_train_loader(ssl_set, "train", views, rgb, cfg.ssl.batch_size, workers, processes=n)
 batch_size = loader.batch_size or 1
 bank_loader = split_loader(store, "train", plain, rgb, 256, workers)  # kNN bank: un-augmented training images
 val_loader = split_loader(store, "val", plain, rgb, 256, workers)
@@ -140,7 +150,22 @@ if accelerator.is_main_process:
         ckpt,
         accelerator.unwrap_model(model).encoder(),
         cfg,
-        {"in_chans": in_chans, "epochs": cfg.ssl.epochs, **run.meta},
+        {
+            "in_chans": in_chans,
+            "epochs": cfg.ssl.epochs,
+            "method": cfg.ssl.method,
+            # where pretraining started (continued pretraining from ImageNet or a checkpoint, or scratch)
+            "started_from": {
+                "weights": cfg.model.weights,
+                "fingerprint": weights_fingerprint(cfg.model.weights),
+            },
+            "pretrained_on": {
+                "images": len(ssl_set.labels),
+                "labelled_train": cfg.ssl.use_train,
+                "pool": cfg.ssl.unlabelled,
+            },
+            **run.meta,
+        },
     )
 run.finish(
     {
@@ -156,6 +181,9 @@ run.finish(
         "augment_path": "batched" if batched else "per_image",
         **knn,
         "leakage": leakage,
+        "pool_leakage": pool_leakage,
+        "pretrain_images": len(ssl_set.labels),
+        "started_from": cfg.model.weights,
     }
 )
 accelerator.print(

@@ -109,9 +109,13 @@ def test_two_cpu_processes(data_root: Path, cache_dir: Path, tmp_path: Path) -> 
     ]
     # batched views: each process augments its share of one shared permutation
     pre_args = [*args, "name=pre2", "ssl.epochs=1", "ssl.batch_size=32", "data.augment_path=batched"]
-    ok(launch("ssl/pretrain.py", pre_args, tmp_path, two, env))
+    # with an unlabelled pool (RetinaMNIST's 1,600 images, another modality: no copies), sharded too
+    ok(launch("ssl/pretrain.py", [*pre_args, "ssl.unlabelled=[retinamnist.npz]"], tmp_path, two, env))
     pre = json.loads((tmp_path / "pre2" / "results.json").read_text())
     assert pre["world_size"] == 2 and pre["global_batch"] == 64 and pre["negatives_per_anchor"] == 126
+    assert pre["pretrain_images"] == 128 + 1600 and pre["pool_leakage"]["pairs"] == 0
+    epoch = json.loads((tmp_path / "pre2" / "metrics.jsonl").read_text().splitlines()[0])
+    assert epoch["pairs_per_s"] > 0  # each process drew its 864-image share: 27 steps of 32
     meta = json.loads((tmp_path / "pre2" / "meta.json").read_text())
     assert "MULTI_CPU" in meta["distributed_type"]
     ok(
@@ -142,6 +146,46 @@ def test_two_cpu_processes(data_root: Path, cache_dir: Path, tmp_path: Path) -> 
         probe["test"]["n"] == 128
         and json.loads((tmp_path / "probe2" / "meta.json").read_text())["world_size"] == 2
     )
+
+
+def test_pool_pretraining_from_imagenet_then_probe(
+    data_root: Path, busi: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """ssl.unlabelled through the real `accelerate launch`: busi/ holds the source images of BreastMNIST,
+    so its copies of the val/test images stop the run (the default) before anything is written;
+    check.pool_leakage=drop leaves them out; MoCo continues from ImageNet Lite0 on the training split +
+    the rest of the pool; the checkpoint says where it started, and the probe reads it."""
+    args = [
+        *common(data_root, cache_dir, tmp_path, "breastmnist.npz"),
+        "data.limit=48",
+        "track.log_with=none",
+        "ssl.unlabelled=[busi]",
+        "model.name=tf_efficientnet_lite0",
+        "model.weights=efficientnet-lite0",
+        "ssl.method=moco",
+        "ssl.memory_bank=512",
+        "ssl.epochs=1",
+    ]
+    leaky = launch("ssl/pretrain.py", [*args, "name=leaky"], tmp_path)
+    assert leaky.returncode != 0 and "check.pool_leakage=drop" in leaky.stderr and "busi/" in leaky.stderr
+    assert not (tmp_path / "leaky").exists()
+    ok(launch("ssl/pretrain.py", [*args, "name=pool", "check.pool_leakage=drop"], tmp_path))
+    res = json.loads((tmp_path / "pool" / "results.json").read_text())
+    guard = res["pool_leakage"]
+    assert guard["dropped"] >= 0.9 * 96 and guard["eval_images_with_a_copy"]["test"] >= 0.9 * 48
+    assert res["pretrain_images"] == 48 + 780 - guard["dropped"]
+    assert res["method"] == "moco" and res["negatives_per_anchor"] == 512
+    meta = json.loads((tmp_path / "pool" / "checkpoint" / "meta.json").read_text())
+    assert meta["started_from"]["weights"] == "efficientnet-lite0" and meta["method"] == "moco"
+    assert meta["pretrained_on"]["pool"] == ["busi"]
+    probe_args = [
+        *common(data_root, cache_dir, tmp_path, "breastmnist.npz"),
+        "data.limit=48",
+        "track.log_with=none",
+    ]
+    w = [f"model.weights={tmp_path / 'pool' / 'checkpoint'}", "model.name=tf_efficientnet_lite0"]
+    ok(launch("finetune/train.py", ["--probe", *probe_args, "name=probe", *w], tmp_path))
+    assert check_test_report(tmp_path / "probe")["test"]["n"] == 48
 
 
 def test_busi_folder_pipeline(busi: Path, cache_dir: Path, tmp_path: Path) -> None:

@@ -34,6 +34,9 @@ from .data import (
     groups_across_splits,
     source_path,
 )
+from .data.copies import find_copies
+from .data.duplicates import hamming_pairs
+from .data.pool import Pool, thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -274,3 +277,83 @@ def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
             cfg.data.duplicate_bits,
         )
     return out
+
+
+def pool_copies(pool: Pool, store: Store, cfg: Config) -> list[dict[str, Any]]:
+    """Pool images that are copies of the store's val/test images, one row per (pool image, store image)
+    pair with its strongest evidence: 'exact' (same decoded pixels), 'near' (dHash within
+    data.duplicate_bits) or 'copy' (a verified resized/re-cropped copy, lowshot.data.copies)."""
+    rows = np.flatnonzero(np.isin(store.split, ("val", "test")))
+    hashes, digests = store.fingerprints()
+    found: dict[tuple[int, int], tuple[str, float]] = {}
+    for q, j, _ in find_copies(
+        np.stack([thumbnail(store.images[r]) for r in rows]), pool.thumbs, cfg.check.copy_ncc
+    ):
+        found[(j, int(rows[q]))] = ("copy", _)
+    for q, j, d in hamming_pairs(pool.hashes, hashes[rows], cfg.data.duplicate_bits):
+        found[(int(j), int(rows[q]))] = ("near", float(d))
+    where = {str(d): int(r) for r, d in zip(rows, digests[rows], strict=True)}
+    for j, d in enumerate(pool.digests):
+        if str(d) in where:
+            found[(j, where[str(d)])] = ("exact", 0.0)
+    out = [
+        {
+            "pool": str(pool.paths[j]),
+            "pool_row": j,
+            "image": str(store.paths[r]),
+            "split": str(store.split[r]),
+            "kind": kind,
+            # 'near': differing dHash bits; 'copy': detail NCC at the best alignment
+            "score": round(score, 4),
+        }
+        for (j, r), (kind, score) in found.items()
+    ]
+    order = {"exact": 0, "near": 1, "copy": 2}
+    return sorted(out, key=lambda o: (order[o["kind"]], -o["score"] if o["kind"] == "copy" else o["score"]))
+
+
+def pool_guard(pool: Pool, store: Store, cfg: Config) -> tuple[Pool, dict[str, Any]]:
+    """Before pretraining on ``ssl.unlabelled``: pretraining on the evaluation images is leakage too
+    (transductive; the representation has seen the test images). Copies of val/test images in the pool
+    stop the run (check.pool_leakage=error, with the list and the fix), are dropped from the pool
+    (drop), or are logged (warn). Returns the pool to train on and the finding for results.json."""
+    pairs = pool_copies(pool, store, cfg)
+    flagged = sorted({p["pool_row"] for p in pairs})
+    inner = hamming_pairs(pool.hashes, pool.hashes, cfg.data.duplicate_bits)
+    report: dict[str, Any] = {
+        "pool_images": len(pool),
+        "pool_sources": pool.sources,
+        "pool_skipped": len(pool.skipped),
+        "checked_against": {s: int((store.split == s).sum()) for s in ("val", "test")},
+        "pairs": len(pairs),
+        "by_kind": dict(Counter(p["kind"] for p in pairs)),
+        "pool_images_flagged": len(flagged),
+        "eval_images_with_a_copy": {
+            s: len({p["image"] for p in pairs if p["split"] == s}) for s in ("val", "test")
+        },
+        "pool_duplicate_pairs": int((inner[:, 0] < inner[:, 1]).sum()),  # within the pool, dHash
+        "copy_ncc": cfg.check.copy_ncc,
+        "action": cfg.check.pool_leakage,
+        "examples": pairs[:20],
+    }
+    if not pairs:
+        return pool, report
+    shown = "; ".join(f"{p['pool']} ~ {p['split']} {p['image']} ({p['kind']})" for p in pairs[:5])
+    msg = (
+        f"ssl.unlabelled: {len(flagged)} pool image(s) are copies of {sum(report['eval_images_with_a_copy'].values())} "
+        f"labelled val/test image(s) ({report['by_kind']}), e.g. {shown}. Pretraining on them would leak the "
+        f"evaluation images into the representation."
+    )
+    if cfg.check.pool_leakage == "error":
+        raise DataError(
+            msg
+            + " Remove them from the pool, or pass check.pool_leakage=drop (leave them out of pretraining) or "
+            "check.pool_leakage=warn (pretrain anyway)."
+        )
+    if cfg.check.pool_leakage == "drop":
+        pool = pool.keep(np.setdiff1d(np.arange(len(pool)), flagged))
+        report["dropped"] = len(flagged)
+        log.warning("%s Dropped them: %d pool images remain.", msg, len(pool))
+    else:
+        log.warning("%s Pretraining anyway (check.pool_leakage=warn).", msg)
+    return pool, report

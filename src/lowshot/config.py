@@ -133,6 +133,11 @@ class SSLConfig:
     # Start from any weights with model.weights (ImageNet Lite0 from PyPI, a file, the hub, a checkpoint):
     # continued, domain-adaptive pretraining (Azizi et al., 2021) instead of from scratch.
     method: str = "simclr"
+    # Extra sources read by pretraining only: folders (recursive, any layout, labels ignored), CSV
+    # manifests (a 'path' column), .npz files (every image array); relative to data.root unless absolute.
+    # Checked against the labelled val/test images first (check.pool_leakage).
+    unlabelled: list[str] = field(default_factory=list)
+    use_train: bool = True  # also pretrain on the labelled training split (False: the pool alone)
     epochs: int = 50
     batch_size: int = 128  # per process; NT-Xent negatives are gathered from every process
     optimizer: str = "adamw"  # adamw | sgd
@@ -283,9 +288,16 @@ class CheckConfig:
     # script; "warn" (--warn-only) goes on; "drop" removes the train/val copies, leaving the test split as
     # published. Near duplicates (data.duplicate_bits) and label conflicts are reported, for a person to judge.
     leakage: str = "error"
+    # ssl.unlabelled images that are copies of the labelled val/test images (pretraining on them is
+    # transductive leakage): "error" stops pretraining with the list, "drop" removes them from the pool,
+    # "warn" goes on. Copies = identical pixels, dHash within data.duplicate_bits, or a verified crop/resize
+    # copy: detail NCC of 32 px thumbnails >= copy_ncc (lowshot.data.copies; 0.88 from bench/pool_copies.py).
+    pool_leakage: str = "error"
+    copy_ncc: float = 0.88
 
     def __post_init__(self) -> None:
         _choice("check.leakage", self.leakage, ("error", "warn", "drop"))
+        _choice("check.pool_leakage", self.pool_leakage, ("error", "warn", "drop"))
 
 
 @dataclass

@@ -256,6 +256,8 @@ def summarise_draws(k: int, n_labels: int, scores: dict[str, list[float]]) -> di
     for m, v in scores.items():
         s = mean_ci(v)
         row.update({m: s["mean"], f"{m}_std": s["std"], f"{m}_low": s["low"], f"{m}_high": s["high"]})
+    # per draw, in draw order (the draws are seeded alike for every backbone: paired comparisons)
+    row["auroc_draws"] = list(scores.get("auroc", []))  # type: ignore[assignment]
     return row
 
 

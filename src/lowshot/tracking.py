@@ -237,11 +237,11 @@ class Run:
             wb.log({key: wandb.Image(str(path))})
 
     def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
-        """Rows of equal keys as a W&B table (main process)."""
+        """Rows of equal keys as a W&B table (main process); list-valued columns stay in results.json."""
         if (wb := self._wandb()) is not None and rows:
             import wandb
 
-            keys = list(rows[0])
+            keys = [k for k, v in rows[0].items() if not isinstance(v, list | tuple)]
             wb.log(
                 {key: wandb.Table(columns=list[str | int](keys), data=[[r[k] for k in keys] for r in rows])}
             )

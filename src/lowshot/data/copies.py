@@ -1,0 +1,184 @@
+"""Copies of one set's images in another: resized, re-cropped or re-exported versions of the same scan.
+
+A hash of the native image (dHash) finds re-encoded and resized copies, but misses re-cropped ones
+(shared/data's ``breastmnist.npz`` is made from the images in ``busi/``, other crop and size: dHash
+finds 54 of the 780). The search here works on 32 px grayscale thumbnails of the padded-square native
+images (``data.pool.thumbnail``) in two stages:
+
+1. **Candidates** (sub-quadratic in practice, one BLAS pass): every thumbnail and a few centred crops
+   of it (full, 80 % of the width, 80 % of the height) are reduced to 8x8, mean-removed and normalised;
+   for each query variant faiss finds the ``k`` most correlated pool variants (exact inner-product
+   search; 1,200 queries against 100,000 pool images is ~10^11 multiply-adds, seconds).
+2. **Verification** of the candidates only: the normalised cross-correlation of the two thumbnails'
+   *detail* (image minus its blur, central 60 %) after the best crop of either one (a grid of scales
+   0.7-1 per axis, then a pattern search over scale and centre to sub-pixel alignment, which detail
+   needs). A pair is a copy when it reaches ``threshold`` (``check.copy_ncc``, 0.85), chosen from
+   measurement (bench/pool_copies.py: real copies 0.97, the best RetinaMNIST look-alike 0.82).
+
+What it cannot see: copies rotated by more than a few degrees, flipped, cropped to less than ~70 % of
+the field of view per axis, or with heavy overlays; and at 32 px two different images that look the
+same (a homogeneous modality at low resolution) can correlate as highly as a copy — the benchmark
+measures how often on real sets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Centred crops (width fraction, height fraction) taken of both sides for the candidate search.
+VARIANTS = ((1.0, 1.0), (0.8, 1.0), (1.0, 0.8))
+SCALES = (1.0, 0.9, 0.8, 0.7)  # crop fractions per axis of the verification's coarse grid
+# Pattern-search steps (width, height, centre x, centre y as fractions of the image), halved each round:
+# 4 rounds reach ~0.2 px at 32 px.
+STEPS = (0.04, 0.04, 0.03, 0.03)
+ROUNDS = 4
+
+
+def _crop(
+    x: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, out: int
+) -> torch.Tensor:
+    """(B, 1, H, W) → (B, 1, out, out): the region of width sx, height sy (fractions) centred at
+    (tx, ty) (fractions from the centre) of each image, resampled bilinearly."""
+    zero = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, zero, 2 * tx], 1), torch.stack([zero, sy, 2 * ty], 1)], 1)
+    grid = F.affine_grid(theta, [len(x), 1, out, out], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# The verification correlates *detail*: each thumbnail minus its Gaussian blur (sigma 1 px), in the
+# central 60 % of the side. Plain NCC at 32 px is blind on homogeneous modalities: 358 of RetinaMNIST's
+# 400 test images had a train/val look-alike at NCC >= 0.95 (a bright disc on black), and the disc edge
+# still dominated the detail over the whole frame (median 0.89); in the centre the best look-alike
+# reached 0.82 while real copies (BreastMNIST from BUSI) score ~0.97 (bench/pool_copies.py).
+DETAIL_SIGMA = 1.0
+CENTRE = 0.6
+
+
+def _detail(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, 1, H, W) minus its Gaussian blur (sigma px): the detail left once the shape every image of a
+    modality shares (a fundus disc, an ultrasound fan) is removed."""
+    r = max(1, int(3 * sigma))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+    k = k / k.sum()
+    blur = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    blur = F.conv2d(F.pad(blur, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    return x - blur
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) → (B, D) mean-removed, unit-norm rows: dot products are NCCs (a flat image gives 0)."""
+    x = x.flatten(1).float()
+    x = x - x.mean(1, keepdim=True)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-3)
+
+
+def _detail_unit(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 32, 32) → (B, D) unit rows of the detail in the central window (see DETAIL_SIGMA, CENTRE)."""
+    x = _detail(x, DETAIL_SIGMA)
+    m = round(x.shape[-1] * (1 - CENTRE) / 2)
+    return _unit(x[..., m : x.shape[-2] - m, m : x.shape[-1] - m])
+
+
+def _as_tensor(thumbs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(thumbs, dtype=np.float32))[:, None] / 255.0
+
+
+def descriptors(thumbs: np.ndarray, size: int = 8) -> np.ndarray:
+    """(N, 32, 32) uint8 → (N, V, size*size) float32 unit rows of each centred crop in ``VARIANTS``."""
+    if not len(thumbs):
+        return np.zeros((0, len(VARIANTS), size * size), np.float32)
+    x = _as_tensor(thumbs)
+    n, zero = len(x), torch.zeros(len(x))
+    out = [
+        _unit(_crop(x, torch.full((n,), fx), torch.full((n,), fy), zero, zero, size)) for fx, fy in VARIANTS
+    ]
+    return torch.stack(out, 1).numpy()
+
+
+def candidates(query: np.ndarray, pool: np.ndarray, k: int = 8) -> np.ndarray:
+    """(P, 2) distinct (query row, pool row) pairs: for each query and crop variant the ``k`` most
+    correlated pool crops (faiss exact inner product over 8x8 descriptors)."""
+    import faiss
+
+    if not len(query) or not len(pool):
+        return np.zeros((0, 2), np.int64)
+    q, p = descriptors(query), descriptors(pool)
+    v, d = q.shape[1], q.shape[2]
+    index = faiss.IndexFlatIP(d)
+    index.add(np.ascontiguousarray(p.reshape(-1, d)))
+    _, found = index.search(np.ascontiguousarray(q.reshape(-1, d)), min(k * v, len(p) * v))
+    rows = np.repeat(np.arange(len(q)), v * found.shape[1])
+    pairs = np.stack([rows, found.reshape(-1) // v], 1)
+    return np.unique(pairs[pairs[:, 1] >= 0], axis=0)
+
+
+def _score(
+    pair: tuple[torch.Tensor, torch.Tensor],
+    refs: tuple[torch.Tensor, torch.Tensor],
+    side: torch.Tensor,
+    p: torch.Tensor,
+) -> torch.Tensor:
+    """(n,) detail NCC of each pair with the crop ``p`` (n, 4: sx, sy, tx, ty) of side 0 (the query, vs
+    the whole pool image) or side 1 (the pool image, vs the whole query)."""
+    s = torch.empty(len(p))
+    for k in (0, 1):
+        m = side == k
+        if m.any():
+            sx, sy, tx, ty = p[m].unbind(1)
+            crop = _crop(pair[k][m], sx, sy, tx, ty, out=pair[k].shape[-1])
+            s[m] = (_detail_unit(crop) * refs[k][m]).sum(1)
+    return s
+
+
+def _align(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n,) best detail NCC of (n, 1, 32, 32) thumbnail pairs over crops of either side."""
+    n, pair = len(a), (a, b)
+    refs = (_detail_unit(b), _detail_unit(a))
+    best, side = torch.full((n,), -2.0), torch.zeros(n, dtype=torch.long)
+    params = torch.zeros(n, 4)
+    for k in (0, 1):  # coarse: centred crops of each side
+        for sx in SCALES:
+            for sy in SCALES:
+                p = torch.tensor([sx, sy, 0.0, 0.0]).expand(n, 4)
+                s = _score(pair, refs, torch.full((n,), k), p)
+                better = s > best
+                best, side = torch.where(better, s, best), torch.where(better, k, side)
+                params[better] = p[better]
+    step = torch.tensor(STEPS)
+    for _ in range(ROUNDS):  # fine: pattern search on the best side
+        for d in range(4):
+            for sign in (-1.0, 1.0):
+                p = params.clone()
+                p[:, d] += sign * step[d]
+                p[:, :2] = p[:, :2].clamp(0.5, 1.0)
+                s = _score(pair, refs, side, p)
+                better = s > best
+                best = torch.where(better, s, best)
+                params[better] = p[better]
+        step = step / 2
+    return best
+
+
+@torch.no_grad()
+def verify(query: np.ndarray, pool: np.ndarray, pairs: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """(P,) detail NCC of each (query row, pool row) pair at its best alignment: a coarse grid of
+    centred crops of either thumbnail (``SCALES`` per axis), then a pattern search over width, height
+    and centre (steps halved ``ROUNDS`` times) to sub-pixel alignment, which the detail needs."""
+    out = np.zeros(len(pairs), np.float32)
+    for lo in range(0, len(pairs), chunk):
+        pr = pairs[lo : lo + chunk]
+        out[lo : lo + chunk] = _align(_as_tensor(query[pr[:, 0]]), _as_tensor(pool[pr[:, 1]])).numpy()
+    return out
+
+
+def find_copies(
+    query: np.ndarray, pool: np.ndarray, threshold: float, k: int = 8
+) -> list[tuple[int, int, float]]:
+    """(query row, pool row, NCC) for every verified copy, best first."""
+    pairs = candidates(query, pool, k)
+    scores = verify(query, pool, pairs)
+    keep = np.flatnonzero(scores >= threshold)
+    order = keep[np.argsort(-scores[keep], kind="stable")]
+    return [(int(pairs[i, 0]), int(pairs[i, 1]), float(scores[i])) for i in order]

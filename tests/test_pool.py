@@ -1,0 +1,153 @@
+"""The unlabelled pool (ssl.unlabelled) and its leakage guard, on real images: BUSI (the source images of
+BreastMNIST, other crop and size), BreastMNIST and RetinaMNIST."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lowshot.check import pool_copies, pool_guard
+from lowshot.config import Config, DataConfig
+from lowshot.data import DataError, load_store, near_pairs
+from lowshot.data import pool as pool_module
+from lowshot.data.duplicates import hamming_pairs
+from lowshot.data.pool import load_pool, pretraining_store
+
+
+def _cfg(data_root: Path, cache: Path, **kw: object) -> Config:
+    cfg = Config()
+    cfg.data = DataConfig(root=str(data_root), cache_dir=str(cache), size=32)
+    for k, v in kw.items():
+        section, key = k.split("__")
+        setattr(getattr(cfg, section), key, v)
+    return cfg
+
+
+def test_pool_reads_nested_folders_manifests_and_npz(
+    data_root: Path, busi: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = sorted((busi / "benign").glob("*.png"))[:6]
+    tree = tmp_path / "export"
+    (tree / "2024" / "ward a").mkdir(parents=True)
+    (tree / "misc").mkdir()
+    for i, f in enumerate(src[:4]):  # any layout: nested folders are not classes here
+        shutil.copy(f, tree / ("2024/ward a" if i % 2 else "misc") / f"scan {i}.png")
+    (tree / ".DS_Store").write_bytes(b"\0\1")  # hidden: ignored, not listed
+    (tree / ".cache").mkdir()
+    shutil.copy(src[0], tree / ".cache" / "thumb.png")
+    (tree / "notes.txt").write_text("not an image")
+    (tree / "misc" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    manifest = tmp_path / "more.csv"
+    manifest.write_text("path,comment\n" + "".join(f"{f},x\n" for f in src[4:]))
+    cfg = DataConfig(root=str(data_root), cache_dir=str(tmp_path / "cache"), size=32)
+    pool = load_pool([str(tree), str(manifest), "retinamnist.npz"], cfg, channels=1)
+    assert len(pool) == 4 + 2 + 1600  # every image array of the npz: train, val and test
+    assert isinstance(pool.images, np.memmap) and pool.images.shape == (1606, 32, 32, 1)  # colour → luma
+    assert sum("ward a" in p for p in pool.paths) == 2 and not any(".cache" in p for p in pool.paths)
+    skipped = dict(pool.skipped)
+    assert set(skipped) == {str(tree / "notes.txt"), str(tree / "misc" / "broken.png")}
+    assert "cannot decode" in skipped[str(tree / "misc" / "broken.png")]
+    assert pool.hashes.shape == (1606, 64) and pool.thumbs.shape == (1606, 32, 32)
+    # the same pixels as the labelled data layer decodes (BUSI at 32 px, colour → luma)
+    store = load_store(
+        DataConfig(root=str(data_root), source="busi", cache_dir=str(tmp_path / "c2"), size=32, color="gray")
+    )
+    row = int(np.flatnonzero(store.paths == str(src[4]))[0])
+    assert np.array_equal(pool.images[list(pool.paths).index(str(src[4]))], store.images[row])
+
+    def no_decoding(*a: object) -> None:
+        raise AssertionError("decoded again instead of mapping the cache")
+
+    monkeypatch.setattr(pool_module, "_build", no_decoding)  # the second run maps the cache
+    again = load_pool([str(tree), str(manifest), "retinamnist.npz"], cfg, channels=1)
+    assert np.array_equal(again.images, pool.images) and list(again.paths) == list(pool.paths)
+    with pytest.raises(DataError, match="does not exist"):
+        load_pool(["nowhere"], cfg, channels=1)
+    with pytest.raises(DataError, match="'path' column"):
+        (tmp_path / "bad.csv").write_text("file\nx.png\n")
+        load_pool([str(tmp_path / "bad.csv")], cfg, channels=1)
+
+
+def test_multi_index_hashing_finds_every_pair_brute_force_finds() -> None:
+    rng = np.random.default_rng(0)
+    bits = rng.random((3000, 64)) < 0.5
+    bits[1000:1200] = bits[:200] ^ (rng.random((200, 64)) < 0.04)  # ~2.6 bits flipped
+    for t in (2, 4, 6):
+        fast = {(int(a), int(b), int(d)) for a, b, d in hamming_pairs(bits, bits, t) if a < b}
+        assert fast == set(near_pairs(bits, t)), t
+        assert len(fast) >= (100 if t == 2 else 180)  # most of the 200 planted pairs
+
+
+def test_guard_catches_busi_copies_of_breastmnist_test_images(
+    data_root: Path, busi: Path, cache_dir: Path
+) -> None:
+    """BreastMNIST is BUSI re-cropped and resized to 28 px: pretraining on busi/ and evaluating on
+    BreastMNIST must be caught. Measured: 232 of the 234 val/test images have a BUSI copy found."""
+    cfg = _cfg(data_root, cache_dir, check__pool_leakage="drop")
+    store = load_store(cfg.data)
+    pool = load_pool(["busi"], cfg.data, channels=1)
+    kept, report = pool_guard(pool, store, cfg)
+    assert report["eval_images_with_a_copy"]["test"] >= 0.95 * 156
+    assert report["eval_images_with_a_copy"]["val"] >= 0.95 * 78
+    assert set(report["by_kind"]) <= {"exact", "near", "copy"} and report["by_kind"]["copy"] > 100
+    assert report["dropped"] == report["pool_images_flagged"] == len(pool) - len(kept)
+    assert all(e["split"] in ("val", "test") and "busi/" in e["pool"] for e in report["examples"])
+    assert not set(kept.paths) & {e["pool"] for e in report["examples"]}
+    both = pretraining_store(store, kept, use_train=True)
+    assert len(both.labels) == len(store.indices("train")) + len(kept) and (both.split == "train").all()
+    assert len(pretraining_store(store, kept, use_train=False).labels) == len(kept)
+    cfg.check.pool_leakage = "error"  # the default: stop, naming the files and the fix
+    flagged = np.flatnonzero(np.isin(pool.paths, [e["pool"] for e in report["examples"]]))
+    with pytest.raises(DataError, match=r"busi/.*check\.pool_leakage=drop"):
+        pool_guard(pool.keep(flagged), store, cfg)
+
+
+def test_guard_is_quiet_on_distinct_images_of_a_homogeneous_set(data_root: Path, tmp_path: Path) -> None:
+    """RetinaMNIST's training images as a pool against its val/test split: fundus photos look alike at
+    28 px (a bright disc on black: plain NCC >= 0.95 for 358 of 400 test images); the verified detail
+    NCC keeps them apart (best look-alike 0.82 < 0.85). Another modality finds nothing either."""
+    z = np.load(data_root / "retinamnist.npz")
+    np.savez(tmp_path / "retina_train.npz", images=z["train_images"])
+    cfg = _cfg(data_root, tmp_path / "cache", data__source="retinamnist.npz")
+    store = load_store(cfg.data)
+    pool = load_pool([str(tmp_path / "retina_train.npz")], cfg.data, channels=3)
+    assert [p for p in pool_copies(pool, store, cfg) if p["kind"] == "copy"] == []
+    other = load_pool(["breastmnist.npz"], cfg.data, channels=3)
+    assert pool_copies(other, store, cfg) == []
+
+
+def _jpeg(a: np.ndarray) -> Image.Image:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=70)
+    return Image.open(buf)
+
+
+def test_planted_resized_jpeg_and_cropped_copies_are_found(data_root: Path, tmp_path: Path) -> None:
+    z = np.load(data_root / "breastmnist.npz")
+    test = z["test_images"][:40]
+    for name, make in {
+        "resized": lambda a: Image.fromarray(a).resize((224, 224), Image.Resampling.BICUBIC),
+        "jpeg": _jpeg,
+        "crop90": lambda a: Image.fromarray(a[1:26, 1:26]).resize((100, 100), Image.Resampling.BICUBIC),
+    }.items():
+        (tmp_path / "pool" / name).mkdir(parents=True)
+        for i, a in enumerate(test):
+            make(a).save(tmp_path / "pool" / name / f"{i}.png")
+    cfg = _cfg(data_root, tmp_path / "cache")
+    store = load_store(cfg.data)
+    pool = load_pool([str(tmp_path / "pool")], cfg.data, channels=1)
+    pairs = pool_copies(pool, store, cfg)
+    test_paths = {f"breastmnist.npz:test/{i}" for i in range(40)}
+    for name in ("resized", "jpeg", "crop90"):
+        hits = {p["image"] for p in pairs if f"/{name}/" in p["pool"] and p["image"] in test_paths}
+        planted = {
+            (p["pool"], p["image"])
+            for p in pairs
+            if p["pool"].endswith(f"/{name}/{p['image'].split('/')[-1]}.png")
+        }
+        assert len(planted) >= (38 if name != "crop90" else 34), (name, len(planted), len(hits))
