@@ -286,10 +286,11 @@ def pool_copies(pool: Pool, store: Store, cfg: Config) -> list[dict[str, Any]]:
     rows = np.flatnonzero(np.isin(store.split, ("val", "test")))
     hashes, digests = store.fingerprints()
     found: dict[tuple[int, int], tuple[str, float]] = {}
-    for q, j, _ in find_copies(
-        np.stack([thumbnail(store.images[r]) for r in rows]), pool.thumbs, cfg.check.copy_ncc
-    ):
-        found[(j, int(rows[q]))] = ("copy", _)
+    thumbs = (
+        np.stack([thumbnail(store.images[r]) for r in rows]) if len(rows) else np.zeros((0, 32, 32), np.uint8)
+    )
+    for q, j, ncc in find_copies(thumbs, pool.thumbs, cfg.check.copy_ncc):
+        found[(j, int(rows[q]))] = ("copy", ncc)
     for q, j, d in hamming_pairs(pool.hashes, hashes[rows], cfg.data.duplicate_bits):
         found[(int(j), int(rows[q]))] = ("near", float(d))
     where = {str(d): int(r) for r, d in zip(rows, digests[rows], strict=True)}
