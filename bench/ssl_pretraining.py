@@ -159,7 +159,8 @@ def write_table(data: str, record: dict[str, dict], a: argparse.Namespace) -> No
         f"draws, mean [t-interval]; with all labels there is one draw per seed, so the interval is over seeds.\n"
     )
     (OUT / f"{data}.md").write_text("\n".join(lines) + "\n" + note)
-    (OUT / f"{data}.json").write_text(json.dumps(record, indent=1))
+    text = json.dumps(record, indent=1).replace(str(REPO), "<repo>")  # no paths of this machine
+    (OUT / f"{data}.json").write_text(text)
     print("\n".join(lines) + "\n" + note)
 
 

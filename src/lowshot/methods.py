@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from lightly.loss import DINOLoss, NegativeCosineSimilarity, NTXentLoss, VICRegLoss
@@ -62,6 +63,22 @@ def momentum_at(step: int, total_steps: int, start: float) -> float:
     """EMA decay of the momentum copies at ``step``: cosine from ``start`` to 1 over training (BYOL,
     Grill et al., 2020, §3.2; also used for MoCo v3 and DINO's teacher), lightly's ``cosine_schedule``."""
     return cosine_schedule(step, total_steps, start, 1.0)
+
+
+def _follow(model: Any, step: int, total_steps: int) -> None:
+    """Move a method's momentum copies (``backbone_m``, ``head_m``) towards its online ``backbone`` and
+    ``head`` with the decay of ``momentum_at`` (MoCo, BYOL, DINO)."""
+    m = momentum_at(step, total_steps, model.m0)
+    update_momentum(model.backbone, model.backbone_m, m)
+    update_momentum(model.head, model.head_m, m)
+
+
+@torch.no_grad()
+def _targets(model: Any, x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The momentum copies' outputs for both views, fp32, no gradients: MoCo's keys, BYOL's targets,
+    DINO's teacher."""
+    t0, t1 = model.head_m(model.backbone_m(torch.cat([x0, x1]))).float().chunk(2)
+    return t0, t1
 
 
 class SimCLR(nn.Module):
@@ -111,14 +128,11 @@ class MoCo(nn.Module):
         return self.backbone
 
     def after_step(self, step: int, total_steps: int) -> None:
-        m = momentum_at(step, total_steps, self.m0)
-        update_momentum(self.backbone, self.backbone_m, m)
-        update_momentum(self.head, self.head_m, m)
+        _follow(self, step, total_steps)
 
     def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         q0, q1 = self.head(self.backbone(torch.cat([x0, x1]))).float().chunk(2)
-        with torch.no_grad():
-            k0, k1 = self.head_m(self.backbone_m(torch.cat([x0, x1]))).float().chunk(2)
+        k0, k1 = _targets(self, x0, x1)
         with _fp32(q0.device):  # each call also enqueues its keys (gathered from all processes)
             return 0.5 * (self.criterion(q0, k1) + self.criterion(q1, k0))
 
@@ -140,14 +154,11 @@ class BYOL(nn.Module):
         return self.backbone
 
     def after_step(self, step: int, total_steps: int) -> None:
-        m = momentum_at(step, total_steps, self.m0)
-        update_momentum(self.backbone, self.backbone_m, m)
-        update_momentum(self.head, self.head_m, m)
+        _follow(self, step, total_steps)
 
     def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         p0, p1 = self.predictor(self.head(self.backbone(torch.cat([x0, x1])))).float().chunk(2)
-        with torch.no_grad():
-            t0, t1 = self.head_m(self.backbone_m(torch.cat([x0, x1]))).float().chunk(2)
+        t0, t1 = _targets(self, x0, x1)
         with _fp32(p0.device):
             return 0.5 * (self.criterion(p0, t1) + self.criterion(p1, t0))
 
@@ -200,14 +211,11 @@ class DINO(nn.Module):
         return self.backbone_m
 
     def after_step(self, step: int, total_steps: int) -> None:
-        m = momentum_at(step, total_steps, self.m0)
-        update_momentum(self.backbone, self.backbone_m, m)
-        update_momentum(self.head, self.head_m, m)
+        _follow(self, step, total_steps)
 
     def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         s0, s1 = self.head(self.backbone(torch.cat([x0, x1]))).float().chunk(2)
-        with torch.no_grad():
-            t0, t1 = self.head_m(self.backbone_m(torch.cat([x0, x1]))).float().chunk(2)
+        t0, t1 = _targets(self, x0, x1)
         with _fp32(s0.device):  # the centre moves towards the teacher mean of all processes
             return self.criterion([t0, t1], [s0, s1])
 
