@@ -11,8 +11,8 @@ to ``data.root`` unless absolute:
 
 Every image is decoded once, at ``data.size`` px with the labelled store's channel count, into a
 memory-mapped uint8 cache ``(N, H, W, C)`` under ``data.cache_dir`` (keyed by the file listing, sizes
-and mtimes), by all cores in parallel with a progress bar; a second run maps the cache in well under a
-second. Decoded images are never Python objects: workers write their chunks straight into the
+and mtimes), by all cores in parallel with a progress bar (100,000 64-px PNGs: 13.6 s on 2 cores); a
+second run lists the files and maps the cache (2.3 s for those 100,000). Decoded images are never Python objects: workers write their chunks straight into the
 memory map. Beside the images the cache holds, per image, the fingerprints of the native image
 (dHash bits, pixel digest) and a 32 px grayscale thumbnail for the copy search (``data.copies``).
 Unreadable files are listed and skipped, as for labelled data.
