@@ -140,6 +140,8 @@ def test_every_method_is_the_same_on_two_processes_as_on_one() -> None:
 
 
 def test_method_keys_are_checked() -> None:
+    for name in METHODS:  # the config's list of choices is the registry's
+        assert parse_args([f"ssl.method={name}"])[0].ssl.method == name
     with pytest.raises(ConfigError, match=r"ssl\.method"):
         parse_args(["ssl.method=swav"])
     with pytest.raises(ConfigError, match=r"ssl\.momentum"):

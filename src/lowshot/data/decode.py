@@ -103,3 +103,14 @@ def fingerprints(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     if not images:
         return np.zeros((0, 64), bool), np.zeros(0, "<U40")
     return np.stack([dhash(a) for a in images]), np.array([pixel_digest(a) for a in images])
+
+
+def to_channels(a: np.ndarray, channels: int) -> np.ndarray:
+    """(..., C) uint8 → (..., channels): colour → ITU-R 601 luma (as PIL's convert("L")), gray replicated
+    to RGB. One image or a whole (N, H, W, C) store."""
+    if a.shape[-1] == channels:
+        return a
+    if channels == 1:
+        luma = a.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return np.clip(luma + 0.5, 0, 255).astype(np.uint8)[..., None]
+    return np.repeat(a, 3, axis=-1)

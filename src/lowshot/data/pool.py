@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from .cache import cache_root
-from .decode import IMAGE_SUFFIXES, decode_image, dhash, pixel_digest, square_resize
+from .decode import IMAGE_SUFFIXES, decode_image, dhash, pixel_digest, square_resize, to_channels
 from .store import DataError, Store
 
 log = logging.getLogger(__name__)
@@ -79,16 +79,6 @@ def thumbnail(a: np.ndarray) -> np.ndarray:
     """(H, W, C) uint8, padded square → (32, 32) uint8 grayscale (ITU-R 601 luma), antialiased."""
     im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("L")
     return np.asarray(im.resize((THUMB, THUMB), Image.Resampling.BICUBIC))
-
-
-def to_channels(a: np.ndarray, channels: int) -> np.ndarray:
-    """(H, W, C) uint8 → (H, W, channels): colour → luma for a grayscale store, gray replicated for RGB."""
-    if a.shape[-1] == channels:
-        return a
-    if channels == 1:
-        luma = a.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        return np.clip(luma + 0.5, 0, 255).astype(np.uint8)[..., None]
-    return np.repeat(a, 3, axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------- listing

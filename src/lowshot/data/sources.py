@@ -22,6 +22,7 @@ from .decode import (
     resize_batch,
     square_resize,
     stack_images,
+    to_channels,
 )
 from .duplicates import duplicate_groups
 from .splits import apply_limit, assign_fold, fill_splits, label_budget, warn_group_leaks
@@ -60,12 +61,10 @@ def load_store(cfg: DataConfig) -> Store:
         raise DataError(
             f"data source {path}: expected a .npz, a .csv manifest or a class-per-folder directory"
         )
-    if cfg.color == "gray" and not store.grayscale:
-        # ITU-R 601 luma, as PIL's convert("L"): for gray modalities whose exports carry coloured marks
-        luma = store.images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        store.images = np.clip(luma + 0.5, 0, 255).astype(np.uint8)[..., None]
+    if cfg.color == "gray" and not store.grayscale:  # gray modalities whose exports carry coloured marks
+        store.images = to_channels(store.images, 1)
     elif cfg.color == "rgb" and store.grayscale:
-        store.images = np.repeat(store.images, 3, axis=-1)
+        store.images = to_channels(store.images, 3)
     warn_group_leaks(store)  # the source's own split, by its own groups (duplicates: the leakage check)
     if cfg.group_duplicates:
         store.source_groups = store.groups
