@@ -13,9 +13,10 @@ Adam / SGD, warmup + cosine or step decay, no weight decay on norms/biases; opti
 smoothing, mixup/cutmix, EMA weights, class-weighted loss or balanced sampling; early stopping on
 validation AUROC keeping a copy of the best weights. Before training, identical images across splits
 stop the run (check.leakage). The test split is sealed while anything is selected and read once, at
-the end, by the selected model (the read is logged in the lockbox ledger). results.json holds every
-metric with a bootstrap CI and the calibration (temperature fitted on validation); predictions.npz
-and the report figures sit beside it.
+the end, by the selected model (the read is logged in the lockbox ledger), after the operating point
+(eval.operating_point) was chosen on validation and written beside the model. results.json holds every
+metric with a bootstrap CI, at argmax and at the operating point, and the calibration (temperature
+fitted on validation); predictions.npz and the report figures sit beside it.
 """
 
 import sys
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 
 from lowshot import finetune as ft
+from lowshot import operating_point as op
 from lowshot.augment import batched_loader, train_spec, use_batched
 from lowshot.check import leakage_guard
 from lowshot.cli import user_errors
@@ -39,7 +41,7 @@ from lowshot.data import (
     store_loader,
     train_transform,
 )
-from lowshot.evaluation import auroc, final_reports, format_report, nll
+from lowshot.evaluation import auroc, final_reports, format_point, format_report, nll
 from lowshot.models import backbone_for, cached_embeddings, save_checkpoint
 from lowshot.tracking import Run, make_accelerator, memory_format
 
@@ -86,6 +88,7 @@ if cfg.train.probe:
     results["selected"] = {"C": c, "val_auroc": max(p["val_auroc"] for p in curve), "candidates": len(curve)}
     results["curve"] = curve
     val_prob, val_y = clf.predict_proba(x_va), y_va
+    balanced = False  # an unweighted logistic regression learns the training labels' prior
 
     def score(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return clf.predict_proba(feats.numpy()[rows]), store.labels[rows]
@@ -167,6 +170,7 @@ else:
         "candidates": epoch + 1,
     }
     val_prob, val_y = ft.predict(model, val_l, accelerator)
+    balanced = tc.balance != "none"  # a weighted loss or a balanced sampler trains on a uniform prior
 
     def score(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return ft.predict(
@@ -186,6 +190,14 @@ else:
             str(run.dir / "checkpoint" / "head.safetensors"),
         )
 
+# The operating point, chosen on validation (a label budget or class balancing trains on a prior unlike the
+# one the model will meet), stored beside the model; test metrics are reported at it and at argmax.
+point = op.from_config(
+    cfg.eval, store.classes, store.labels[store.indices("train")], balanced, val_y, val_prob
+)
+if accelerator.is_main_process:
+    for where in [run.dir] + ([] if cfg.train.probe else [run.dir / "checkpoint"]):
+        op.save(point, where)
 # The lockbox: the test split is opened only now, once, for the selected model (never with eval.test=false).
 arrays = {"val_prob": val_prob, "val_y": val_y, "val_path": store.paths[store.indices("val")].astype(str)}
 test = None
@@ -194,10 +206,11 @@ if cfg.eval.test:
     test_prob, test_y = score(test_rows)
     test = (test_y, test_prob)
     arrays |= {"test_prob": test_prob, "test_y": test_y, "test_path": store.paths[test_rows].astype(str)}
-results |= final_reports((val_y, val_prob), test, store.classes, cfg.eval, cfg.seed)
+results |= final_reports((val_y, val_prob), test, store.classes, cfg.eval, cfg.seed, point)
 run.save_predictions(**arrays)
 accelerator.print(format_report(results["val"], f"validation ({job}, selected)"))
 if test is not None:
     accelerator.print(format_report(results["test"], f"TEST ({job}, evaluated once)"))
+    accelerator.print(format_point(results["test_at_point"], point, "TEST"))
 run.finish(results)
 accelerator.print(f"results: {run.dir / 'results.json'}")

@@ -58,6 +58,17 @@ def check_test_report(run: Path) -> dict:
     for k in ("auroc", "accuracy", "balanced_accuracy"):
         assert m[k]["low"] <= m[k]["value"] <= m[k]["high"], (k, m[k])
     assert (run / "config.yaml").is_file() and (run / "meta.json").is_file()
+    # the operating point chosen on validation, stored beside the model, and the test scored at it
+    point = json.loads((run / "operating_point.json").read_text())
+    assert point == res["operating_point"] and point["classes"] == res["classes"]
+    if res["job"] == "finetune":
+        assert json.loads((run / "checkpoint" / "operating_point.json").read_text()) == point
+    at = res["test_at_point"]
+    assert at["n"] == res["test"]["n"] and set(at["metrics"]) == {"accuracy", "balanced_accuracy", "macro_f1"}
+    assert (
+        at["per_class"][point["positive"]]["sensitivity"]["low"]
+        <= at["per_class"][point["positive"]]["sensitivity"]["high"]
+    )
     return res
 
 
@@ -86,7 +97,7 @@ def test_breastmnist_pretrain_probe_finetune(data_root: Path, cache_dir: Path, t
     check_wandb_offline(tmp_path / "pre", "pretrain")
 
     p = ok(launch("finetune/train.py", ["--probe", *args, "name=probe", f"model.weights={ckpt}"], tmp_path))
-    assert "TEST (probe, evaluated once)" in p.stdout
+    assert "TEST (probe, evaluated once)" in p.stdout and "TEST at the operating point (balanced" in p.stdout
     probe = check_test_report(tmp_path / "probe")
     assert probe["selected"]["C"] in [p["C"] for p in probe["curve"]]
     assert probe["test"]["n"] == 156 and len(probe["curve"]) >= 5
@@ -213,12 +224,27 @@ def test_busi_folder_pipeline(busi: Path, cache_dir: Path, tmp_path: Path) -> No
     ok(
         launch(
             "finetune/train.py",
-            [*args, "name=ft", "model.name=test_resnet", "train.epochs=1", w, per_image, "train.rotate=10"],
+            [
+                *args,
+                "name=ft",
+                "model.name=test_resnet",
+                "train.epochs=1",
+                w,
+                per_image,
+                "train.rotate=10",
+                "eval.operating_point=youden",
+                "eval.positive_class=malignant",
+            ],
             tmp_path,
         )
     )
     ft = check_test_report(tmp_path / "ft")
     assert np.array(ft["test"]["confusion_matrix"]).shape == (3, 3)
+    point = ft["operating_point"]
+    assert point["rule"] == "youden" and point["positive"] == "malignant" and "threshold" not in point
+    # the point was chosen to maximise validation balanced accuracy: never below argmax's
+    val_argmax = ft["val"]["metrics"]["balanced_accuracy"]["value"]
+    assert point["val"]["balanced_accuracy"] >= val_argmax - 1e-9
 
 
 def test_bad_input_fails_fast_with_a_clear_message(data_root: Path, tmp_path: Path) -> None:

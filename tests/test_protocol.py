@@ -234,6 +234,7 @@ def test_report_aggregates_seeds_and_compares_runs(runs: dict[str, Path], tmp_pa
     assert "| 2 |" in md  # the two seeds form one experiment of n=2
     assert "How much to believe this" in md and "one image moves accuracy by 1.25 points" in md
     assert "Paired comparisons" in md and "DeLong" in md
+    assert md.count("Operating point (balanced, threshold") == 3 and "at argmax (0.5): sensitivity" in md
     for run in ("ft0", "ft1", "probe"):
         for fig in ("roc", "confusion", "reliability", "learning_curves"):
             png = tmp_path / "rep" / run / f"{fig}.png"

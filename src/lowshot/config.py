@@ -311,6 +311,27 @@ class EvalConfig:
     # Fit one softmax temperature on the validation split (Guo et al., 2017) and report test calibration
     # with it. Accuracy does not change (the argmax stays), nor does a binary AUROC (the ranking stays).
     temperature_scaling: bool = True
+    # The operating point (lowshot.operating_point), chosen on validation and stored beside the model;
+    # test sensitivity/specificity are reported at it beside the argmax (0.5) numbers. balanced: the Bayes
+    # decision for balanced accuracy, undoing the training prior (argmax under a label budget K per class or
+    # train.balance); prior: the most accurate at eval.prior or the validation split's class frequencies;
+    # youden: max validation balanced accuracy, fitted; sensitivity: eval.target_sensitivity for
+    # eval.positive_class on validation; argmax: 0.5.
+    operating_point: str = "balanced"
+    positive_class: str = ""  # a class name or index; "" = the rarest class (usually the finding)
+    target_sensitivity: float = 0.9
+    prior: list[float] = field(
+        default_factory=list
+    )  # deployment class frequencies; [] = the validation split's
+
+    def __post_init__(self) -> None:
+        _choice(
+            "eval.operating_point",
+            self.operating_point,
+            ("argmax", "balanced", "prior", "youden", "sensitivity"),
+        )
+        if not 0.0 < self.target_sensitivity <= 1.0:
+            raise ValueError(f"eval.target_sensitivity={self.target_sensitivity}: give a fraction in (0, 1]")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from sklearn.metrics import (
 )
 
 from .config import EvalConfig
+from .operating_point import reweighted
 
 log = logging.getLogger(__name__)
 
@@ -311,10 +312,13 @@ def final_reports(
     class_names: list[str],
     cfg: EvalConfig,
     seed: int,
+    point: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The selected model's validation and test reports, each ``(labels (N,), probabilities (N, K))``
     (no test: a selection-only run), and its calibration: a temperature fitted on validation only,
-    test ECE/Brier/NLL without and with it."""
+    test ECE/Brier/NLL without and with it. With an operating ``point`` (lowshot.operating_point, chosen on
+    validation): also ``val_at_point``/``test_at_point``, the accuracy, balanced accuracy, F1 and per-class
+    sensitivity/specificity of its decisions, with bootstrap CIs."""
     parts = {"val": val, **({"test": test} if test is not None else {})}
     out: dict[str, Any] = {
         name: classification_report(y, p, class_names, cfg.bootstrap, cfg.ci, seed)
@@ -327,7 +331,34 @@ def final_reports(
         if test is not None:
             cal["test_scaled"] = calibration(test[0], with_temperature(test[1], t), cfg.calibration_bins)
     out["calibration"] = cal
+    if point is not None:  # the decisions at the operating point chosen on validation
+        out["operating_point"] = point
+        for name, (y, p) in parts.items():
+            r = classification_report(
+                y, reweighted(p, point["weights"]), class_names, cfg.bootstrap, cfg.ci, seed
+            )
+            r["metrics"] = {m: r["metrics"][m] for m in AT_POINT}  # the threshold-free ones are unchanged
+            out[f"{name}_at_point"] = r
     return out
+
+
+# What an operating point changes (AUROC, ECE and Brier are properties of the probabilities, reported once).
+AT_POINT = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def format_point(report: dict[str, Any], point: dict[str, Any], title: str) -> str:
+    """The metrics at the operating point, for the terminal."""
+    thr = f", threshold {point['threshold']:.3f} on P({point['positive']})" if "threshold" in point else ""
+    lines = [f"{title} at the operating point ({point['rule']}{thr}, chosen on validation)"]
+    for m in AT_POINT:
+        r = report["metrics"][m]
+        lines.append(f"  {m:<18} {r['value']:.3f}  [{r['low']:.3f}, {r['high']:.3f}]")
+    for name, pc in report["per_class"].items():
+        s, sp = pc["sensitivity"], pc["specificity"]
+        lines.append(
+            f"  {name[:24]:<24} sens {s['value']:.2f} [{s['low']:.2f}, {s['high']:.2f}]  spec {sp['value']:.2f} [{sp['low']:.2f}, {sp['high']:.2f}]"
+        )
+    return "\n".join(lines)
 
 
 def format_report(report: dict[str, Any], title: str) -> str:

@@ -299,6 +299,23 @@ def believe(run: dict[str, Any]) -> list[str]:
         )
     if test.get("degenerate"):
         notes.append("**Degenerate:** the model predicts one class for every test image.")
+    point, at = res.get("operating_point"), res.get("test_at_point")
+    if point and at:  # what a decision threshold does to the finding's sensitivity and specificity
+        pos = point["positive"]
+
+        def ss(r: dict[str, Any]) -> str:
+            s, sp = r["per_class"][pos]["sensitivity"], r["per_class"][pos]["specificity"]
+            return (
+                f"sensitivity {s['value']:.2f} [{s['low']:.2f}, {s['high']:.2f}], "
+                f"specificity {sp['value']:.2f} [{sp['low']:.2f}, {sp['high']:.2f}]"
+            )
+
+        thr = f", threshold {point['threshold']:.3f} on P({pos})" if "threshold" in point else ""
+        notes.append(
+            f"Operating point ({point['rule']}{thr}, chosen on validation, stored in operating_point.json): "
+            f"'{pos}' {ss(at)}, balanced accuracy {at['metrics']['balanced_accuracy']['value']:.3f}; at argmax (0.5): "
+            f"{ss(test)}, balanced accuracy {test['metrics']['balanced_accuracy']['value']:.3f}."
+        )
     cal = res.get("calibration", {})
     if "test_scaled" in cal:
         notes.append(
