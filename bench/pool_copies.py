@@ -18,7 +18,7 @@
    score among pairs ending at NCC >= 0.85 (what copies.FINE_GAIN must exceed).
 
 Scores are computed once; recall and false positives are tabulated at several thresholds (the default
-``check.copy_ncc`` is chosen from this table). Writes bench/results/pool_copies/{table.md,table.json,
+``data.duplicate_ncc`` is chosen from this table). Writes bench/results/pool_copies/{table.md,table.json,
 busi_breastmnist.png,retina_top.png}.
 """
 
@@ -40,7 +40,7 @@ from lowshot.data.pool import thumbnail
 
 OUT = Path(__file__).resolve().parent / "results" / "pool_copies"
 THRESHOLDS = (0.85, 0.88, 0.9, 0.92, 0.94)
-DEFAULT_NCC = 0.88  # check.copy_ncc
+DEFAULT_NCC = 0.88  # data.duplicate_ncc
 
 
 def thumbs(images: list[np.ndarray] | np.ndarray) -> np.ndarray:
@@ -331,7 +331,7 @@ def render(res: dict) -> None:
         "## Scale (2 CPU cores)",
         "",
         f"{sc['pool']:,} pool images x {sc['queries']:,} queries: candidates {sc['candidates_s']:.1f} s "
-        f"({sc['candidate_pairs']:,} pairs), verification {sc['verify_s']:.1f} s at check.copy_ncc={DEFAULT_NCC} "
+        f"({sc['candidate_pairs']:,} pairs), verification {sc['verify_s']:.1f} s at data.duplicate_ncc={DEFAULT_NCC} "
         f"({sc['fine_searched']:,} pairs above the coarse floor {DEFAULT_NCC} - FINE_GAIN {copies.FINE_GAIN} went on "
         f"to the sub-pixel search; without that cascade {sc['verify_full_s']:.1f} s, and "
         f"{sc['decisions_changed_by_cascade']} decisions differ); dHash pairs within the pool "

@@ -101,3 +101,17 @@ def test_on_off_values_stay_strings_on_the_command_line() -> None:
     cfg, _ = parse_args(["channels_last=on", "data.augment_compile=off", "eval.test=false", "data.limit=3"])
     assert cfg.channels_last == "on" and cfg.data.augment_compile == "off"
     assert cfg.eval.test is False and cfg.data.limit == 3
+
+
+def test_renamed_keys_read_from_old_run_files_and_named_for_users(tmp_path: Path) -> None:
+    """A config.yaml an older lowshot wrote beside a checkpoint (check.copy_ncc, now data.duplicate_ncc)
+    still loads, with the value moved; typing the old key gets the new name."""
+    from lowshot.config import RENAMED, all_keys
+
+    text = to_yaml(Config()).replace("  duplicate_ncc: 0.88\n", "")
+    text = text.replace("check:\n", "check:\n  copy_ncc: 0.91\n", 1)
+    (tmp_path / "config.yaml").write_text(text)
+    assert load_yaml(tmp_path / "config.yaml").data.duplicate_ncc == 0.91
+    with pytest.raises(ConfigError, match=r"it is now 'data\.duplicate_ncc'"):
+        parse_args(["check.copy_ncc=0.9"])
+    assert all(k not in all_keys() for k in RENAMED) and all(v in all_keys() for v in RENAMED.values())

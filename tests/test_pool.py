@@ -150,7 +150,10 @@ def test_planted_resized_jpeg_and_cropped_copies_are_found(data_root: Path, tmp_
             for p in pairs
             if p["pool"].endswith(f"/{name}/{p['image'].split('/')[-1]}.png")
         }
-        assert len(planted) >= (38 if name != "crop90" else 34), (name, len(planted), len(hits))
+        # JPEG q70 of a 28 px image blurs the detail the verification compares: 0.65 of such copies reach
+        # data.duplicate_ncc (bench/pool_copies.py), 1.00 at 256 px; the hash alone is not trusted (look-alikes)
+        need = {"resized": 38, "jpeg": 20, "crop90": 34}[name]
+        assert len(planted) >= need, (name, len(planted), len(hits))
 
 
 def test_verification_cascade_changes_no_decision(data_root: Path, busi: Path) -> None:

@@ -7,12 +7,17 @@ training data are) the checker computes
 
 - a SHA-1 of the decoded pixels: equal digests are **exact** duplicates, whatever the file bytes;
 - a 64-bit difference hash (dHash: brightness gradients of a 9x8 grayscale thumbnail, Krawetz 2013):
-  pairs within ``data.duplicate_bits`` differing bits are **near** duplicates (both fingerprints are
-  taken once, when the data layer decodes the images);
+  pairs within ``data.duplicate_bits`` differing bits are *candidates* (both fingerprints are taken
+  once, when the data layer decodes the images), and so are the neighbours of a crop-tolerant search
+  and, with ``check.embeddings``, of backbone embeddings;
+- each candidate is verified (lowshot.data.copies: detail NCC at the best alignment >=
+  ``data.duplicate_ncc``): **near** duplicates and resized/re-cropped **copies**; the rest are
+  **look-alikes**, listed but never counted;
 
-and reports pairs across splits (leakage), across classes (label conflicts), and groups (patients)
-that span splits, as a terminal summary, ``report.json`` and ``pairs.png`` (the flagged pairs side
-by side, with their paths and labels, to judge at a glance).
+and reports verified pairs across splits (leakage), across classes (label conflicts), and groups
+(patients) that span splits, as a terminal summary, ``report.json`` and ``pairs.png`` (the pairs side
+by side, with their paths, labels and scores, to judge at a glance); ``check.against`` adds the copies
+found in a second source.
 """
 
 from __future__ import annotations
@@ -30,13 +35,12 @@ from .data import (
     DataError,
     Store,
     decode_image,
-    duplicate_pairs,
     groups_across_splits,
     source_path,
 )
-from .data.copies import find_copies
-from .data.duplicates import hamming_pairs
-from .data.pool import Pool, thumbnail
+from .data.copies import find_copies, thumbnail, verify
+from .data.duplicates import VERIFIED, hamming_pairs, verified_pairs
+from .data.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -84,26 +88,42 @@ def embedding_pairs(feats: np.ndarray, threshold: float, chunk: int = 2048) -> l
 
 
 def check_store(
-    store: Store, cfg: DataConfig, threshold: int, feats: np.ndarray | None = None, cosine: float = 1.0
+    store: Store, cfg: DataConfig, feats: np.ndarray | None = None, cosine: float = 1.0
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """All findings on a loaded store (see the module docstring), JSON-ready, and the native images.
 
-    With ``feats`` (N, D), pairs the hashes missed but whose embeddings have cosine >= ``cosine`` are
-    added as kind 'embedding' (a backbone sees content where dHash sees only brightness gradients)."""
+    Pairs come from lowshot.data.duplicates.verified_pairs: exact, near (hash candidate verified), copy
+    (crop-tolerant search, verified) and lookalike (a hash candidate the verification rejected). With
+    ``feats`` (N, D), pairs whose embeddings have cosine >= ``cosine`` are candidates too (a backbone sees
+    content where dHash sees brightness gradients), verified the same way. Leakage, label conflicts and
+    the exit status count verified pairs only; look-alikes are listed for a person to judge."""
     images = native_images(store, cfg)  # for the sheet and the sizes; fingerprints come with the store
-    pairs, vague = duplicate_pairs(*store.fingerprints(), threshold)
-    found: list[tuple[int, int, int, str, float | None]] = [(i, j, d, kind, None) for i, j, d, kind in pairs]
+    pairs, vague = verified_pairs(store, cfg)
+    found: list[tuple[int, int, int, str, float | None, float | None]] = [
+        (i, j, d, kind, v, None) for i, j, d, kind, v in pairs
+    ]
     if feats is not None:
         seen = {(i, j) for i, j, *_ in found}
-        found += [
-            (i, j, -1, "embedding", c) for i, j, c in embedding_pairs(feats, cosine) if (i, j) not in seen
-        ]
+        emb = [(i, j, c) for i, j, c in embedding_pairs(feats, cosine) if (i, j) not in seen]
+        thumbs = np.stack([thumbnail(a) for a in store.images]) if emb else np.zeros((0, 32, 32), np.uint8)
+        ij = np.array([(i, j) for i, j, _ in emb], np.int64).reshape(-1, 2)
+        for (i, j, c), v in zip(emb, verify(thumbs, thumbs, ij).tolist(), strict=True):
+            kind = "copy" if v >= cfg.duplicate_ncc else "lookalike"
+            found.append((i, j, -1, kind, round(v, 4), c))
     rows = []
-    for i, j, d, kind, cos in found:
+    for i, j, d, kind, v, cos in found:
         rows.append(
             {
                 "kind": kind,
+                "found_by": "pixels"
+                if kind == "exact"
+                else "hash"
+                if d >= 0
+                else "embedding"
+                if cos
+                else "search",
                 "distance_bits": d,
+                "ncc": v,
                 "cosine": cos,
                 "a": _describe(store, i),
                 "b": _describe(store, j),
@@ -111,6 +131,7 @@ def check_store(
                 "cross_class": bool(store.labels[i] != store.labels[j]),
             }
         )
+    same = [r for r in rows if r["kind"] in VERIFIED]
     shapes = Counter(f"{a.shape[1]}x{a.shape[0]}x{a.shape[2]}" for a in images)
     return {
         "source": str(source_path(cfg)),
@@ -120,16 +141,20 @@ def check_store(
         "native_sizes": dict(shapes.most_common(10)),
         "file_modes": file_modes(store, cfg),
         "skipped_files": [{"file": f, "why": w} for f, w in store.skipped],
-        "hash_threshold_bits": threshold,
+        "hash_threshold_bits": cfg.duplicate_bits,
+        "duplicate_ncc": cfg.duplicate_ncc,
         "pairs": rows,
         "exact_pairs": sum(r["kind"] == "exact" for r in rows),
         "near_pairs": sum(r["kind"] == "near" for r in rows),
-        "embedding_pairs": sum(r["kind"] == "embedding" for r in rows),
-        # images whose dHash is within reach of many others: their near pairs are not listed
+        "copy_pairs": sum(r["kind"] == "copy" for r in rows),
+        "lookalike_pairs": sum(r["kind"] == "lookalike" for r in rows),
+        "embedding_candidates": sum(r["found_by"] == "embedding" for r in rows),
+        # images whose dHash is within reach of many others: their hash candidates are not verified
         "hash_blind_images": int(vague.sum()),
         "cosine_threshold": cosine if feats is not None else None,
-        "cross_split_pairs": sum(r["cross_split"] for r in rows),
-        "cross_class_pairs": sum(r["cross_class"] for r in rows),
+        "cross_split_pairs": sum(r["cross_split"] for r in same),
+        "cross_class_pairs": sum(r["cross_class"] for r in same),
+        "lookalikes_across_splits": sum(r["cross_split"] for r in rows if r["kind"] == "lookalike"),
         "groups_across_splits": groups_across_splits(store),  # none when each image is its own group
     }, images
 
@@ -144,26 +169,32 @@ def _describe(store: Store, i: int) -> dict[str, Any]:
 
 
 def ranked(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The flagged pairs, label conflicts first, then leaks across splits, then the rest; closest first."""
+    """The pairs, verified ones first (label conflicts, then leaks across splits, then the rest), then
+    the look-alikes; most similar first."""
     return sorted(
         report["pairs"],
         key=lambda r: (
+            r["kind"] == "lookalike",
             not r["cross_class"],
             not r["cross_split"],
-            r["kind"] == "embedding",
-            r["distance_bits"],
-            -(r["cosine"] or 0),
+            -(r["ncc"] if r["ncc"] is not None else 1.0),
         ),
     )
 
 
 def closeness(row: dict[str, Any]) -> str:
-    """'3 bits' for hash pairs, 'cos 0.985' for embedding pairs."""
-    return f"cos {row['cosine']:.3f}" if row["kind"] == "embedding" else f"{row['distance_bits']} bits"
+    """'identical', 'NCC 0.973 (3 bits)', 'NCC 0.912 (cos 0.985)' or 'NCC 0.941'."""
+    if row["kind"] == "exact":
+        return "identical"
+    by = f" ({row['distance_bits']} bits)" if row["distance_bits"] >= 0 else ""
+    by = f" (cos {row['cosine']:.3f})" if row.get("cosine") else by
+    return f"NCC {row['ncc']:.3f}{by}"
 
 
 def flags(row: dict[str, Any]) -> str:
-    """'LABEL-CONFLICT ACROSS-SPLITS', either, or ''."""
+    """'LABEL-CONFLICT ACROSS-SPLITS', either, or '' (never for a look-alike: not the same image)."""
+    if row["kind"] == "lookalike":
+        return ""
     return " ".join(
         f for f, on in (("LABEL-CONFLICT", row["cross_class"]), ("ACROSS-SPLITS", row["cross_split"])) if on
     )
@@ -177,22 +208,21 @@ def summary(report: dict[str, Any]) -> str:
         f"  native sizes: {report['native_sizes']}",
         f"  file modes (bit depth): {report['file_modes']}",
         f"  skipped files: {len(report['skipped_files'])}",
-        f"  exact duplicate pairs: {report['exact_pairs']}; near duplicates (dHash <= {report['hash_threshold_bits']} bits): {report['near_pairs']}"
-        + (
-            f"; by embedding (cosine >= {report['cosine_threshold']}): {report['embedding_pairs']}"
-            if report.get("cosine_threshold") is not None
-            else ""
-        ),
+        f"  duplicate pairs (verified: detail NCC >= {report['duplicate_ncc']}): exact {report['exact_pairs']}, "
+        f"near {report['near_pairs']} (dHash <= {report['hash_threshold_bits']} bits), resized/re-cropped copies "
+        f"{report['copy_pairs']}",
+        f"  look-alikes (hash or embedding candidates the verification rejected; not counted): "
+        f"{report['lookalike_pairs']}, {report['lookalikes_across_splits']} across splits",
         *(
             [
-                f"  images the hash cannot tell apart: {report['hash_blind_images']} (their near pairs are not "
-                "listed; check.embeddings=true compares content)"
+                f"  images the hash cannot tell apart: {report['hash_blind_images']} (their hash candidates are not "
+                "verified; the crop-tolerant search still compares them)"
             ]
             if report.get("hash_blind_images")
             else []
         ),
-        f"  pairs across splits (leakage): {report['cross_split_pairs']}",
-        f"  pairs across classes (label conflicts): {report['cross_class_pairs']}",
+        f"  verified pairs across splits (leakage): {report['cross_split_pairs']}",
+        f"  verified pairs across classes (label conflicts): {report['cross_class_pairs']}",
         f"  groups in more than one split: {len(report['groups_across_splits'])}",
     ]
     return "\n".join(lines)
@@ -238,12 +268,15 @@ def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
 
     Identical images in two splits are leakage: ``check.leakage`` = error raises, warn logs, drop marks
     the copy in the earlier split (train before val before test) 'dropped', so the test split stays as
-    published. Near duplicates across splits are only counted and logged: a person judges them with
-    ``lowshot check``. Returns ``{"exact_across_splits", "near_across_splits", "dropped"}``.
+    published. Verified near duplicates and resized/re-cropped copies across splits are only counted and
+    logged: a person judges them with ``lowshot check`` (look-alikes are not counted). Returns
+    ``{"exact_across_splits", "near_across_splits", "dropped"}``.
     """
-    pairs, _ = duplicate_pairs(*store.fingerprints(), cfg.data.duplicate_bits)
+    pairs, _ = verified_pairs(store, cfg.data)
     rank = {s: i for i, s in enumerate(SPLITS)}
-    cross = [(i, j, kind) for i, j, _, kind in pairs if store.split[i] != store.split[j]]
+    cross = [
+        (i, j, kind) for i, j, _, kind, _ in pairs if kind in VERIFIED and store.split[i] != store.split[j]
+    ]
     cross = [(i, j, k) for i, j, k in cross if store.split[i] in rank and store.split[j] in rank]
     exact = [(i, j) for i, j, k in cross if k == "exact"]
     out: dict[str, Any] = {"exact_across_splits": len(exact), "near_across_splits": len(cross) - len(exact)}
@@ -271,32 +304,38 @@ def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
             log.warning("%s Training anyway (check.leakage=warn).", msg)
     if out["near_across_splits"]:
         log.warning(
-            "%s: %d near-duplicate pair(s) (dHash <= %d bits) across splits; look at them with `lowshot check`",
+            "%s: %d verified near-duplicate or re-cropped copy pair(s) across splits (detail NCC >= %.2f); "
+            "look at them with `lowshot check`",
             store.name,
             out["near_across_splits"],
-            cfg.data.duplicate_bits,
+            cfg.data.duplicate_ncc,
         )
     return out
 
 
-def pool_copies(pool: Pool, store: Store, cfg: Config) -> list[dict[str, Any]]:
-    """Pool images that are copies of the store's val/test images, one row per (pool image, store image)
-    pair with its strongest evidence: 'exact' (same decoded pixels), 'near' (dHash within
-    data.duplicate_bits) or 'copy' (a verified resized/re-cropped copy, lowshot.data.copies)."""
-    rows = np.flatnonzero(np.isin(store.split, ("val", "test")))
+def pool_copies(
+    pool: Pool, store: Store, cfg: Config, splits: tuple[str, ...] = ("val", "test")
+) -> list[dict[str, Any]]:
+    """Pool images that are copies of the store's images in ``splits``, one row per (pool image, store
+    image) pair with its strongest evidence: 'exact' (same decoded pixels), 'near' (dHash within
+    data.duplicate_bits, verified) or 'copy' (a verified resized/re-cropped copy, lowshot.data.copies)."""
+    rows = np.flatnonzero(np.isin(store.split, splits))
     hashes, digests = store.fingerprints()
     found: dict[tuple[int, int], tuple[str, float]] = {}
     thumbs = (
         np.stack([thumbnail(store.images[r]) for r in rows]) if len(rows) else np.zeros((0, 32, 32), np.uint8)
     )
-    for q, j, ncc in find_copies(thumbs, pool.thumbs, cfg.check.copy_ncc):
+    for q, j, ncc in find_copies(thumbs, pool.thumbs, cfg.data.duplicate_ncc):
         found[(j, int(rows[q]))] = ("copy", ncc)
-    for q, j, d in hamming_pairs(pool.hashes, hashes[rows], cfg.data.duplicate_bits):
-        found[(int(j), int(rows[q]))] = ("near", float(d))
+    near = hamming_pairs(pool.hashes, hashes[rows], cfg.data.duplicate_bits)[:, :2]
+    # hash candidates count only when verified, like the store's own near pairs (data.duplicates)
+    for (q, j), v in zip(near.tolist(), verify(thumbs, pool.thumbs, near).tolist(), strict=True):
+        if v >= cfg.data.duplicate_ncc:
+            found[(int(j), int(rows[q]))] = ("near", v)
     where = {str(d): int(r) for r, d in zip(rows, digests[rows], strict=True)}
     for j, d in enumerate(pool.digests):
         if str(d) in where:
-            found[(j, where[str(d)])] = ("exact", 0.0)
+            found[(j, where[str(d)])] = ("exact", 1.0)
     out = [
         {
             "pool": str(pool.paths[j]),
@@ -304,13 +343,56 @@ def pool_copies(pool: Pool, store: Store, cfg: Config) -> list[dict[str, Any]]:
             "image": str(store.paths[r]),
             "split": str(store.split[r]),
             "kind": kind,
-            # 'near': differing dHash bits; 'copy': detail NCC at the best alignment
+            # detail NCC at the best alignment ('exact': 1)
             "score": round(score, 4),
         }
         for (j, r), (kind, score) in found.items()
     ]
     order = {"exact": 0, "near": 1, "copy": 2}
-    return sorted(out, key=lambda o: (order[o["kind"]], -o["score"] if o["kind"] == "copy" else o["score"]))
+    return sorted(out, key=lambda o: (order[o["kind"]], -o["score"]))
+
+
+def against(other: Pool, store: Store, cfg: Config) -> dict[str, Any]:
+    """``lowshot check check.against=SOURCE``: copies between a second source and every split of this
+    one, JSON-ready (all pairs; the counts per split and kind)."""
+    pairs = pool_copies(other, store, cfg, SPLITS)
+    return {
+        "source": other.sources,
+        "images": len(other),
+        "skipped_files": len(other.skipped),
+        "pairs": pairs,
+        "by_kind": dict(Counter(p["kind"] for p in pairs)),
+        "images_with_a_copy": {s: len({p["image"] for p in pairs if p["split"] == s}) for s in SPLITS},
+        "other_images_with_a_copy": len({p["pool"] for p in pairs}),
+        "duplicate_ncc": cfg.data.duplicate_ncc,
+    }
+
+
+def plot_against(found: dict[str, Any], other: Pool, store: Store, path: Path, most: int) -> Path | None:
+    """A sheet of the weakest accepted cross-source pairs (where the verification decided), this
+    source's image left, the other's right, at data.size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(found["pairs"], key=lambda p: p["score"])[:most]
+    if not rows:
+        return None
+    index = {str(p): i for i, p in enumerate(store.paths)}
+    fig, axes = plt.subplots(len(rows), 2, figsize=(6, 3 * len(rows)), dpi=80, squeeze=False)
+    for ax_row, r in zip(axes, rows, strict=True):
+        for ax, a, title in (
+            (ax_row[0], store.images[index[r["image"]]], f"{r['image'][-30:]}\n{r['split']}"),
+            (ax_row[1], other.images[r["pool_row"]], f"{r['pool'][-30:]}\n{r['kind']} {r['score']:.3f}"),
+        ):
+            ax.imshow(a[..., 0] if a.shape[-1] == 1 else a, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def pool_guard(pool: Pool, store: Store, cfg: Config) -> tuple[Pool, dict[str, Any]]:
@@ -333,7 +415,7 @@ def pool_guard(pool: Pool, store: Store, cfg: Config) -> tuple[Pool, dict[str, A
             s: len({p["image"] for p in pairs if p["split"] == s}) for s in ("val", "test")
         },
         "pool_duplicate_pairs": int((inner[:, 0] < inner[:, 1]).sum()),  # within the pool, dHash
-        "copy_ncc": cfg.check.copy_ncc,
+        "duplicate_ncc": cfg.data.duplicate_ncc,
         "action": cfg.check.pool_leakage,
         "examples": pairs[:20],
     }

@@ -184,7 +184,7 @@ def check(argv: list[str]) -> int:
 
         backbone, in_chans, norm = backbone_for(cfg, store.grayscale)
         feats = cached_embeddings(cfg, store, backbone, in_chans, norm, Accelerator(cpu=False))[0].numpy()
-    report, images = check_store(store, cfg.data, cfg.data.duplicate_bits, feats, cfg.check.cosine)
+    report, images = check_store(store, cfg.data, feats, cfg.check.cosine)
     out = Path(cfg.out_dir) / (cfg.name or f"check-{store.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -192,14 +192,28 @@ def check(argv: list[str]) -> int:
     print(summary(report))
     for r in ranked(report)[:10]:
         print(
-            f"  {r['kind']:<9} {closeness(r):>9}  {r['a']['path']} [{r['a']['label']}, {r['a']['split']}]  ~  "
+            f"  {r['kind']:<9} {closeness(r):>22}  {r['a']['path']} [{r['a']['label']}, {r['a']['split']}]  ~  "
             f"{r['b']['path']} [{r['b']['label']}, {r['b']['split']}]  {flags(r)}"
         )
     print(f"report: {out / 'report.json'}" + (f", sheet: {sheet}" if sheet else ""))
     bad = report["cross_split_pairs"] or report["cross_class_pairs"] or report["groups_across_splits"]
+    if cfg.check.against:  # copies of any of this source's images in a second source
+        from .check import against, plot_against
+        from .data.pool import load_pool
+
+        other = load_pool([cfg.check.against], cfg.data, channels=store.images.shape[-1])
+        report["against"] = found = against(other, store, cfg)
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        sheet = plot_against(found, other, store, out / "against.png", cfg.check.sheet_pairs)
+        print(
+            f"  against {cfg.check.against} ({found['images']} images): {found['other_images_with_a_copy']} are "
+            f"copies of {sum(found['images_with_a_copy'].values())} images here {found['images_with_a_copy']} "
+            f"{found['by_kind']}" + (f"; sheet: {sheet}" if sheet else "")
+        )
+        bad = bad or found["pairs"]
     if bad and cfg.check.leakage == "error":
         print(
-            "lowshot check: leakage across splits or label conflicts found (--warn-only to exit 0)",
+            "lowshot check: leakage across splits or sources, or label conflicts found (--warn-only to exit 0)",
             file=sys.stderr,
         )
         return 1

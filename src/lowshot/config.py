@@ -51,10 +51,15 @@ class DataConfig:
     # grouped folds and validates on fold `fold`; repeat with other split_seed values.
     folds: int = 0
     fold: int = 0
-    # Images that are identical or near-identical (dHash within `duplicate_bits` of 64) share a group
-    # whenever lowshot splits, so a duplicate pair never straddles train/val/test or two folds.
+    # Images that are identical, near-identical (dHash within `duplicate_bits` of 64 bits: a candidate) or
+    # re-cropped copies, once verified (duplicate_ncc below), share a group whenever lowshot splits, so a
+    # duplicate pair never straddles train/val/test or two folds.
     group_duplicates: bool = True
     duplicate_bits: int = 4
+    # ... and a hash candidate is a duplicate only when verified: detail NCC of the 32 px thumbnails at the
+    # best alignment >= duplicate_ncc (lowshot.data.copies; 0.88 from bench/pool_copies.py: copies ~0.97,
+    # the best distinct RetinaMNIST look-alikes 0.856). The pool guard uses the same threshold.
+    duplicate_ncc: float = 0.88
     cache_dir: str = ""  # decoded stores go here; "" = env LOWSHOT_CACHE or ~/.cache/lowshot
     limit: int = 0  # keep at most this many images per split (stratified); 0 = all. For smoke tests.
     # Label budget: keep K labelled training images per class (0 = all), drawn by `train_draw`; the
@@ -279,6 +284,10 @@ class CheckConfig:
     """`lowshot check`: duplicates, leakage across splits, label conflicts."""
 
     sheet_pairs: int = 24  # flagged pairs drawn in pairs.png
+    # A second source (folder, .npz or CSV, like ssl.unlabelled) searched for copies of any of this
+    # source's images: a pretraining pool against the labelled set, an external test set against the
+    # training data. Found copies fail the check like leakage; against.png shows the weakest accepted.
+    against: str = ""
     # Also pair images whose embeddings (model.name / model.weights: ImageNet weights or a SimCLR
     # checkpoint) have cosine similarity >= `cosine`: dHash sees brightness gradients only and is blind
     # on look-alike modalities (fundus photos), a backbone sees content.
@@ -290,10 +299,9 @@ class CheckConfig:
     leakage: str = "error"
     # ssl.unlabelled images that are copies of the labelled val/test images (pretraining on them is
     # transductive leakage): "error" stops pretraining with the list, "drop" removes them from the pool,
-    # "warn" goes on. Copies = identical pixels, dHash within data.duplicate_bits, or a verified crop/resize
-    # copy: detail NCC of 32 px thumbnails >= copy_ncc (lowshot.data.copies; 0.88 from bench/pool_copies.py).
+    # "warn" goes on. Copies = identical pixels, or a verified near/crop/resize copy: detail NCC of 32 px
+    # thumbnails >= data.duplicate_ncc (lowshot.data.copies).
     pool_leakage: str = "error"
-    copy_ncc: float = 0.88
 
     def __post_init__(self) -> None:
         _choice("check.leakage", self.leakage, ("error", "warn", "drop"))
@@ -399,6 +407,8 @@ def _unknown_key_error(key: str, where: str) -> ConfigError:
         leaf = key.rsplit(".", 1)[-1]
         close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
     hint = f"; did you mean '{close[0]}'?" if close else "; run with --help to list the keys"
+    if key in RENAMED:
+        hint = f"; it is now '{RENAMED[key]}'"
     return ConfigError(f"unknown config key '{key}' in {where}{hint}")
 
 
@@ -501,9 +511,23 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+# Keys an earlier lowshot wrote under another name: old -> new. A config.yaml saved beside an older run or
+# checkpoint is read with them moved; a user's file or command line gets the new name in the error.
+RENAMED = {"check.copy_ncc": "data.duplicate_ncc"}
+
+
 def load_yaml(path: str | Path) -> Config:
-    """Read a resolved ``config.yaml`` written beside a run or checkpoint (strict: unknown keys fail)."""
-    return _to_config(_merge(OmegaConf.structured(Config), OmegaConf.load(path), str(path)))
+    """Read a resolved ``config.yaml`` written beside a run or checkpoint (strict: unknown keys fail, but
+    keys a former version wrote under another name (``RENAMED``) are moved to their new name)."""
+    saved = OmegaConf.load(path)
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        if isinstance(saved, DictConfig) and key in saved.get(section, {}):
+            value = saved[section].pop(key)
+            s2, k2 = new.split(".")
+            if k2 not in saved.get(s2, {}):
+                OmegaConf.update(saved, new, value, force_add=True)
+    return _to_config(_merge(OmegaConf.structured(Config), saved, str(path)))
 
 
 def _to_config(cfg: DictConfig) -> Config:

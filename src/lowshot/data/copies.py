@@ -12,7 +12,7 @@ images (``data.pool.thumbnail``) in two stages:
 2. **Verification** of the candidates only: the normalised cross-correlation of the two thumbnails'
    *detail* (image minus its blur, central 60 %) after the best crop of either one (a grid of scales
    0.7-1 per axis, then a pattern search over scale and centre to sub-pixel alignment, which detail
-   needs). A pair is a copy when it reaches ``threshold`` (``check.copy_ncc``, 0.88), chosen from
+   needs). A pair is a copy when it reaches ``threshold`` (``data.duplicate_ncc``, 0.88), chosen from
    measurement (bench/pool_copies.py: real copies ~0.97, the best RetinaMNIST look-alikes 0.856 and
    0.850). Each image's coarse crops are made once, and pairs too far below the threshold after the
    coarse grid skip the fine search (``FINE_GAIN``): 39,741 pairs verified in 21 s on 2 cores.
@@ -28,6 +28,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+THUMB = 32  # px: the grayscale thumbnail the copy search compares
+
+
+def thumbnail(a: np.ndarray) -> np.ndarray:
+    """(H, W, C) uint8, padded square → (32, 32) uint8 grayscale (ITU-R 601 luma), antialiased."""
+    im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("L")
+    return np.asarray(im.resize((THUMB, THUMB), Image.Resampling.BICUBIC))
+
 
 # Centred crops (width fraction, height fraction) taken of both sides for the candidate search.
 VARIANTS = ((1.0, 1.0), (0.8, 1.0), (1.0, 0.8))

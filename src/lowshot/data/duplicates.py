@@ -1,11 +1,26 @@
-"""Exact and near-duplicate pairs from the fingerprints, and groups merged along them."""
+"""Exact and near-duplicate pairs from the fingerprints, verified, and groups merged along them.
+
+The 64-bit dHash within ``data.duplicate_bits`` is a *candidate* generator, not a verdict: on a
+homogeneous modality at low resolution it pairs different patients with similar anatomy. Every hash
+candidate is verified by the detail NCC of lowshot.data.copies (the same check as the pool guard's,
+``data.duplicate_ncc``), and a crop-tolerant search adds the resized / re-cropped copies the hash
+misses. Only exact, verified near and verified copy pairs drive grouping, leakage and label conflicts;
+hash candidates that fail verification are 'lookalike' pairs, listed by ``lowshot check`` and nothing else.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 
+from ..config import DataConfig
+from .cache import cache_root
+from .copies import FINE_GAIN, candidates, thumbnail, verify
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -64,18 +79,86 @@ def duplicate_pairs(
     return pairs + [(i, j, d, "near") for i, j, d in near if not (vague[i] or vague[j])], vague
 
 
-def duplicate_groups(store: Store, threshold: int) -> np.ndarray:
-    """``store.groups`` merged along duplicate pairs (union-find): images linked by a chain of exact or
-    near duplicates, or by a shared group, get one group name (the smallest member's)."""
+# A verified pair: (i, j, dHash bits or -1, kind, detail NCC or None), i < j.
+Pair = tuple[int, int, int, str, float | None]
+VERIFIED = ("exact", "near", "copy")  # the kinds that are the same image; "lookalike" is not
+# Above this many images the crop-tolerant search within the store (an exact inner-product search of
+# 3N descriptors against 3N) is skipped; hash candidates are still verified.
+COPY_SEARCH_MAX = 20000
+
+
+def store_thumbnails(store: Store) -> np.ndarray:
+    """(N, 32, 32) uint8 grayscale thumbnails of the store's images (lowshot.data.copies)."""
+    if not len(store.labels):
+        return np.zeros((0, 32, 32), np.uint8)
+    return np.stack([thumbnail(a) for a in store.images])
+
+
+def _cache_file(digests: np.ndarray, cfg: DataConfig) -> Path:
+    h = hashlib.sha1(f"v1|{cfg.duplicate_bits}|{cfg.duplicate_ncc}|".encode())
+    h.update("\n".join(map(str, digests)).encode())
+    return cache_root(cfg) / "duplicates" / f"{h.hexdigest()[:20]}.json"
+
+
+def verified_pairs(store: Store, cfg: DataConfig) -> tuple[list[Pair], np.ndarray]:
+    """Every duplicate pair of the store, verified, and the (N,) mask of images whose hash does not
+    discriminate (their hash candidates are not verified; the crop-tolerant search still sees them).
+
+    Kinds: 'exact' (same decoded pixels); 'near' (dHash within ``data.duplicate_bits``, detail NCC >=
+    ``data.duplicate_ncc``); 'copy' (a resized or re-cropped copy the hash missed, found by the
+    descriptor search and verified); 'lookalike' (a hash candidate that failed verification). Cached by
+    the images' pixel digests and the two thresholds (verification of a few thousand images takes
+    seconds; every training script asks)."""
+    bits, digests = store.fingerprints()
+    cache = _cache_file(digests, cfg)
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        return [tuple(p) for p in saved["pairs"]], np.asarray(saved["vague"], dtype=bool)
+    cands, vague = duplicate_pairs(bits, digests, cfg.duplicate_bits)
+    thumbs = store_thumbnails(store)
+    near = np.array([(i, j) for i, j, _, k in cands if k == "near"], np.int64).reshape(-1, 2)
+    ncc = verify(thumbs, thumbs, near)
+    out: list[Pair] = [(i, j, 0, "exact", None) for i, j, _, k in cands if k == "exact"]
+    dist = {(i, j): d for i, j, d, k in cands if k == "near"}
+    for (i, j), v in zip(near.tolist(), ncc.tolist(), strict=True):
+        out.append((i, j, dist[(i, j)], "near" if v >= cfg.duplicate_ncc else "lookalike", round(v, 4)))
+    if 1 < len(thumbs) <= COPY_SEARCH_MAX:
+        seen = {(i, j) for i, j, *_ in out}
+        found = candidates(thumbs, thumbs)
+        found = np.unique(np.sort(found[found[:, 0] != found[:, 1]], axis=1), axis=0)
+        found = np.array([p for p in found.tolist() if tuple(p) not in seen], np.int64).reshape(-1, 2)
+        score = verify(thumbs, thumbs, found, floor=cfg.duplicate_ncc - FINE_GAIN)
+        out += [
+            (i, j, -1, "copy", round(v, 4))
+            for (i, j), v in zip(found.tolist(), score.tolist(), strict=True)
+            if v >= cfg.duplicate_ncc
+        ]
+    elif len(thumbs) > COPY_SEARCH_MAX:
+        log.info(
+            "%s: %d images: the crop-tolerant copy search within the set is skipped", store.name, len(thumbs)
+        )
+    out.sort()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"pairs": out, "vague": vague.tolist()}))
+    os.replace(tmp, cache)  # atomic: a killed run leaves no half-written file
+    return out, vague
+
+
+def duplicate_groups(store: Store, cfg: DataConfig) -> np.ndarray:
+    """``store.groups`` merged along verified duplicate pairs (union-find): images linked by a chain of
+    exact, near or copy pairs, or by a shared group, get one group name (the smallest member's).
+    Look-alikes the hash pairs but the verification rejects are not merged."""
     parent = np.arange(len(store.labels))
-    pairs, vague = duplicate_pairs(*store.fingerprints(), threshold)
+    pairs, vague = verified_pairs(store, cfg)
+    pairs = [p for p in pairs if p[3] in VERIFIED]
     if vague.any():
         log.warning(
-            "%s: %d images are within %d dHash bits of many others; the hash cannot tell them apart, so only "
-            "their exact duplicates are grouped (`lowshot check check.embeddings=true` compares content)",
+            "%s: %d images are within %d dHash bits of many others; the hash cannot tell them apart, so their "
+            "copies are found by the crop-tolerant search only",
             store.name,
             int(vague.sum()),
-            threshold,
+            cfg.duplicate_bits,
         )
 
     def root(i: int) -> int:
@@ -85,7 +168,7 @@ def duplicate_groups(store: Store, threshold: int) -> np.ndarray:
         return i
 
     _, first = np.unique(store.groups, return_inverse=True)
-    links = [(i, j) for i, j, _, _ in pairs]
+    links = [(p[0], p[1]) for p in pairs]
     for g in range(first.max() + 1 if len(first) else 0):  # rows of one original group stay together
         rows = np.flatnonzero(first == g)
         links += [(int(rows[0]), int(r)) for r in rows[1:]]

@@ -32,17 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from .cache import cache_root
+from .copies import THUMB, thumbnail
 from .decode import IMAGE_SUFFIXES, decode_image, dhash, pixel_digest, square_resize, to_channels
 from .store import DataError, Store
 
 log = logging.getLogger(__name__)
 
-THUMB = 32  # px: the grayscale thumbnail the copy search compares (data/copies.py)
 CHUNK = 256  # images a worker decodes per task
 
 
@@ -73,12 +73,6 @@ class Pool:
             self.skipped,
             self.sources,
         )
-
-
-def thumbnail(a: np.ndarray) -> np.ndarray:
-    """(H, W, C) uint8, padded square → (32, 32) uint8 grayscale (ITU-R 601 luma), antialiased."""
-    im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("L")
-    return np.asarray(im.resize((THUMB, THUMB), Image.Resampling.BICUBIC))
 
 
 # ---------------------------------------------------------------------------------------------- listing

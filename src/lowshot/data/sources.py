@@ -68,7 +68,7 @@ def load_store(cfg: DataConfig) -> Store:
     warn_group_leaks(store)  # the source's own split, by its own groups (duplicates: the leakage check)
     if cfg.group_duplicates:
         store.source_groups = store.groups
-        store.groups = duplicate_groups(store, cfg.duplicate_bits)
+        store.groups = duplicate_groups(store, cfg)
     missing = [s for s in SPLITS if not (store.split == s).any()]
     if missing:
         fill_splits(store, cfg, missing)
