@@ -95,7 +95,9 @@ def store_thumbnails(store: Store) -> np.ndarray:
 
 
 def _cache_file(digests: np.ndarray, cfg: DataConfig) -> Path:
-    h = hashlib.sha1(f"v1|{cfg.duplicate_bits}|{cfg.duplicate_ncc}|".encode())
+    h = hashlib.sha1(
+        f"v1|{cfg.size}|{cfg.duplicate_bits}|{cfg.duplicate_ncc}|".encode()
+    )  # thumbnails of data.size images
     h.update("\n".join(map(str, digests)).encode())
     return cache_root(cfg) / "duplicates" / f"{h.hexdigest()[:20]}.json"
 
