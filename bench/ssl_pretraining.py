@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,10 +53,17 @@ ROWS: dict[str, tuple[list[str] | None, list[str]]] = {
     "DINO from ImageNet": ([*CONTINUED, "ssl.method=dino"], []),
 }
 BUDGETS = [5, 20, 0]
+# The fine-tune column: lowshot's recommended recipe (Adam 1e-3, rotations and flips, early stopping on
+# validation AUROC) for 20 epochs on every label, from each row's weights, one run per seed.
+FINETUNE = ["--config", "configs/recipes/lowshot-recommended.yaml", "train.epochs=20"]
 DATA = {"breastmnist": [], "retinamnist": ["--config", "configs/retinamnist.yaml", "fewshot.n_way=3"]}
 
 
 def launch(script: str, args: list[str], log: Path) -> None:
+    """One run; a run directory a killed or failed earlier attempt left unfinished is removed first."""
+    name = next(x.split("=", 1)[1] for x in args if x.startswith("name="))
+    out = next(x.split("=", 1)[1] for x in args if x.startswith("out_dir="))
+    shutil.rmtree(Path(out) / name, ignore_errors=True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", script, *args]
     with open(log, "w") as f:
         p = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ})
@@ -75,6 +83,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--finetune", nargs="*", default=None, help="rows that also get the fine-tune column")
     a = ap.parse_args()
     runs = (REPO / a.runs).resolve()
     runs.mkdir(parents=True, exist_ok=True)
@@ -85,15 +94,30 @@ def main() -> None:
     for name, (pre, plain) in ROWS.items():
         if a.only and name not in a.only:
             continue
-        for seed in range(a.seeds if pre is not None else 1):
+        for seed in range(a.seeds):
             tag = f"{a.data}-{slug(name)}-s{seed}"
             weights = plain
+            tune = a.finetune is not None and (not a.finetune or name in a.finetune)
+            if pre is None and seed and not tune:
+                continue  # nothing pretrained, nothing tuned: one probe run is the row
             if pre is not None:
                 ckpt = runs / f"{tag}-pre" / "checkpoint"
                 if not (ckpt / "backbone.safetensors").is_file():
                     args = [*common, *pre, f"seed={seed}", f"ssl.epochs={a.epochs}", f"name={tag}-pre"]
                     launch("ssl/pretrain.py", args, runs / f"{tag}-pre.log")
                 weights = [*LITE0, f"model.weights={ckpt}"]
+            tuned = tuned_val = None
+            if tune:
+                if not (runs / f"{tag}-ft" / "results.json").is_file():
+                    args = [*FINETUNE, *common, *weights, f"seed={seed}", f"name={tag}-ft"]
+                    launch("finetune/train.py", args, runs / f"{tag}-ft.log")
+                res = json.loads((runs / f"{tag}-ft" / "results.json").read_text())
+                tuned = res["test"]["metrics"]["auroc"]["value"]
+                tuned_val = res["val"]["metrics"]["auroc"]["value"]  # what a user may choose on
+            if pre is None and seed:  # the probe of a row without pretraining is the same every seed
+                record[name]["runs"][0].setdefault("finetune", []).append(tuned)
+                record[name]["runs"][0].setdefault("finetune_val", []).append(tuned_val)
+                continue
             if not (runs / f"{tag}-probe" / "results.json").is_file():
                 launch(
                     "fewshot/evaluate.py",
@@ -108,6 +132,12 @@ def main() -> None:
                     "command": meta["command"],
                     "git_sha": meta["git_sha"],
                     "label_efficiency": res["label_efficiency"],
+                    **({"finetune": [tuned], "finetune_val": [tuned_val]} if pre is None and tune else {}),
+                    **(
+                        {"finetune_auroc": tuned, "finetune_val_auroc": tuned_val}
+                        if pre is not None and tune
+                        else {}
+                    ),
                 }
             )
     write_table(a.data, record, a)
@@ -117,11 +147,22 @@ def draws(run: dict, k: int) -> list[float]:
     return next(r["auroc_draws"] for r in run["label_efficiency"] if r["labels_per_class"] == k)
 
 
+def tuned(rec: dict, split: str = "") -> list[float]:
+    """Fine-tune test (``split="_val"``: validation) AUROCs of a row, one per seed (a row without
+    pretraining keeps them on its one run)."""
+    runs = rec["runs"]
+    if f"finetune{split}" in runs[0]:
+        return list(runs[0][f"finetune{split}"])
+    key = "finetune_val_auroc" if split else "finetune_auroc"
+    return [r[key] for r in runs if key in r]
+
+
 def write_table(data: str, record: dict[str, dict], a: argparse.Namespace) -> None:
     base = record.get("ImageNet Lite0")
     head = "| row | seeds | " + " | ".join(f"AUROC {k or 'all'}/class" for k in BUDGETS)
-    head += " | " + " | ".join(f"Δ vs ImageNet {k or 'all'}/class" for k in BUDGETS) + " |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(BUDGETS))]
+    head += " | " + " | ".join(f"Δ vs ImageNet {k or 'all'}/class" for k in BUDGETS)
+    head += " | fine-tune val AUROC (choose on this) | fine-tune AUROC all | Δ vs ImageNet fine-tune |"
+    lines = [head, "|" + "---|" * (5 + 2 * len(BUDGETS))]
     for name, rec in record.items():
         cells, deltas = [], []
         for k in BUDGETS:
@@ -146,8 +187,22 @@ def write_table(data: str, record: dict[str, dict], a: argparse.Namespace) -> No
                 deltas.append(f"{m['mean']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]")
             else:
                 deltas.append(f"{float(d.mean()):+.3f}")
+        ft, ft_base = tuned(rec), tuned(base) if base is not None else []
+        ft_cell = ft_delta = val_cell = "–"
+        if ft:
+            val_cell = f"{float(np.mean(tuned(rec, '_val'))):.3f}"
+            m = mean_ci(ft) if len(ft) > 1 else {"mean": ft[0], "low": np.nan, "high": np.nan}
+            ft_cell = f"{m['mean']:.3f}" + (f" [{m['low']:.3f}, {m['high']:.3f}]" if len(ft) > 1 else "")
+            n = min(len(ft), len(ft_base))
+            if name != "ImageNet Lite0" and n > 1:  # paired by seed
+                dm = mean_ci(list(np.subtract(ft[:n], ft_base[:n])))
+                ft_delta = f"{dm['mean']:+.3f} [{dm['low']:+.3f}, {dm['high']:+.3f}]"
         lines.append(
-            f"| {name} | {len(rec['runs'])} | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |"
+            f"| {name} | {len(rec['runs'])} | "
+            + " | ".join(cells)
+            + " | "
+            + " | ".join(deltas)
+            + f" | {val_cell} | {ft_cell} | {ft_delta} |"
         )
     OUT.mkdir(parents=True, exist_ok=True)
     note = (
@@ -156,7 +211,9 @@ def write_table(data: str, record: dict[str, dict], a: argparse.Namespace) -> No
         f"128, 2 CPU cores. Probe: logistic regression on K labels per class (10 seeded draws; 'all' = one fit), "
         f"test AUROC. Cells: mean over pretraining seeds [t-interval over seeds]; rows without pretraining have one "
         f"run (the sd is over label draws). Δ: paired over (seed, draw) against the ImageNet probe on the same "
-        f"draws, mean [t-interval]; with all labels there is one draw per seed, so the interval is over seeds.\n"
+        f"draws, mean [t-interval]; with all labels there is one draw per seed, so the interval is over seeds. "
+        f"Fine-tune: configs/recipes/lowshot-recommended.yaml for 20 epochs at {a.size} px from the row's weights, "
+        f"every training label, epoch chosen on validation AUROC, test AUROC; one run per seed, Δ paired by seed.\n"
     )
     (OUT / f"{data}.md").write_text("\n".join(lines) + "\n" + note)
     text = json.dumps(record, indent=1).replace(str(REPO), "<repo>")  # no paths of this machine

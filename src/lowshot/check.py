@@ -39,7 +39,7 @@ from .data import (
     source_path,
 )
 from .data.copies import find_copies, thumbnail, verify
-from .data.duplicates import VERIFIED, hamming_pairs, verified_pairs
+from .data.duplicates import VERIFIED, hamming_pairs, store_thumbnails, verified_pairs
 from .data.pool import Pool
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def check_store(
     if feats is not None:
         seen = {(i, j) for i, j, *_ in found}
         emb = [(i, j, c) for i, j, c in embedding_pairs(feats, cosine) if (i, j) not in seen]
-        thumbs = np.stack([thumbnail(a) for a in store.images]) if emb else np.zeros((0, 32, 32), np.uint8)
+        thumbs = store_thumbnails(store) if emb else np.zeros((0, 32, 32), np.uint8)
         ij = np.array([(i, j) for i, j, _ in emb], np.int64).reshape(-1, 2)
         for (i, j, c), v in zip(emb, verify(thumbs, thumbs, ij).tolist(), strict=True):
             kind = "copy" if v >= cfg.duplicate_ncc else "lookalike"
@@ -115,14 +115,7 @@ def check_store(
         rows.append(
             {
                 "kind": kind,
-                "found_by": "pixels"
-                if kind == "exact"
-                else "hash"
-                if d >= 0
-                else "embedding"
-                if cos
-                else "search",
-                "distance_bits": d,
+                "found_by": _found_by(kind, d, cos),
                 "ncc": v,
                 "cosine": cos,
                 "a": _describe(store, i),
@@ -157,6 +150,13 @@ def check_store(
         "lookalikes_across_splits": sum(r["cross_split"] for r in rows if r["kind"] == "lookalike"),
         "groups_across_splits": groups_across_splits(store),  # none when each image is its own group
     }, images
+
+
+def _found_by(kind: str, bits: int, cosine: float | None) -> str:
+    """Which search proposed a pair: pixels (exact), hash, embedding, or the crop-tolerant search."""
+    if kind == "exact":
+        return "pixels"
+    return "hash" if bits >= 0 else "embedding" if cosine else "search"
 
 
 def _describe(store: Store, i: int) -> dict[str, Any]:
