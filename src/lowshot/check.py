@@ -116,6 +116,7 @@ def check_store(
             {
                 "kind": kind,
                 "found_by": _found_by(kind, d, cos),
+                "distance_bits": d,
                 "ncc": v,
                 "cosine": cos,
                 "a": _describe(store, i),
