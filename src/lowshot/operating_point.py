@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import EvalConfig
+from .data.cache import write_atomic
 
 RULES = ("argmax", "balanced", "prior", "youden", "sensitivity")
 FILE = "operating_point.json"
@@ -240,11 +240,7 @@ def from_config(
 def save(point: dict[str, Any], directory: str | Path) -> Path:
     """Write ``operating_point.json`` into ``directory`` (temp + rename: a kill leaves the old or the
     new file, never half of one)."""
-    path = Path(directory) / FILE
-    tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(point, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(Path(directory) / FILE, json.dumps(point, indent=2))
 
 
 def load(directory: str | Path) -> dict[str, Any]:

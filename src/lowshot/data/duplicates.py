@@ -13,13 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..config import DataConfig
-from .cache import cache_root
+from .cache import cache_root, write_atomic
 from .copies import FINE_GAIN, candidates, thumbnail, verify
 from .store import Store
 
@@ -139,10 +138,7 @@ def verified_pairs(store: Store, cfg: DataConfig) -> tuple[list[Pair], np.ndarra
             "%s: %d images: the crop-tolerant copy search within the set is skipped", store.name, len(thumbs)
         )
     out.sort()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"pairs": out, "vague": vague.tolist()}))
-    os.replace(tmp, cache)  # atomic: a killed run leaves no half-written file
+    write_atomic(cache, json.dumps({"pairs": out, "vague": vague.tolist()}))
     return out, vague
 
 
