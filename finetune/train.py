@@ -19,6 +19,7 @@ metric with a bootstrap CI, at argmax and at the operating point, and the calibr
 fitted on validation); predictions.npz and the report figures sit beside it.
 """
 
+import json
 import sys
 
 import numpy as np
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 
 from lowshot import finetune as ft
+from lowshot import inference
 from lowshot import operating_point as op
 from lowshot.augment import batched_loader, train_spec, use_batched
 from lowshot.check import leakage_guard
@@ -41,8 +43,10 @@ from lowshot.data import (
     store_loader,
     train_transform,
 )
+from lowshot.data.cache import write_atomic
 from lowshot.evaluation import auroc, final_reports, format_point, format_report, nll
-from lowshot.models import backbone_for, cached_embeddings, save_checkpoint
+from lowshot.guard import DivergenceError, check_epoch, weight_norm
+from lowshot.models import backbone_for, cached_embeddings, save_checkpoint, weights_fingerprint, weights_kind
 from lowshot.tracking import Run, make_accelerator, memory_format
 
 user_errors()
@@ -99,8 +103,12 @@ if cfg.train.probe:
         arrays = {"mean": scaler.mean_, "scale": scaler.scale_, "coef": lr.coef_, "intercept": lr.intercept_}
         save_file(
             {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in arrays.items()},
-            str(run.dir / "probe.safetensors"),
+            str(run.dir / inference.PROBE),
+            metadata={"backbone_weights": weights_fingerprint(cfg.model.weights)},  # checked by predict
         )
+    reference = feats[torch.from_numpy(store.indices("train"))], feats[torch.from_numpy(store.indices("val"))]
+    if weights_kind(cfg.model.weights) == "none" and accelerator.is_main_process:
+        inference.save_detector(backbone, run.dir)  # random init: the probe's backbone exists only here
 else:
     # ---- fine-tune: train.strategy decides which stage groups train when -----------------------------
     tc = cfg.train
@@ -131,6 +139,7 @@ else:
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=tc.ema, use_warmup=True) if tc.ema else None
     scored = ema.module if ema is not None else model  # what is validated, selected and tested
     stopper = ft.EarlyStopping(tc.patience)
+    start_norm = weight_norm(model)  # the divergence guard compares against it every epoch
 
     for epoch in range(tc.epochs):
         stages = ft.trainable_stages(tc, epoch, len(groups))
@@ -140,13 +149,15 @@ else:
         metrics |= ft.train_epoch(
             model, train_l, optimizer, scheduler, criterion, accelerator, tc, mixup, ema, desc
         )
+        lr_now = scheduler.get_last_lr()[-1]
+        check_epoch(metrics["train/loss"], model, start_norm, f"fine-tuning {desc}", lr_now, "train.lr")
         val_prob, val_y = ft.predict(scored, val_l, accelerator)
         val_auc = auroc(val_y, val_prob)
         metrics |= {
             "val/loss": nll(val_prob, val_y),
             "val/auroc": val_auc,
             "val/accuracy": float((val_prob.argmax(1) == val_y).mean()),
-            "lr": scheduler.get_last_lr()[-1],  # the head's; backbone groups run at their own multiple
+            "lr": lr_now,  # the head's; backbone groups run at their own multiple
         }
         if tc.eval_train:  # the same images without augmentation or dropout, in eval mode
             tr_prob, tr_y = ft.predict(scored, train_eval_l, accelerator)
@@ -163,6 +174,11 @@ else:
         if stop and ft.unfreezing_done(tc, epoch, len(groups)):
             accelerator.print(f"early stop: no better validation AUROC for {tc.patience} epochs")
             break
+    if stopper.best_state is None:  # every validation AUROC was NaN: nothing may be selected or tested
+        raise DivergenceError(
+            f"no epoch of {epoch + 1} gave a finite validation AUROC; nothing was selected and the test split "
+            "stays sealed. Check the validation split's classes and the training loss in metrics.jsonl."
+        )
     stopper.restore(accelerator.unwrap_model(model))
     results["selected"] = {
         "epoch": stopper.best_epoch,
@@ -170,6 +186,8 @@ else:
         "candidates": epoch + 1,
     }
     val_prob, val_y = ft.predict(model, val_l, accelerator)
+    # "unlike the training data" is measured in the frozen starting backbone's embedding (lowshot.inference)
+    reference = inference.reference_embeddings(cfg, store, in_chans, norm, accelerator, run.dir)
     balanced = tc.balance != "none"  # a weighted loss or a balanced sampler trains on a uniform prior
 
     def score(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -196,8 +214,20 @@ point = op.from_config(
     cfg.eval, store.classes, store.labels[store.indices("train")], balanced, val_y, val_prob
 )
 if accelerator.is_main_process:
+    # What `lowshot predict/evaluate/export` need: the point, the exact preprocessing, and the training
+    # embeddings that "unlike the training data" is measured against.
     for where in [run.dir] + ([] if cfg.train.probe else [run.dir / "checkpoint"]):
         op.save(point, where)
+        prep = inference.preprocessing(cfg, store, in_chans, norm)
+        write_atomic(where / inference.PREPROCESSING, json.dumps(prep, indent=2))
+    inference.write_reference(run.dir, *reference, weights_fingerprint(cfg.model.weights))
+files = [run.dir / n for n in (inference.PREPROCESSING, op.FILE, inference.REFERENCE, inference.DETECTOR)]
+if cfg.train.probe:  # the W&B model artifact (its input, the backbone's, is in config.meta.lineage)
+    run.log_model([run.dir / inference.PROBE, *files], "probe", run.dir / inference.PROBE)
+else:
+    run.log_model(
+        [run.dir / "checkpoint", *files], "classifier", run.dir / "checkpoint" / "backbone.safetensors"
+    )
 # The lockbox: the test split is opened only now, once, for the selected model (never with eval.test=false).
 arrays = {"val_prob": val_prob, "val_y": val_y, "val_path": store.paths[store.indices("val")].astype(str)}
 test = None
@@ -206,6 +236,10 @@ if cfg.eval.test:
     test_prob, test_y = score(test_rows)
     test = (test_y, test_prob)
     arrays |= {"test_prob": test_prob, "test_y": test_y, "test_path": store.paths[test_rows].astype(str)}
+    decision = op.decide(test_prob, point["weights"])
+    run.log_predictions(
+        store.images[test_rows], store.paths[test_rows], test_y, test_prob, decision, store.classes
+    )
 results |= final_reports((val_y, val_prob), test, store.classes, cfg.eval, cfg.seed, point)
 run.save_predictions(**arrays)
 accelerator.print(format_report(results["val"], f"validation ({job}, selected)"))

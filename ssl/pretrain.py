@@ -27,6 +27,7 @@ from lowshot.config import parse_args
 from lowshot.data import eval_transform, load_store, split_loader, split_train_loader
 from lowshot.data.pool import load_pool, pretraining_store
 from lowshot.finetune import make_optimizer, warmup_cosine
+from lowshot.guard import check_epoch, weight_norm
 from lowshot.methods import build_method, negatives_per_anchor
 from lowshot.models import backbone_for, embed, save_checkpoint, weights_fingerprint
 from lowshot.tracking import Run, make_accelerator, memory_format
@@ -103,6 +104,7 @@ def knn_monitor() -> dict[str, float]:
 
 # ---- training ------------------------------------------------------------------------------------------
 step, knn = 0, {}
+start_norm = weight_norm(model)  # the divergence guard compares against it every epoch
 for epoch in range(cfg.ssl.epochs):
     model.train()
     t0, data_time, total, count = time.perf_counter(), 0.0, torch.zeros((), device=accelerator.device), 0
@@ -134,6 +136,8 @@ for epoch in range(cfg.ssl.epochs):
         "pairs_per_s": global_batch * count / epoch_time,
         "data_time_frac": data_time / epoch_time,
     }
+    where = f"pretraining epoch {epoch + 1}/{cfg.ssl.epochs}"
+    check_epoch(metrics["train/loss"], model, start_norm, where, metrics["lr"], "ssl.lr")
     if cfg.ssl.knn_every and ((epoch + 1) % cfg.ssl.knn_every == 0 or epoch + 1 == cfg.ssl.epochs):
         knn = knn_monitor()
         metrics.update(knn)
@@ -167,6 +171,7 @@ if accelerator.is_main_process:
             **run.meta,
         },
     )
+    run.log_model([ckpt], "backbone", ckpt / "backbone.safetensors")  # W&B: what fine-tunes will use
 run.finish(
     {
         "job": "pretrain",

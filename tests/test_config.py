@@ -115,3 +115,16 @@ def test_renamed_keys_read_from_old_run_files_and_named_for_users(tmp_path: Path
     with pytest.raises(ConfigError, match=r"it is now 'data\.duplicate_ncc'"):
         parse_args(["check.copy_ncc=0.9"])
     assert all(k not in all_keys() for k in RENAMED) and all(v in all_keys() for v in RENAMED.values())
+
+
+def test_configuration_reference_is_current() -> None:
+    """docs/configuration.md is generated from the dataclasses; a new or changed setting must show there."""
+    from lowshot.config import reference_markdown
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert page == reference_markdown() + "\n", (
+        "stale: run `python -m lowshot.config > docs/configuration.md`"
+    )
+    for key in ("data.duplicate_ncc", "eval.operating_point", "ssl.unlabelled", "train.strategy"):
+        assert f"| `{key}` |" in page
+    assert "|  |" not in page  # every setting is explained

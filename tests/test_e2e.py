@@ -72,17 +72,30 @@ def check_test_report(run: Path) -> dict:
     return res
 
 
-def check_wandb_offline(run: Path, job: str) -> None:
-    """The offline W&B run holds the config, job type and final summary (protobuf strings)."""
+def check_wandb_offline(run: Path, job: str, uses: str = "") -> None:
+    """The offline W&B run, as `wandb sync` would send it (protobuf strings): the config, job type, final
+    summary under the shared top-level names, the model artifact, its lineage and the predictions table."""
     files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, list((run / "wandb").rglob("*"))
     raw = files[0].read_bytes()
     assert b"data.source" in raw and b"train.lr" in raw  # the resolved config
     assert job.encode() in raw
     assert (b"test.metrics.auroc.value" if job != "pretrain" else b"final_loss") in raw  # the summary
-    if job != "pretrain":  # the report's figures and metric table went to W&B too
+    assert (b"test/auroc_low" if job != "pretrain" else b"pretrain/final_loss") in raw  # runs-table names
+    kind = {"pretrain": "backbone", "probe": "probe", "finetune": "classifier"}[job]
+    meta = json.loads((run / "meta.json").read_text())
+    art = meta["wandb_artifact"]
+    assert art["artifact"] == f"{run.name}-{kind}" and art["artifact"].encode() in raw, art
+    assert art["alias"].encode() in raw  # the sha alias a later run names
+    if uses:  # started from a logged checkpoint: the lineage is in the config
+        assert meta["lineage"]["artifact"] == f"{uses}-backbone" and b"lineage" in raw
+    if job != "pretrain":  # the report's figures, metric table and per-image predictions went to W&B too
         media = {p.name.split("_")[0] for p in (run / "wandb").glob("offline-run-*/files/media/*/report/*")}
         assert media >= {"roc", "confusion", "reliability", "learning", "test"}, media
+        table = list((run / "wandb").glob("offline-run-*/files/media/table/test/predictions_*.table.json"))
+        rows = json.loads(table[0].read_text())
+        assert rows["columns"][:4] == ["image", "path", "label", "predicted"]
+        assert len(rows["data"]) == json.loads((run / "results.json").read_text())["test"]["n"]
 
 
 def test_breastmnist_pretrain_probe_finetune(data_root: Path, cache_dir: Path, tmp_path: Path) -> None:
@@ -101,13 +114,13 @@ def test_breastmnist_pretrain_probe_finetune(data_root: Path, cache_dir: Path, t
     probe = check_test_report(tmp_path / "probe")
     assert probe["selected"]["C"] in [p["C"] for p in probe["curve"]]
     assert probe["test"]["n"] == 156 and len(probe["curve"]) >= 5
-    check_wandb_offline(tmp_path / "probe", "probe")
+    check_wandb_offline(tmp_path / "probe", "probe", uses="pre")
 
     ok(launch("finetune/train.py", [*args, "name=ft", f"model.weights={ckpt}", "train.epochs=2"], tmp_path))
     ft = check_test_report(tmp_path / "ft")
     assert ft["selected"]["epoch"] in (1, 2)
     assert (tmp_path / "ft" / "checkpoint" / "head.safetensors").is_file()
-    check_wandb_offline(tmp_path / "ft", "finetune")
+    check_wandb_offline(tmp_path / "ft", "finetune", uses="pre")
 
 
 def test_two_cpu_processes(data_root: Path, cache_dir: Path, tmp_path: Path) -> None:
@@ -271,6 +284,24 @@ def test_bad_input_fails_fast_with_a_clear_message(data_root: Path, tmp_path: Pa
         tmp_path,
     )
     assert p.returncode != 0 and "already holds a run" in p.stderr
+
+
+def test_divergence_stops_the_run_before_anything_is_saved_or_tested(data_root: Path, tmp_path: Path) -> None:
+    """lr=1e6: the fine-tune's loss and the pretraining's weights blow up; each run stops with one line
+    naming the epoch, the lr and the setting to lower; no model is saved or selected, the test split is
+    never opened (no lockbox ledger exists)."""
+    cache = tmp_path / "cache"
+    args = [*common(data_root, cache, tmp_path, "breastmnist.npz"), "data.limit=64", "track.log_with=none"]
+    p = launch("finetune/train.py", [*args, "name=ft", "train.lr=1e6", "train.epochs=3"], tmp_path)
+    assert p.returncode != 0 and "lowshot: error: fine-tuning epoch 1/3: training diverged" in p.stderr
+    assert (
+        "train.lr=1e+05" in p.stderr and "DivergenceError" not in p.stderr
+    )  # one line, no traceback of ours
+    assert not (tmp_path / "ft" / "results.json").exists() and not (tmp_path / "ft" / "checkpoint").exists()
+    assert not (cache / "lockbox").exists()
+    p = launch("ssl/pretrain.py", [*args, "name=pre", "ssl.lr=1e6", "ssl.epochs=3"], tmp_path)
+    assert p.returncode != 0 and "pretraining epoch" in p.stderr and "training diverged" in p.stderr
+    assert "ssl.lr=" in p.stderr and not (tmp_path / "pre" / "checkpoint").exists()
 
 
 def test_quickstart_command(data_root: Path, cache_dir: Path, tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ def native_images(store: Store, cfg: DataConfig) -> list[np.ndarray]:
             a = raw[split][int(i)]
             out.append(a if a.ndim == 3 else a[..., None])
         return out
-    return [decode_image(Path(p), 0) for p in store.paths]
+    return [decode_image(Path(p), 0, (cfg.dicom_window, cfg.dicom_frames)) for p in store.paths]
 
 
 def file_modes(store: Store, cfg: DataConfig) -> dict[str, int]:

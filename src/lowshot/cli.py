@@ -1,5 +1,5 @@
 """The ``lowshot`` command: ``quickstart`` (pretrain → probe → fine-tune → test report), ``check``
-(duplicates and leakage), ``show`` (test reports), ``report`` (Markdown + figures: what a number is
+(duplicates and leakage), ``show`` (test reports), ``predict`` (new images with a trained run), ``evaluate`` (external validation), ``export`` (ONNX, timm), ``report`` (Markdown + figures: what a number is
 worth, aggregated over seeds/folds), ``compare`` (two runs on the same test images) and ``curves``
 (label efficiency).
 
@@ -19,11 +19,12 @@ from pathlib import Path
 from types import TracebackType
 
 from .config import ConfigError, load_yaml, parse_args
-from .data import DataError
-from .evaluation import format_report
+from .data import IMAGE_SUFFIXES, DataError
+from .evaluation import format_point, format_report
+from .guard import DivergenceError
 from .models import WeightsError
 
-USER_ERRORS = (ConfigError, DataError, WeightsError)
+USER_ERRORS = (ConfigError, DataError, WeightsError, DivergenceError)
 
 
 def user_errors() -> None:
@@ -100,6 +101,8 @@ def show(run_dirs: list[Path]) -> None:
         res = json.loads(f.read_text())
         split = "test" if "test" in res else "val"  # val: a selection-only run (eval.test=false)
         print(format_report(res[split], f"{d}: {split.upper()} {res['job']} ({res['model']}, {res['data']})"))
+        if f"{split}_at_point" in res:  # the decisions a clinic acts on, at the point chosen on validation
+            print(format_point(res[f"{split}_at_point"], res["operating_point"], split.upper()))
         sel = res["selected"]
         what = f"C={sel['C']:g}" if "C" in sel else f"epoch {sel['epoch']}"
         print(f"  selected on validation: {what} (val AUROC {sel['val_auroc']:.3f})\n")
@@ -220,6 +223,71 @@ def check(argv: list[str]) -> int:
     return 0
 
 
+def predict(run_dir: Path, inputs: list[str], out: Path | None, flag_at: float, batch_size: int) -> Path:
+    """Score image files (folders, files, CSV manifests) with a run's selected model: one CSV row per file."""
+    import torch
+
+    from . import inference
+
+    run = inference.load(run_dir)
+    files, labels = inference.expand_inputs(list(inputs))
+    if not files:
+        raise DataError(
+            f"no image files in {' '.join(map(str, inputs))} ({'/'.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    run.model.to("cuda" if torch.cuda.is_available() else "cpu")
+    images, kept, bad = inference.read_images(files, run.prep)
+    scores = inference.score(run, images, batch_size)
+    rows = inference.predictions_table(run, files, labels, scores, kept, bad, flag_at)
+    out = out or Path(run_dir) / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    inference.write_csv(rows, out)
+    counts = {c: sum(r.get("predicted") == c for r in rows) for c in run.classes}
+    flagged = sum(bool(r.get("unlike_training")) for r in rows)
+    rule = run.point["rule"] + (
+        f", P({run.point['positive']}) >= {run.point['threshold']:.3f}" if "threshold" in run.point else ""
+    )
+    print(
+        f"scored {len(kept)} of {len(files)} images with {run_dir} (operating point: {rule}; T={run.temperature:.2f})"
+    )
+    print(f"  predicted: {counts}")
+    print(
+        f"  unlike the training data (distance above the {flag_at:g}th percentile of familiar images'): "
+        f"{flagged} of {len(kept)}"
+    )
+    for f, why in bad[:10]:
+        print(f"  not scored: {f}: {why}")
+    if len(bad) > 10:
+        print(f"  ... and {len(bad) - 10} more unreadable files (the CSV lists all)")
+    print(f"wrote {out}")
+    return out
+
+
+def evaluate(argv: list[str]) -> Path:
+    """``lowshot evaluate RUN_DIR data.source=OTHER [data.root=...] [--map O=M[+M]] [--out DIR]``."""
+    from .external import evaluate as run_external
+    from .external import format_side_by_side
+
+    ap = argparse.ArgumentParser(prog="lowshot evaluate", description="external validation of a train run")
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--map", action="append", default=[], metavar="OTHER_CLASS=MODEL_CLASS[+MODEL_CLASS]")
+    ap.add_argument("--out", type=Path, help="folder to write (default: RUN_DIR/external-<name>-<time>)")
+    args, overrides = ap.parse_known_args(argv)
+    explicit = {}
+    for m in args.map:
+        if "=" not in m:
+            raise DataError(f"--map {m}: write OTHER_CLASS=MODEL_CLASS (or MODEL_CLASS+MODEL_CLASS to merge)")
+        o, _, t = m.rpartition("=")
+        explicit[o.strip()] = [x.strip() for x in t.split("+")]
+    if not any(o.lstrip("-").startswith("data.source=") for o in overrides):
+        raise DataError(
+            "lowshot evaluate needs the external set: data.source=OTHER (and data.root= if elsewhere)"
+        )
+    out, results = run_external(args.run_dir, overrides, explicit, args.out)
+    print(format_side_by_side(results))
+    print(f"wrote {out}/ (results.json, predictions.npz, roc.png, confusion.png, reliability.png)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
@@ -248,16 +316,50 @@ def main(argv: list[str] | None = None) -> None:
     k.add_argument("run_a", type=Path)
     k.add_argument("run_b", type=Path)
     k.add_argument("--bootstrap", type=int, default=2000)
+    p = sub.add_parser(
+        "predict", help="score new images (folders, files, CSV manifests) with a finished train run"
+    )
+    p.add_argument("run_dir", type=Path)
+    p.add_argument(
+        "inputs", nargs="+", help="image files, folders of images, or CSV manifests with a path column"
+    )
+    p.add_argument("--out", type=Path, help="CSV to write (default: RUN_DIR/predictions-<time>.csv)")
+    p.add_argument(
+        "--flag-percentile",
+        type=float,
+        default=95.0,
+        help="flag images farther from the training data than this percentile of familiar images (default 95)",
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    x = sub.add_parser(
+        "export", help="a finished train run's model as ONNX or a timm safetensors + config.json"
+    )
+    x.add_argument("run_dir", type=Path)
+    x.add_argument("--format", default="onnx", choices=["onnx", "timm"])
+    x.add_argument("--out", type=Path, help="folder to write (default: RUN_DIR/export-FORMAT)")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         if argv[:1] == ["quickstart"]:  # the rest are lowshot settings, parsed by lowshot.config
             quickstart(argv[1:])
         elif argv[:1] == ["check"]:
             raise SystemExit(check(argv[1:]))
+        elif argv[:1] == ["evaluate"]:
+            evaluate(argv[1:])
         else:
             args = parser.parse_args(argv)
             if args.cmd == "show":
                 show(args.run_dirs)
+            elif args.cmd == "export":
+                from .export import export
+
+                where, parity = export(args.run_dir, args.format, args.out)
+                print(
+                    f"wrote {where}/ ({', '.join(sorted(p.name for p in where.iterdir()))}); parity with lowshot on "
+                    f"{parity['inputs']}: max |logit diff| {parity['max_abs_logit_diff']:.2e}, "
+                    f"max |prob diff| {parity['max_abs_prob_diff']:.2e}"
+                )
+            elif args.cmd == "predict":
+                predict(args.run_dir, args.inputs, args.out, args.flag_percentile, args.batch_size)
             elif args.cmd in ("report", "compare"):
                 from . import report
 

@@ -13,9 +13,10 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -43,19 +44,23 @@ class DataConfig:
     # with coloured calipers or Doppler overlays); "rgb": always 3 channels.
     color: str = "auto"
     channels: str = "replicate"  # grayscale input: "replicate" to 3 channels, or "single" (timm in_chans=1)
+    # DICOM grayscale window after the rescale slope/intercept (lowshot.data.dicom): "auto" (the file's VOI
+    # LUT or window centre/width, else 8-bit as stored, deeper data min-max), "minmax", or "C,W" (e.g. 40,400).
+    dicom_window: str = "auto"
+    dicom_frames: str = "middle"  # multi-frame DICOM: "middle" | "first" frame, or "error"
     # Used only when the source has no split of its own; stratified by label, grouped by `group`.
     val_fraction: float = 0.15
-    test_fraction: float = 0.2
-    split_seed: int = 0
+    test_fraction: float = 0.2  # share of the images in the test split (sources without a split)
+    split_seed: int = 0  # seed of the splits lowshot makes and of data.limit / data.train_per_class draws
     # k-fold cross-validation: folds > 1 re-splits train+val (never test) into `folds` stratified,
     # grouped folds and validates on fold `fold`; repeat with other split_seed values.
     folds: int = 0
-    fold: int = 0
+    fold: int = 0  # which of the `folds` validates (0-based)
     # Images that are identical, near-identical (dHash within `duplicate_bits` of 64 bits: a candidate) or
     # re-cropped copies, once verified (duplicate_ncc below), share a group whenever lowshot splits, so a
     # duplicate pair never straddles train/val/test or two folds.
     group_duplicates: bool = True
-    duplicate_bits: int = 4
+    duplicate_bits: int = 4  # dHash Hamming distance (of 64 bits) up to which two images are candidates
     # ... and a hash candidate is a duplicate only when verified: detail NCC of the 32 px thumbnails at the
     # best alignment >= duplicate_ncc (lowshot.data.copies; 0.88 from bench/pool_copies.py: copies ~0.97,
     # the best distinct RetinaMNIST look-alikes 0.856). The pool guard uses the same threshold.
@@ -65,7 +70,7 @@ class DataConfig:
     # Label budget: keep K labelled training images per class (0 = all), drawn by `train_draw`; the
     # other training images get split 'unlabelled' and are not trained on.
     train_per_class: int = 0
-    train_draw: int = 0
+    train_draw: int = 0  # which seeded draw of the label budget (repeat a budget over draws 0, 1, ...)
     # DataLoader workers per process; -1 = auto: none on CPU (the 2 cores are busy with the model),
     # up to 8 per process on GPU, where per-image PIL augmentation in one process starves the device.
     num_workers: int = -1
@@ -84,6 +89,12 @@ class DataConfig:
         _choice("data.augment_path", self.augment_path, ("auto", "batched", "per_image"))
         _choice("data.augment_compile", self.augment_compile, ("auto", "on", "off"))
         _choice("data.color", self.color, ("auto", "gray", "rgb"))
+        from .data.dicom import check_options
+
+        try:
+            check_options(self.dicom_window, self.dicom_frames)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if not 0.0 < self.val_fraction < 1.0 or not 0.0 < self.test_fraction < 1.0:
             raise ConfigError("data.val_fraction and data.test_fraction must lie in (0, 1)")
         if self.size < 8:
@@ -121,12 +132,12 @@ class AugConfig:
     rotate: float = 0.0  # probability of a random 90° rotation
     cj_prob: float = 0.8  # colour-jitter probability
     cj_strength: float = 0.5  # scales the four jitter ranges below
-    brightness: float = 0.8
-    contrast: float = 0.8
+    brightness: float = 0.8  # brightness jitter range (x cj_strength)
+    contrast: float = 0.8  # contrast jitter range (x cj_strength)
     saturation: float = 0.8  # forced to 0 on grayscale data
     hue: float = 0.2  # forced to 0 on grayscale data
     gray_prob: float = 0.2  # random grayscale; forced to 0 on grayscale data
-    blur_prob: float = 0.5
+    blur_prob: float = 0.5  # Gaussian blur probability
     blur_sigma: list[float] = field(
         default_factory=lambda: [0.1, 1.0]
     )  # [min, max] px at the working resolution
@@ -143,14 +154,14 @@ class SSLConfig:
     # Checked against the labelled val/test images first (check.pool_leakage).
     unlabelled: list[str] = field(default_factory=list)
     use_train: bool = True  # also pretrain on the labelled training split (False: the pool alone)
-    epochs: int = 50
+    epochs: int = 50  # pretraining epochs
     batch_size: int = 128  # per process; NT-Xent negatives are gathered from every process
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 2e-3  # peak lr after warmup, then cosine to lr * min_lr_ratio
-    min_lr_ratio: float = 0.01
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 3
-    temperature: float = 0.2
+    min_lr_ratio: float = 0.01  # final lr as a fraction of ssl.lr
+    weight_decay: float = 1e-4  # decoupled (AdamW) or L2 (SGD) weight decay
+    warmup_epochs: int = 3  # linear lr warmup
+    temperature: float = 0.2  # NT-Xent / InfoNCE softmax temperature (SimCLR, MoCo)
     proj_hidden_dim: int = 512  # projection (and BYOL predictor, DINO head) hidden width
     proj_dim: int = 128  # projection output (SimCLR, MoCo, BYOL); DINO's bottleneck
     # MoCo/BYOL/DINO: EMA decay of the momentum copy, cosine-scheduled from this to 1 over training
@@ -162,8 +173,8 @@ class SSLConfig:
     teacher_temp: float = 0.04  # DINO: teacher softmax temperature (the student's is 0.1)
     center_momentum: float = 0.9  # DINO: EMA of the teacher-output centre
     knn_every: int = 5  # epochs between online kNN checks on the validation split (0 = off)
-    knn_k: int = 20
-    knn_t: float = 0.1
+    knn_k: int = 20  # neighbours of the online kNN check
+    knn_t: float = 0.1  # temperature of the kNN's similarity weights
 
     def __post_init__(self) -> None:
         _choice("ssl.method", self.method, ("simclr", "moco", "byol", "vicreg", "dino"))
@@ -183,32 +194,32 @@ class TrainConfig:
     probe_cs: list[float] = field(
         default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
     )
-    epochs: int = 30
+    epochs: int = 30  # fine-tuning epochs (at most: early stopping)
     batch_size: int = 64  # per process
     optimizer: str = "adamw"  # adamw | adam | sgd
-    lr: float = 5e-4
+    lr: float = 5e-4  # the head's peak lr; backbone groups: x backbone_lr_scale x layer_decay^depth
     schedule: str = "cosine"  # cosine (after warmup) | step (x gamma at each milestone)
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of epochs
-    gamma: float = 0.1
-    min_lr_ratio: float = 0.01
+    gamma: float = 0.1  # step schedule: lr factor at each milestone
+    min_lr_ratio: float = 0.01  # cosine: final lr as a fraction of lr
     weight_decay: float = 0.05  # not applied to norms and biases
     momentum: float = 0.9  # sgd only
-    warmup_epochs: int = 2
+    warmup_epochs: int = 2  # linear warmup (cosine schedule)
     patience: int = 10  # epochs without a better validation AUROC before stopping
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (also on mixup's soft targets)
     # What trains. "full": everything. "head": a linear head on the frozen backbone, trained with
     # augmentation (BatchNorm statistics frozen too). "partial": the head and the last `stages` stage
     # groups. "gradual": the head alone for `unfreeze_every` epochs, then one more stage group, deepest
     # first, every `unfreeze_every` epochs, up to `stages` (0 = all); early stopping waits for the last
     # unfreezing (Howard & Ruder, 2018). Stage groups are timm's coarse group_matcher (stem, stages).
     strategy: str = "full"
-    stages: int = 0
-    unfreeze_every: int = 3
+    stages: int = 0  # partial / gradual: how many stage groups (from the head) train; 0 = all
+    unfreeze_every: int = 3  # gradual: epochs between unfreezing steps
     # Per-group learning rates: layer-wise decay lr x layer_decay^(depth below the head) over timm's fine
     # layer groups (param_groups_layer_decay; BEiT, Bao et al., 2022), 1 = off; and a discriminative
     # factor on every backbone lr (the head keeps train.lr).
     layer_decay: float = 1.0
-    backbone_lr_scale: float = 1.0
+    backbone_lr_scale: float = 1.0  # every backbone group's lr x this (discriminative fine-tuning)
     l1: float = (
         0.0  # L1 penalty coefficient on weights (not norms/biases), added to the loss; L2 is weight_decay
     )
@@ -221,11 +232,11 @@ class TrainConfig:
     augment: bool = True  # False: no augmentation at all (the MedMNIST protocol)
     crop_min_scale: float = 0.7  # training-time random resized crop
     hflip: float = 0.5  # set 0 where laterality matters
-    vflip: float = 0.0
+    vflip: float = 0.0  # vertical flip probability
     rotate: float = 0.0  # random rotation, up to this many degrees either way
     # Brightness and contrast jitter factors in [1 - x, 1 + x]; no hue or saturation (grayscale modalities).
     brightness: float = 0.0
-    contrast: float = 0.0
+    contrast: float = 0.0  # contrast jitter (see brightness)
     # Each epoch, also score the *un-augmented* training images in eval mode: augmentation and dropout
     # are why the running training accuracy can sit below validation; this curve cannot.
     eval_train: bool = True
@@ -254,12 +265,14 @@ class FewShotConfig:
     n_way: int = 2  # classes per episode; fewer than the data has → each episode draws a subset
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 20])  # K support images per class
     n_query: int = 15  # Q query images per class, from `query_split`
-    episodes: int = 1000
+    episodes: int = 1000  # episodes per (N-way, K-shot) setting
     query_split: str = "test"  # queries come from here, support always from train: never overlapping
-    classifiers: list[str] = field(default_factory=lambda: ["prototype", "knn", "logreg"])
+    classifiers: list[str] = field(
+        default_factory=lambda: ["prototype", "knn", "logreg"]
+    )  # prototype (nearest class mean) | knn | logreg, on the support embeddings
     metric: str = "cosine"  # prototype distance: cosine | euclidean
-    knn_k: int = 5
-    logreg_l2: float = 0.01
+    knn_k: int = 5  # neighbours of the knn classifier
+    logreg_l2: float = 0.01  # L2 strength (1/C) of the logreg classifier
     # Label efficiency: a probe on K labelled training images per class (0 = all), scored on test.
     label_budgets: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50, 0])
     draws: int = 10  # random draws of the K labels per budget
@@ -292,7 +305,7 @@ class CheckConfig:
     # checkpoint) have cosine similarity >= `cosine`: dHash sees brightness gradients only and is blind
     # on look-alike modalities (fundus photos), a backbone sees content.
     embeddings: bool = False
-    cosine: float = 0.97
+    cosine: float = 0.97  # embedding cosine similarity at which two images count as look-alikes
     # Identical images across splits (leakage): "error" stops `lowshot check` (exit 1) and every training
     # script; "warn" (--warn-only) goes on; "drop" removes the train/val copies, leaving the test split as
     # published. Near duplicates (data.duplicate_bits) and label conflicts are reported, for a person to judge.
@@ -311,7 +324,7 @@ class CheckConfig:
 @dataclass
 class EvalConfig:
     bootstrap: int = 1000  # resamples of the test split for confidence intervals
-    ci: float = 0.95
+    ci: float = 0.95  # confidence level of every interval
     # False: a selection-only run (one fold of a learning-rate search, say): the test split stays sealed
     # and unscored; choose on the folds' validation scores, then run the chosen setting once with True.
     test: bool = True
@@ -327,7 +340,9 @@ class EvalConfig:
     # eval.positive_class on validation; argmax: 0.5.
     operating_point: str = "balanced"
     positive_class: str = ""  # a class name or index; "" = the rarest class (usually the finding)
-    target_sensitivity: float = 0.9
+    target_sensitivity: float = (
+        0.9  # sensitivity rule: the validation sensitivity to reach for eval.positive_class
+    )
     prior: list[float] = field(
         default_factory=list
     )  # deployment class frequencies; [] = the validation split's
@@ -345,9 +360,11 @@ class EvalConfig:
 @dataclass
 class TrackConfig:
     log_with: str = "wandb"  # wandb | none (the local run directory is always written)
-    project: str = "lowshot"
+    project: str = "lowshot"  # the W&B project
     group: str = ""  # the experiment; "" = the run name
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = field(
+        default_factory=list
+    )  # extra W&B tags (the data set, backbone, weights source and job are added)
     wandb_mode: str = "auto"  # auto (online only with an API key) | online | offline
 
     def __post_init__(self) -> None:
@@ -357,8 +374,10 @@ class TrackConfig:
 
 @dataclass
 class Config:
-    seed: int = 0
-    out_dir: str = "runs"
+    seed: int = (
+        0  # every random draw of a run (init, data order, augmentation, bootstrap); splits: data.split_seed
+    )
+    out_dir: str = "runs"  # run directories are out_dir/name/
     name: str = ""  # run directory name under out_dir; "" = <job>-<data>-<model>-<time>
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | no
     channels_last: str = "auto"  # auto (on GPU) | on | off: NHWC weights, what tensor-core convolutions want
@@ -574,8 +593,65 @@ def setting_key(config: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(kept, default=str).encode()).hexdigest()[:12]
 
 
+def field_notes(cls: type) -> dict[str, str]:
+    """Each field's comment in ``cls``'s source: the ``#`` lines above it and the one after it, joined
+    (the one place the settings are explained; the configuration reference is generated from it)."""
+    import inspect
+
+    notes: dict[str, str] = {}
+    above: list[str] = []
+    current = ""
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# ").rstrip())
+        elif m := re.match(r"(\w+): [^=]+=.*?(?:#\s*(.*))?$", text):
+            current = m.group(1)
+            notes[current] = " ".join([*above, m.group(2) or ""]).strip()
+            above = []
+        elif text.startswith("def "):
+            break
+        elif current and "  # " in text:  # a comment on a field's continuation line
+            notes[current] = (notes[current] + " " + text.split("  # ", 1)[1]).strip()
+            above = []
+    return notes
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every setting with its default and its comment, section by section."""
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from the dataclasses in `src/lowshot/config.py` by `python -m lowshot.config > "
+        "docs/configuration.md` (a test fails when this page is stale). One source of truth: dataclass "
+        "defaults < `--config FILE.yaml` < `$LOWSHOT_DATA_ROOT` / `$LOWSHOT_CACHE` < `key=value` on the command "
+        "line; an unknown key or a wrong type stops a run before it starts, naming the closest key.",
+        "",
+    ]
+    hints = get_type_hints(Config)  # the annotations are strings (from __future__ import annotations)
+    sections = [("", Config)] + [
+        (f.name, hints[f.name]) for f in fields(Config) if is_dataclass(hints[f.name])
+    ]
+    for name, cls in sections:
+        notes = field_notes(cls)
+        out += [f"## {name or 'top level'}", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in fields(cls):
+            if f.name in hints and cls is Config and is_dataclass(hints[f.name]):
+                continue
+            default = to_dict(cls())[f.name]
+            key = f"{name}.{f.name}" if name else f.name
+            note = notes.get(f.name, "").replace("|", "\\|")
+            out.append(f"| `{key}` | `{json.dumps(default)}` | {note} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def help_text() -> str:
     lines = ["Settings (key=value or --key=value; --config FILE.yaml; --probe):"]
     for k, v in flatten(to_dict(Config())).items():
         lines.append(f"  {k}={v}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m lowshot.config > docs/configuration.md
+    print(reference_markdown())

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import socket
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -29,6 +32,8 @@ from torch.utils.data import DataLoader
 
 from .config import Config, ModelConfig, load_yaml, to_yaml
 from .data import Store, cache_root, eval_transform, file_digest, normalisation, store_loader
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_WEIGHTS = "backbone.safetensors"
 CHECKPOINT_CONFIG = "config.yaml"
@@ -378,14 +383,18 @@ def cached_embeddings(
     Extraction reads no labels, so it covers the sealed test split too; scoring those rows stays locked."""
     path = cache_root(cfg.data) / "embeddings" / f"{embedding_key(cfg, store, in_chans)}.safetensors"
     if path.is_file():
-        return load_file(path)["features"], True
+        try:
+            return load_file(path)["features"], True
+        except Exception as err:  # truncated or zero-byte file: name it, drop it, extract again
+            log.warning("embedding cache %s is unreadable (%s); extracting again", path, err)
+            path.unlink(missing_ok=True)
     backbone.to(accelerator.device)
     every = np.arange(len(store.labels))
     loader = store_loader(store, every, eval_transform(norm), in_chans == 3, cfg.data.num_workers)
     feats = embed(backbone, accelerator.prepare(loader), accelerator)[0]
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # one per writer
         save_file({"features": feats.contiguous(), "labels": torch.from_numpy(store.labels)}, str(tmp))
         tmp.replace(path)
     return feats, False

@@ -271,7 +271,39 @@ def believe(run: dict[str, Any]) -> list[str]:
         if abs(gap) > half
         else "within the test CI half-width: consistent with noise"
     )
-    notes.append(f"Validation→test gap: {100 * gap:+.1f} AUROC points ({verdict}).")
+    ext = res.get("external")
+    if ext:  # `lowshot evaluate`: the "test" is another data set, scored once by a finished run
+        c, internal = ext["copies"], res.get("internal", {}).get("test")
+        notes.append(
+            f"**External validation** of `{ext['run']}` on {res['data']} ({ext['n']} images, classes mapped "
+            f"{ext['class_map']})"
+            + (
+                f"; the run's own test AUROC was {internal['metrics']['auroc']['value']:.3f}"
+                if internal
+                else ""
+            )
+            + "."
+        )
+        seen = c.get("external_images_with_a_copy_in_train_or_val", 0)
+        if not c["run"]:
+            notes.append(f"**Copy check not run** (the run's data were not reachable): {c['why']}")
+        elif seen:
+            notes.append(
+                f"**Copies:** {seen} of the {ext['n']} external images are copies of the run's own training or "
+                f"validation images ({c['by_split']}); they are not external evidence. Without them: AUROC "
+                + (
+                    f"{ext['without_copies']['metrics']['auroc']['value']:.3f}."
+                    if ext["without_copies"]
+                    else "not computable (too few images or one class left)."
+                )
+            )
+        else:
+            notes.append("Copy check: no external image is a copy of the run's images.")
+        if ext["absent_classes"]:
+            notes.append(f"Classes absent from the external set: {ext['absent_classes']}.")
+        notes.append(f"External set opened {ext['lockbox']['opened_before'] + 1} time(s) (ledger).")
+    else:
+        notes.append(f"Validation→test gap: {100 * gap:+.1f} AUROC points ({verdict}).")
     lock = meta.get("lockbox")
     if lock:
         others = lock.get("other_settings_before")  # absent in ledgers before settings were recorded

@@ -34,7 +34,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
-from .config import Config, ConfigError, flatten, setting_key, to_dict, to_yaml
+from .config import Config, ConfigError, DataConfig, flatten, setting_key, to_dict, to_yaml
 from .data import Store, cache_root
 from .models import reachable, weights_kind
 
@@ -205,6 +205,7 @@ class Run:
                 "notes": self.meta["command"],
             }
         }
+        self.meta["lineage"] = lineage = source_artifact(self.cfg.model.weights)
         config = {**flatten(to_dict(self.cfg)), "meta": self.meta}
         try:
             self.accelerator.init_trackers(self.cfg.track.project, config=config, init_kwargs=kwargs)
@@ -212,6 +213,15 @@ class Run:
             log.warning("W&B online init failed (%s); logging offline instead", err)
             kwargs["wandb"]["mode"] = "offline"  # the environment is no longer read once wandb has started
             self.accelerator.init_trackers(self.cfg.track.project, config=config, init_kwargs=kwargs)
+        if (wb := self._wandb()) is not None:
+            self.meta["wandb"] = {"id": wb.id, "project": self.cfg.track.project, "offline": bool(wb.offline)}
+            if lineage and not wb.offline:
+                # The lineage edge pretraining artifact → this run. W&B refuses use_artifact offline ("Cannot
+                # use artifact when in offline mode"), so offline runs carry it in config.meta.lineage only.
+                try:
+                    wb.use_artifact(f"{lineage['artifact']}:{lineage['alias']}")
+                except Exception as err:  # e.g. the pretraining run was never synced
+                    log.warning("W&B: could not mark %s as used (%s)", lineage["artifact"], err)
 
     def _write_meta(self) -> None:
         (self.dir / "meta.json").write_text(json.dumps(self.meta, indent=2))
@@ -246,31 +256,77 @@ class Run:
                 {key: wandb.Table(columns=list[str | int](keys), data=[[r[k] for k in keys] for r in rows])}
             )
 
+    def log_model(self, files: list[Path], kind: str, weights: Path) -> None:
+        """The run's model files as a W&B artifact of type "model" named ``<run name>-<kind>`` with the alias
+        ``sha-<first 12 hex of sha1(weights)>`` (what a later run that starts from them names), and that
+        name written into ``meta.json`` beside them, so a fine-tune finds it (main process, W&B on)."""
+        if (wb := self._wandb()) is None:
+            return
+        import wandb
+
+        from .data.cache import write_atomic
+        from .data.decode import file_digest
+
+        info = {
+            "artifact": artifact_name(f"{self.name}-{kind}"),
+            "alias": f"sha-{file_digest(weights, 'sha1')[:12]}",
+            "run_id": wb.id,
+        }
+        meta_file = weights.parent / "meta.json"
+        if meta_file.is_file():
+            write_atomic(
+                meta_file, json.dumps({**json.loads(meta_file.read_text()), "wandb_artifact": info}, indent=2)
+            )
+        art = wandb.Artifact(
+            info["artifact"], type="model", metadata={"kind": kind, **self.meta.get("lineage", {})}
+        )
+        for f in files:
+            if f.is_dir():
+                art.add_dir(str(f), name=f.name)
+            elif f.is_file():
+                art.add_file(str(f))
+        wb.log_artifact(art, aliases=["latest", info["alias"]])
+        self.meta["wandb_artifact"] = info
+
+    def log_predictions(
+        self, images: np.ndarray, paths: np.ndarray, y: np.ndarray, prob: np.ndarray, decision: np.ndarray,
+        classes: list[str],
+    ) -> None:  # fmt: skip
+        """A per-image W&B table of the test split (image, path, label, decision at the operating point,
+        argmax, correct, probability per class): error analysis in the W&B UI (main process, W&B on)."""
+        if (wb := self._wandb()) is None:
+            return
+        import wandb
+
+        cols = [
+            "image",
+            "path",
+            "label",
+            "predicted",
+            "predicted_argmax",
+            "correct",
+            *[f"p_{c}" for c in classes],
+        ]
+        table = wandb.Table(columns=list[str | int](cols))
+        for a, p, t, pr, d in zip(images, paths, y, prob, decision, strict=True):
+            row = [
+                wandb.Image(a[..., 0] if a.shape[-1] == 1 else a),
+                str(p),
+                classes[int(t)],
+                classes[int(d)],
+            ]
+            table.add_data(*row, classes[int(pr.argmax())], bool(d == t), *[float(v) for v in pr])
+        wb.log({"test/predictions": table})
+
     def open_test(self, store: Store) -> np.ndarray:
         """Unseal the store's test split for the final evaluation and record it in the lockbox ledger;
         returns the test rows. How often that test split was opened before goes into meta.json."""
         rows = store.unseal()
-        ledger = cache_root(self.cfg.data) / "lockbox" / f"{store.name}-{store.test_digest()}.jsonl"
         if self.accelerator.is_main_process:
-            ledger.parent.mkdir(parents=True, exist_ok=True)
-            before = (
-                [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.is_file() else []
-            )
             setting = setting_key(to_dict(self.cfg))
-            entry = {
-                "run": str(self.dir.resolve()),
-                "job": self.job_type,
-                "setting": setting,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
-            with open(ledger, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            entry = {"run": str(self.dir.resolve()), "job": self.job_type, "setting": setting}
             self.meta["lockbox"] = {
-                "ledger": str(ledger),
-                "opened_before": len(before),
-                "runs_before": len({e["run"] for e in before}),
-                # openings by runs of other settings: the ones that can make this test number a selection
-                "other_settings_before": len({e.get("setting") for e in before} - {setting}),
+                **record_opening(self.cfg.data, f"{store.name}-{store.test_digest()}", entry),
                 "reads_this_run": store.test_reads,
             }
             self._write_meta()
@@ -302,7 +358,65 @@ class Run:
             wb.summary.update(
                 {k: v for k, v in flatten(results).items() if isinstance(v, (int, float, str, bool))}
             )
+            wb.summary.update(headline(results))
         self.accelerator.end_training()
+
+
+# The runs table's shared columns: every job's headline under one name, beside the nested detail.
+HEADLINE = ("auroc", "accuracy", "balanced_accuracy", "macro_f1", "ece", "brier")
+
+
+def headline(results: dict[str, Any]) -> dict[str, float]:
+    """``test/auroc``, ``test/auroc_low``, ``test/auroc_high``, ... (``val/`` for a selection-only run),
+    ``test_at_point/...`` and ``selected/val_auroc``; pretraining: ``pretrain/final_loss`` and its kNN."""
+    out: dict[str, float] = {}
+    for split in ("val", "test"):
+        for key in (split, f"{split}_at_point"):
+            for m, v in (results.get(key) or {}).get("metrics", {}).items():
+                if m in HEADLINE:
+                    out |= {
+                        f"{key}/{m}": v["value"],
+                        f"{key}/{m}_low": v["low"],
+                        f"{key}/{m}_high": v["high"],
+                    }
+    if "selected" in results:
+        out["selected/val_auroc"] = results["selected"]["val_auroc"]
+    if results.get("job") == "pretrain":
+        out["pretrain/final_loss"] = results["final_loss"]
+        out |= {f"pretrain/{k.replace('/', '_')}": v for k, v in results.items() if k.startswith("knn/")}
+    return out
+
+
+def artifact_name(name: str) -> str:
+    """A W&B artifact name: letters, digits, '-', '_' and '.' only."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+def source_artifact(weights: str) -> dict[str, str]:
+    """The W&B artifact a lowshot checkpoint was logged as (from its meta.json), if any: the lineage of a
+    run that starts from it."""
+    if weights_kind(weights) != "checkpoint":
+        return {}
+    meta = Path(weights).expanduser() / "meta.json"
+    info = json.loads(meta.read_text()).get("wandb_artifact") if meta.is_file() else None
+    return dict(info) if info else {}
+
+
+def record_opening(data: DataConfig, ledger_name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Append ``entry`` (run, job, setting) with the time to the ledger ``lockbox/<ledger_name>.jsonl`` in
+    the cache folder; returns the ledger's path and how often it had been opened before, by how many runs
+    and by how many other settings (the openings that can make a test number the best of many tries)."""
+    ledger = cache_root(data) / "lockbox" / f"{ledger_name}.jsonl"
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    before = [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.is_file() else []
+    with open(ledger, "a") as f:
+        f.write(json.dumps({**entry, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    return {
+        "ledger": str(ledger),
+        "opened_before": len(before),
+        "runs_before": len({e["run"] for e in before}),
+        "other_settings_before": len({e.get("setting") for e in before} - {entry.get("setting")}),
+    }
 
 
 def _version(pkg: str) -> str:

@@ -10,7 +10,7 @@ Three sources, chosen by what ``data.source`` points at (relative to ``data.root
 
 Every image is decoded once, padded to a square and resized to ``data.size`` px, into a uint8 store
 ``(N, H, W, C)`` with ``C`` 1 (grayscale) or 3 (RGB). File-based stores are cached under
-``data.cache_dir`` keyed by the file listing (paths, sizes, mtimes) and the size, so the read-only
+``data.cache_dir`` keyed by every file's path and content (sha1) and the size, so the read-only
 data folder is never written. Sources without a split get a seeded split, stratified by label and
 grouped by ``group`` so that no patient spans two splits; identical and near-identical images
 (dHash) are put in one group first, so a duplicate pair never straddles two splits or two folds.
@@ -22,7 +22,7 @@ which every read of the test rows raises :class:`LockboxError` until :meth:`Stor
 once, for the final evaluation.
 
 The package holds one concern a module: ``sources`` (npz, folders, manifests → Store), ``decode``
-(files → arrays, fingerprints), ``cache``, ``duplicates``, ``splits``, ``loaders`` and ``store``.
+(files → arrays, fingerprints), ``dicom`` (DICOM pixel data, windows, patients), ``cache``, ``duplicates``, ``splits``, ``loaders`` and ``store``.
 """
 
 from .cache import cache_root, store_cache_file

@@ -14,11 +14,26 @@ def cache_root(cfg: DataConfig) -> Path:
 
 
 def store_cache_file(files: list[Path], name: str, cfg: DataConfig) -> Path:
-    h = hashlib.sha1(f"v2|{cfg.size}".encode())
+    """The decoded store's cache file, keyed by the working size, the DICOM settings and every file's path
+    and *content* (sha1 of its bytes): an edit that keeps the size and modification time still gives a new
+    key. Hashing a labelled set's files is cheap next to decoding them (the pool keys by stat, see pool)."""
+    h = hashlib.sha1(f"v3|{cfg.size}{dicom_key(cfg)}".encode())
     for f in files:
-        st = f.stat() if f.exists() else None
-        h.update(f"{f.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
+        try:
+            with open(f, "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha1").hexdigest()
+        except OSError:
+            digest = "unreadable"
+        h.update(f"{f.resolve()}|{digest}\n".encode())
     return cache_root(cfg) / "stores" / f"{name}-{cfg.size}px-{h.hexdigest()[:16]}.npz"
+
+
+def dicom_key(cfg: DataConfig) -> str:
+    """The DICOM decoding settings' part of a cache key: empty at the defaults, so caches made before these
+    settings existed stay valid."""
+    if (cfg.dicom_window, cfg.dicom_frames) == ("auto", "middle"):
+        return ""
+    return f"|dicom:{cfg.dicom_window}:{cfg.dicom_frames}"
 
 
 def write_atomic(path: Path, text: str) -> Path:

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .dicom import is_dicom, read_dicom
+
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 
 
 def file_digest(path: Path, algorithm: str) -> str:
@@ -21,15 +23,21 @@ def file_digest(path: Path, algorithm: str) -> str:
         return hashlib.file_digest(f, algorithm).hexdigest()
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
+def decode_image(path: Path, size: int, dicom: tuple[str, str] = ("auto", "middle")) -> np.ndarray:
     """Decode one file to (size, size, C) uint8, C = 1 for grayscale content, else 3 (size 0: the
     native resolution, padded to a square).
+
+    DICOM files (by suffix or the Part 10 marker) go through ``lowshot.data.dicom.read_dicom`` with
+    ``dicom`` = (data.dicom_window, data.dicom_frames).
 
     Modes are handled explicitly: 16-bit and float grayscale are scaled to 8 bits by their own
     min-max (the window the image uses), alpha is composited onto black, palettes are expanded, and
     RGB files whose three channels are equal count as grayscale. The image is padded to a square
     with black (keeping the whole field of view, no distortion) and resized with antialiasing.
     """
+    if is_dicom(path):
+        a = read_dicom(path, *dicom)
+        return square_resize(_gray_if_equal(a), size)
     with Image.open(path) as f:
         im: Image.Image = ImageOps.exif_transpose(f)
         if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -44,9 +52,14 @@ def decode_image(path: Path, size: int) -> np.ndarray:
         else:  # P, CMYK, YCbCr, LAB, HSV, RGB
             im = im.convert("RGB")
         a = np.asarray(im)
-    if a.ndim == 3 and (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
-        a = a[..., 0]
-    return square_resize(a if a.ndim == 3 else a[..., None], size)
+    return square_resize(_gray_if_equal(a if a.ndim == 3 else a[..., None]), size)
+
+
+def _gray_if_equal(a: np.ndarray) -> np.ndarray:
+    """(H, W, C) → (H, W, 1) when the three colour channels are equal (an RGB export of a gray image)."""
+    if a.shape[-1] == 3 and (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
+        return a[..., :1]
+    return a
 
 
 def square_resize(a: np.ndarray, size: int) -> np.ndarray:

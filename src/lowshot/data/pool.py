@@ -36,7 +36,7 @@ from PIL import UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
-from .cache import cache_root
+from .cache import cache_root, dicom_key
 from .copies import THUMB, thumbnail
 from .decode import IMAGE_SUFFIXES, decode_image, dhash, pixel_digest, square_resize, to_channels
 from .store import DataError, Store
@@ -126,7 +126,7 @@ def _list_source(path: Path) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def _cache_dir(sources: list[Path], items: list[str], size: int, channels: int, cfg: DataConfig) -> Path:
-    h = hashlib.sha1(f"pool-v1|{size}|{channels}".encode())
+    h = hashlib.sha1(f"pool-v1|{size}|{channels}{dicom_key(cfg)}".encode())
     for s in sources:  # npz entries are keyed by their file, folders and manifests by every file
         st = s.stat()
         h.update(f"{s.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -153,10 +153,12 @@ def _decode_one(
     )
 
 
-def _decode_chunk(args: tuple[str, list[int], list[str], int, int]) -> list[tuple[int, str, str]]:
+def _decode_chunk(
+    args: tuple[str, list[int], list[str], int, int, tuple[str, str]],
+) -> list[tuple[int, str, str]]:
     """Decode image files into their ``rows`` of the memory-mapped cache files in ``folder``; returns
     (row, file, reason) for every file that could not be decoded (its row stays zero)."""
-    folder, rows, files, size, channels = args
+    folder, rows, files, size, channels, dicom = args
     d = Path(folder)
     images = np.load(d / "images.npy", mmap_mode="r+")
     hashes = np.load(d / "hashes.npy", mmap_mode="r+")
@@ -166,7 +168,7 @@ def _decode_chunk(args: tuple[str, list[int], list[str], int, int]) -> list[tupl
     for row, file in zip(rows, files, strict=True):
         try:
             images[row], hashes[row], digests[row], thumbs[row] = _decode_one(
-                decode_image(Path(file), 0), size, channels
+                decode_image(Path(file), 0, dicom), size, channels
             )
         except FileNotFoundError:
             bad.append((row, file, "missing (manifest paths are relative to the manifest's folder)"))
@@ -190,7 +192,8 @@ def load_pool(entries: list[str], cfg: DataConfig, channels: int, workers: int =
         skipped += sk
     folder = _cache_dir(sources, items, cfg.size, channels, cfg)
     if not (folder / "done.json").is_file():
-        _build(folder, items, cfg.size, channels, workers or os.cpu_count() or 1)
+        dicom = (cfg.dicom_window, cfg.dicom_frames)
+        _build(folder, items, cfg.size, channels, workers or os.cpu_count() or 1, dicom)
     done = json.loads((folder / "done.json").read_text())
     keep = np.setdiff1d(np.arange(len(items)), [b[0] for b in done["bad"]])
     skipped += [(b[1], b[2]) for b in done["bad"]]
@@ -235,7 +238,9 @@ def _decode_arrays(tmp: Path, items: list[str], size: int, channels: int) -> Non
         a.flush()
 
 
-def _build(folder: Path, items: list[str], size: int, channels: int, workers: int) -> None:
+def _build(
+    folder: Path, items: list[str], size: int, channels: int, workers: int, dicom: tuple[str, str]
+) -> None:
     """Decode every item into memory-mapped files in a temporary folder, then rename it into place
     (atomic: a killed run leaves no half-written cache, and two runs never share a temporary name)."""
     tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -248,7 +253,7 @@ def _build(folder: Path, items: list[str], size: int, channels: int, workers: in
     bad: list[tuple[int, str, str]] = []
     files = [i for i, it in enumerate(items) if ".npz:" not in it]
     tasks = [
-        (str(tmp), files[lo : lo + CHUNK], [items[i] for i in files[lo : lo + CHUNK]], size, channels)
+        (str(tmp), files[lo : lo + CHUNK], [items[i] for i in files[lo : lo + CHUNK]], size, channels, dicom)
         for lo in range(0, len(files), CHUNK)
     ]
     bar = tqdm(total=len(files), desc=f"decoding the pool ({workers} processes)", unit="img", leave=False)

@@ -6,10 +6,12 @@ import csv
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 from PIL import UnidentifiedImageError
 
 from ..config import DataConfig
@@ -24,6 +26,7 @@ from .decode import (
     stack_images,
     to_channels,
 )
+from .dicom import dicom_group, is_dicom
 from .duplicates import duplicate_groups
 from .splits import apply_limit, assign_fold, fill_splits, label_budget, warn_group_leaks
 from .store import SPLITS, DataError, Store
@@ -80,7 +83,27 @@ def load_store(cfg: DataConfig) -> Store:
         label_budget(store, cfg.train_per_class, cfg.split_seed, cfg.train_draw)
     for f, why in store.skipped:
         log.warning("skipped %s: %s", f, why)
+    check_classes(store, path)
     return store
+
+
+def check_classes(store: Store, path: Path) -> None:
+    """Every class needs a training image (else nothing can learn it: a DataError naming it); a class
+    absent from validation or test is reported, since its sensitivity there is undefined."""
+    for s in ("train", "val", "test"):
+        counts = np.bincount(store.labels[store.split == s], minlength=store.num_classes)
+        missing = [c for c, n in zip(store.classes, counts, strict=True) if n == 0]
+        if missing and s == "train" and (store.split == "train").any():
+            shown = f"{missing[:8]}{f' and {len(missing) - 8} more' if len(missing) > 8 else ''}"
+            present = {c: int(n) for c, n in zip(store.classes, counts, strict=True) if n}
+            raise DataError(
+                f"{path}: {len(missing)} class(es) {shown} have no training image (those with some: {present}); "
+                f"labels out of range make such classes. Add images, merge the class, or remove its folder"
+            )
+        if missing and (store.split == s).any():
+            log.warning(
+                "%s: class(es) %s have no %s image: their %s sensitivity is undefined", path, missing, s, s
+            )
 
 
 def _medmnist_info(path: Path) -> tuple[str, int, dict[str, Any]] | None:
@@ -146,18 +169,41 @@ def _load_npz(path: Path, size: int) -> Store:
     images, labels, split, paths, prints = [], [], [], [], []
     for s in SPLITS:
         x = npz[f"{s}_images"]
+        if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+            raise DataError(
+                f"{path}: {s}_images is {x.dtype} {x.shape}; expected uint8 (N, H, W) or (N, H, W, 1|3) in 0-255 "
+                f"(scale float images yourself: a float array has no agreed range)"
+            )
         prints.append(fingerprints(list(x if x.ndim == 4 else x[..., None])))
-        y = npz[f"{s}_labels"].reshape(len(x), -1)
+        raw_y = npz[f"{s}_labels"]
+        if raw_y.shape[:1] != (len(x),):
+            raise DataError(
+                f"{path}: {s}_labels has shape {raw_y.shape} for {len(x)} {s}_images; one label per image"
+            )
+        y = raw_y.reshape(len(x), -1)
         if y.shape[1] != 1:
             raise DataError(
                 f"{path}: {s}_labels has {y.shape[1]} columns; only single-label sets are supported"
             )
+        if not np.issubdtype(y.dtype, np.integer) and not (
+            np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))
+        ):
+            raise DataError(
+                f"{path}: {s}_labels is {y.dtype} with non-integer values; labels are class indices"
+            )
+        if len(y) and y.min() < 0:
+            raise DataError(f"{path}: {s}_labels holds {int(y.min())}; labels are class indices 0, 1, ...")
         images.append(resize_batch(x if x.ndim == 4 else x[..., None], size))
         labels.append(y[:, 0].astype(np.int64))
         split += [s] * len(x)
         paths += [f"{path.name}:{s}/{i}" for i in range(len(x))]
     y_all = np.concatenate(labels)
     classes = _medmnist_classes(path, int(y_all.max()) + 1)
+    if int(y_all.max()) >= len(classes):
+        raise DataError(
+            f"{path}: a label is {int(y_all.max())} but {path.name} has {len(classes)} classes {classes}; "
+            f"labels must lie in 0..{len(classes) - 1}"
+        )
     return Store(
         images=np.concatenate(images),
         labels=y_all,
@@ -231,6 +277,51 @@ def _read_manifest(
     return files, labels, groups if "group" in cols else None, splits if "split" in cols else None, []
 
 
+def read_store_cache(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list] | None:
+    """A decoded store's cache file, or None if there is none; a corrupt or truncated one is named in a
+    warning, deleted and rebuilt."""
+    if not cache.exists():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            return z["kept"], z["images"], z["hashes"], z["digests"], json.loads(str(z["skipped"]))
+    except Exception as err:  # zero bytes, truncated zip, missing keys
+        log.warning(
+            "store cache %s is unreadable (%s: %s); deleting it and decoding again",
+            cache,
+            type(err).__name__,
+            err,
+        )
+        cache.unlink(missing_ok=True)
+        return None
+
+
+def _decode_files(
+    files: list[Path], name: str, cfg: DataConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list]:
+    """Decode every file: (kept indices, images, dHash bits, pixel digests, [(file, reason)] not decoded)."""
+    kept_l, imgs, natives, bad = [], [], [], []
+    for i, f in enumerate(files):
+        if f.suffix.lower() not in IMAGE_SUFFIXES and f.suffix:
+            bad.append((str(f), f"not an image file (suffix {f.suffix})"))
+            continue
+        try:
+            # padded to a square; fingerprinted at full resolution
+            native = decode_image(f, 0, (cfg.dicom_window, cfg.dicom_frames))
+            imgs.append(square_resize(native, cfg.size))
+            natives.append(fingerprints([native]))
+            kept_l.append(i)
+        except FileNotFoundError:
+            bad.append((str(f), "missing (manifest paths are relative to the manifest's folder)"))
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            bad.append((str(f), f"cannot decode: {err}"))
+    if not imgs:
+        raise DataError(f"no readable images in {name}: {bad[:3]}")
+    hashes = np.concatenate([h for h, _ in natives])
+    digests = np.concatenate([d for _, d in natives])
+    return np.array(kept_l), stack_images(imgs), hashes, digests, bad
+
+
 def _load_files(
     files: list[Path],
     labels: list[str],
@@ -243,38 +334,24 @@ def _load_files(
 ) -> Store:
     """Decode image files into a cached store; unreadable files are reported, not fatal."""
     cache = store_cache_file(files, name, cfg)
-    if cache.exists():
-        with np.load(cache, allow_pickle=False) as z:
-            kept, images, hashes, digests = z["kept"], z["images"], z["hashes"], z["digests"]
-            bad = json.loads(str(z["skipped"]))
-    else:
-        kept_l, imgs, natives, bad = [], [], [], []
-        for i, f in enumerate(files):
-            if f.suffix.lower() not in IMAGE_SUFFIXES and f.suffix:
-                bad.append((str(f), f"not an image file (suffix {f.suffix})"))
-                continue
-            try:
-                native = decode_image(f, 0)  # padded to a square; fingerprinted at full resolution
-                imgs.append(square_resize(native, cfg.size))
-                natives.append(fingerprints([native]))
-                kept_l.append(i)
-            except FileNotFoundError:
-                bad.append((str(f), "missing (manifest paths are relative to the manifest's folder)"))
-            except (UnidentifiedImageError, OSError, ValueError) as err:
-                bad.append((str(f), f"cannot decode: {err}"))
-        if not imgs:
-            raise DataError(f"no readable images in {name}: {bad[:3]}")
-        kept = np.array(kept_l)
-        images = stack_images(imgs)
-        hashes = np.concatenate([h for h, _ in natives])
-        digests = np.concatenate([d for _, d in natives])
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, images=images, kept=kept, skipped=json.dumps(bad), hashes=hashes, digests=digests)
-        os.replace(tmp, cache)  # atomic: a killed run never leaves a half-written cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # One process decodes, the others wait and read its cache (parallel runs, sweep agents).
+    with FileLock(str(cache) + ".lock"):
+        got = read_store_cache(cache)
+        if got is None:
+            got = _decode_files(files, name, cfg)
+            kept, images, hashes, digests, bad = got
+            tmp = cache.with_name(f".{cache.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz")
+            np.savez(tmp, images=images, kept=kept, skipped=json.dumps(bad), hashes=hashes, digests=digests)
+            os.replace(tmp, cache)  # atomic: a killed run never leaves a half-written cache
+    kept, images, hashes, digests, bad = got
     classes = sorted(set(labels))
     lab = np.array([classes.index(labels[i]) for i in kept], dtype=np.int64)
     paths = np.array([str(files[i]) for i in kept])
+    if groups is None and any(is_dicom(files[i]) for i in kept[:1000]):
+        # DICOM carries its patient: PatientID (else StudyInstanceUID) groups the splits, no CSV needed
+        ids = [dicom_group(files[i]) if is_dicom(files[i]) else "" for i in range(len(files))]
+        groups = [g or str(files[i]) for i, g in enumerate(ids)]
     return Store(
         images=images,
         labels=lab,

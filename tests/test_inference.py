@@ -1,0 +1,264 @@
+"""A trained run in use: `lowshot predict` (exact preprocessing, calibrated probabilities, the operating
+point, "unlike the training data"), on real BUSI ultrasound files, with real RetinaMNIST fundus images as
+the unfamiliar ones."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_e2e import REPO, common, launch, ok
+
+from lowshot import inference
+from lowshot import operating_point as op
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(busi: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A probe (gray replicated to 3 channels) and a fine-tune (one channel) of ImageNet Lite0 on BUSI, and
+    a fine-tune from random init (whose starting weights exist only in the run)."""
+    out = tmp_path_factory.mktemp("runs")
+    args = [
+        *common(busi.parent, cache_dir, out, busi.name),
+        "data.limit=120",
+        "data.color=gray",
+        "track.log_with=none",
+        "model.name=tf_efficientnet_lite0",
+        "model.weights=efficientnet-lite0",
+    ]
+    ok(launch("finetune/train.py", ["--probe", *args, "name=probe"], out))
+    ok(launch("finetune/train.py", [*args, "name=ft", "train.epochs=2", "data.channels=single"], out))
+    scratch = [*args, "name=scratch", "train.epochs=1", "model.name=test_resnet", "model.weights=none"]
+    ok(launch("finetune/train.py", scratch, out))
+    assert (out / "scratch" / "detector.safetensors").is_file()
+    return out
+
+
+def lowshot(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lowshot.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=600
+    )
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("job", ["probe", "ft", "scratch"])
+def test_predict_reproduces_the_runs_own_validation_scores(runs: Path, tmp_path: Path, job: str) -> None:
+    """The validation files, decoded again from disk by `lowshot predict`, get the probabilities the
+    training run stored for them: the preprocessing is the run's, not a re-guess."""
+    run = runs / job
+    saved = np.load(run / "predictions.npz")
+    paths = [str(p) for p in saved["val_path"]]
+    out = tmp_path / "val.csv"
+    p = lowshot("predict", str(run), *paths, "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    rows = read_csv(out)
+    assert [r["path"] for r in rows] == paths and all(r["error"] == "" for r in rows)
+    classes = json.loads((run / "results.json").read_text())["classes"]
+    raw = np.array([[float(r[f"p_raw_{c}"]) for c in classes] for r in rows])
+    np.testing.assert_allclose(raw, saved["val_prob"], atol=2e-4)
+    point = op.load(run)
+    want = [classes[i] for i in op.decide(saved["val_prob"], point["weights"])]
+    agree = np.mean([r["predicted"] == w for r, w in zip(rows, want, strict=True)])
+    assert agree >= 0.98, agree  # a probability within 2e-4 of the threshold may fall either side
+    cal = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    np.testing.assert_allclose(cal.sum(1), 1.0, atol=1e-4)
+    assert (cal.argmax(1) == raw.argmax(1)).all()  # temperature scaling keeps the ranking
+    # the validation images' own percentiles are spread over 0-100, about 5% flagged at the 95th
+    pct = np.array([float(r["ood_percentile"]) for r in rows])
+    assert pct.min() < 10 and pct.max() >= 90
+    assert np.mean([r["unlike_training"] == "True" for r in rows]) <= 0.10
+
+
+def test_predict_flags_unfamiliar_images_and_lists_unreadable_ones(
+    runs: Path, data_root: Path, tmp_path: Path
+) -> None:
+    """Fundus photographs are far from breast ultrasound: most are flagged; unreadable files are listed
+    and the rest still scored."""
+    folder = tmp_path / "new"
+    folder.mkdir()
+    retina = np.load(data_root / "retinamnist.npz")["test_images"][:30]
+    for i, a in enumerate(retina):
+        Image.fromarray(a).save(folder / f"fundus_{i:02d}.png")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"")  # hidden files are not inputs
+    out = tmp_path / "new.csv"
+    p = lowshot("predict", str(runs / "ft"), str(folder), str(tmp_path / "gone.png"), "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    rows = {Path(r["path"]).name: r for r in read_csv(out)}
+    assert len(rows) == 33 and ".hidden.png" not in rows
+    for bad in ("empty.png", "notes.png", "gone.png"):
+        assert rows[bad]["error"] and rows[bad]["predicted"] == "", rows[bad]
+        assert bad in p.stdout
+    assert rows["gone.png"]["error"] == "no such file"
+    fundus = [r for n, r in rows.items() if n.startswith("fundus")]
+    assert all(r["error"] == "" and r["predicted"] in ("benign", "malignant", "normal") for r in fundus)
+    flagged = np.mean([r["unlike_training"] == "True" for r in fundus])
+    assert flagged >= 0.8, flagged
+    assert "scored 30 of 33 images" in p.stdout
+
+
+def test_predict_refuses_what_is_not_a_train_run(runs: Path, tmp_path: Path) -> None:
+    p = lowshot("predict", str(tmp_path), str(tmp_path))
+    assert p.returncode != 0 and "results.json does not exist" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_probe_folds_into_one_linear_layer() -> None:
+    """The standardise + logistic regression probe, folded, gives scikit-learn's probabilities (2 and 3
+    classes)."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    for k in (2, 3):
+        x = rng.normal(size=(200, 16)) * rng.uniform(0.1, 5, 16) + rng.normal(size=16)
+        y = rng.integers(0, k, 200)
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x, y)
+        s, lr = clf[0], clf[-1]
+        arrays = {
+            n: torch.from_numpy(np.asarray(v, dtype=np.float64))
+            for n, v in (
+                ("mean", s.mean_),
+                ("scale", s.scale_),
+                ("coef", lr.coef_),
+                ("intercept", lr.intercept_),
+            )
+        }
+        lin = inference.probe_as_linear(arrays)
+        got = lin(torch.from_numpy(x).float()).softmax(1).detach().numpy()
+        np.testing.assert_allclose(got, clf.predict_proba(x), atol=1e-5)
+
+
+def test_knn_distance_and_percentile() -> None:
+    import torch
+
+    ref = torch.nn.functional.normalize(torch.eye(4)[:3], dim=1)  # three unit vectors
+    q = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 2.0]])
+    np.testing.assert_allclose(inference.knn_distance(q, ref, 1), [0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(inference.knn_distance(q, ref, 2), [1.0, 1.0], atol=1e-6)
+    val = np.array([0.1, 0.2, 0.3, 0.4])
+    np.testing.assert_allclose(inference.percentile(np.array([0.05, 0.25, 0.9]), val), [0, 50, 100])
+
+
+@pytest.mark.parametrize(
+    ("job", "fmt"), [("probe", "onnx"), ("ft", "onnx"), ("probe", "timm"), ("ft", "timm")]
+)
+def test_export_matches_lowshot_on_real_images(runs: Path, tmp_path: Path, job: str, fmt: str) -> None:
+    """The exported model, run by onnxruntime or rebuilt by plain timm, gives lowshot's logits on the
+    run's validation images; what a user needs to preprocess and decide travels with it."""
+    import torch
+
+    out = tmp_path / "export"
+    p = lowshot("export", str(runs / job), "--format", fmt, "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["inputs"].endswith("validation images of busi"), parity
+    assert parity["max_abs_logit_diff"] < 1e-3 and parity["max_abs_prob_diff"] < 1e-4, parity
+    assert {"preprocessing.json", "operating_point.json", "calibration.json", "reference.safetensors"} <= {
+        f.name for f in out.iterdir()
+    }
+    prep = json.loads((out / "preprocessing.json").read_text())
+    run = inference.load(runs / job)
+    saved = np.load(runs / job / "predictions.npz")
+    images, _, bad = inference.read_images([Path(f) for f in saved["val_path"][:16]], prep)
+    assert not bad
+    x = inference.to_input(images, prep)
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        # a fine-tune's "unlike the training data" embedding comes from its frozen starting backbone
+        assert (out / "detector.onnx").is_file() == (job == "ft")
+        if job == "ft":
+            assert parity["detector_max_abs_embedding_diff"] < 1e-3
+            det = ort.InferenceSession(str(out / "detector.onnx"), providers=["CPUExecutionProvider"])
+            emb = det.run(["embedding"], {"image": inference.to_input(images, prep).numpy()})[0]
+            np.testing.assert_allclose(emb, inference.score(run, images)["embedding"], atol=1e-3)
+
+        sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        logits, emb = sess.run(["logits", "embedding"], {"image": x.numpy()})
+        assert emb.shape == (16, run.reference.shape[1])
+    else:
+        import timm
+        from safetensors.torch import load_file
+
+        cfg = json.loads((out / "config.json").read_text())
+        model = timm.create_model(cfg["architecture"], num_classes=cfg["num_classes"], **cfg["model_args"])
+        model.load_state_dict(load_file(out / "model.safetensors"))
+        with torch.no_grad():
+            logits = model.eval()(x).numpy()
+        assert cfg["pretrained_cfg"]["label_names"] == run.classes
+    probs = torch.from_numpy(np.asarray(logits)).softmax(1).numpy()
+    np.testing.assert_allclose(probs, saved["val_prob"][:16], atol=2e-4)
+
+
+def test_evaluate_external_set_maps_classes_finds_copies_and_records_the_opening(
+    runs: Path, data_root: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """BreastMNIST is BUSI again at 28 px: as an "external" set for a BUSI run, its two classes map onto
+    the run's three (benign + normal merged), and the copy check says most images are the run's own."""
+    base = [f"data.root={data_root}", "data.source=breastmnist.npz", f"data.cache_dir={cache_dir}"]
+    merge = ["--map", "normal, benign=benign+normal"]
+    p = lowshot("evaluate", str(runs / "ft"), *base, *merge, "--out", str(tmp_path / "ext"))
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tmp_path / "ext" / "results.json").read_text())
+    assert res["classes"] == ["normal, benign", "malignant"] and res["test"]["n"] == 780
+    ext = res["external"]
+    assert ext["class_map"] == {"malignant": "malignant", "normal, benign": "normal, benign"}
+    assert ext["copies"]["run"] and ext["copies"]["external_images_with_a_copy_in_train_or_val"] >= 50
+    assert "are copies of the run's own training/validation images" in p.stdout
+    assert res["internal"]["test"]["n"] == json.loads((runs / "ft" / "results.json").read_text())["test"]["n"]
+    m = res["test"]["metrics"]["auroc"]
+    assert m["low"] <= m["value"] <= m["high"]
+    assert {"roc.png", "confusion.png", "predictions.npz"} <= {f.name for f in (tmp_path / "ext").iterdir()}
+    ledger = Path(ext["lockbox"]["ledger"])
+    assert ledger.name.startswith("breastmnist-external-") and ext["lockbox"]["opened_before"] == 0
+    p2 = lowshot("evaluate", str(runs / "probe"), *base, *merge, "--out", str(tmp_path / "ext2"))
+    assert p2.returncode == 0, p2.stderr
+    assert (
+        json.loads((tmp_path / "ext2" / "results.json").read_text())["external"]["lockbox"]["opened_before"]
+        == 1
+    )
+    assert len(ledger.read_text().splitlines()) == 2
+    from lowshot.report import believe, load_run
+
+    notes = " ".join(believe(load_run(tmp_path / "ext")))
+    assert "External validation" in notes and "**Copies:**" in notes
+
+
+def test_evaluate_refuses_unknown_classes_and_the_runs_own_settings(
+    runs: Path, data_root: Path, cache_dir: Path
+) -> None:
+    base = [f"data.root={data_root}", f"data.cache_dir={cache_dir}"]
+    p = lowshot("evaluate", str(runs / "ft"), *base, "data.source=retinamnist.npz")
+    assert p.returncode != 0 and "class '0', which the model never saw" in p.stderr and "--map" in p.stderr
+    p = lowshot("evaluate", str(runs / "ft"), *base, "data.source=breastmnist.npz", "data.size=64")
+    assert p.returncode != 0 and "data.size" in p.stderr and "preprocessing" in p.stderr
+    p = lowshot("evaluate", str(runs / "ft"), *base, "data.source=breastmnist.npz", "--map", "cats=benign")
+    assert p.returncode != 0 and "not classes of the external set" in p.stderr
+    assert all("Traceback" not in q.stderr for q in (p,))
+
+
+def test_class_map_merges_and_matches_by_name() -> None:
+    from lowshot.external import class_map
+
+    classes, merge, labels = class_map(
+        ["benign", "malignant", "normal"], ["Malignant", "other"], {"other": ["benign", "normal"]}
+    )
+    assert classes == ["other", "malignant"]
+    np.testing.assert_array_equal(merge, [[1, 0], [0, 1], [1, 0]])
+    np.testing.assert_array_equal(labels, [1, 0])
