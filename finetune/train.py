@@ -47,10 +47,11 @@ from lowshot.data.cache import write_atomic
 from lowshot.evaluation import auroc, final_reports, format_point, format_report, nll
 from lowshot.guard import DivergenceError, check_epoch, weight_norm
 from lowshot.models import backbone_for, cached_embeddings, save_checkpoint, weights_fingerprint, weights_kind
-from lowshot.tracking import Run, make_accelerator, memory_format
+from lowshot.tracking import Run, make_accelerator, memory_format, preflight
 
 user_errors()
 cfg, overrides = parse_args(sys.argv[1:])
+preflight(cfg)  # output folder, weights, W&B: fail before any decoding
 job = "probe" if cfg.train.probe else "finetune"
 accelerator = make_accelerator(cfg, find_unused_parameters=cfg.train.strategy != "full")
 set_seed(cfg.seed)

@@ -30,10 +30,11 @@ from lowshot.finetune import make_optimizer, warmup_cosine
 from lowshot.guard import check_epoch, weight_norm
 from lowshot.methods import build_method, negatives_per_anchor
 from lowshot.models import backbone_for, embed, save_checkpoint, weights_fingerprint
-from lowshot.tracking import Run, make_accelerator, memory_format
+from lowshot.tracking import Run, make_accelerator, memory_format, preflight
 
 user_errors()
 cfg, overrides = parse_args(sys.argv[1:])
+preflight(cfg)  # output folder, weights, W&B: fail before any decoding
 accelerator = make_accelerator(cfg)
 set_seed(cfg.seed, device_specific=True)  # each process draws its own augmentations
 with accelerator.main_process_first():  # the first process decodes and caches; the others read the cache

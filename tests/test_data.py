@@ -169,7 +169,7 @@ def _manifest(tmp: Path, busi: Path, with_split: bool = False) -> Path:
 
 def test_csv_manifest_grouped_split(busi: Path, tmp_path: Path, cache_dir: Path) -> None:
     m = _manifest(tmp_path, busi)
-    store = load_store(cfg(tmp_path, m.name, cache_dir, size=16))
+    store = load_store(cfg(busi.parent, str(m), cache_dir, size=16))  # the images lie below data.root
     assert len(store.labels) == 195 and store.num_classes == 3
     for g in np.unique(store.groups):
         assert len(np.unique(store.split[store.groups == g])) == 1, f"group {g} spans two splits"
@@ -182,7 +182,7 @@ def test_csv_manifest_grouped_split(busi: Path, tmp_path: Path, cache_dir: Path)
 
 def test_csv_manifest_own_split_is_kept(busi: Path, tmp_path: Path, cache_dir: Path) -> None:
     m = _manifest(tmp_path, busi, with_split=True)
-    store = load_store(cfg(tmp_path, m.name, cache_dir, size=16))
+    store = load_store(cfg(busi.parent, str(m), cache_dir, size=16))  # the images lie below data.root
     with open(m) as fh:
         want = {r["path"]: r["split"] for r in csv.DictReader(fh)}
     assert all(want[p] == s for p, s in zip(store.paths, store.split, strict=True))
@@ -387,3 +387,72 @@ def test_two_processes_filling_an_empty_cache_at_once(busi: Path, tmp_path: Path
     assert all(p.returncode == 0 for p in procs) and outs[0] == outs[1] and len(outs[0]) == 40
     assert len(list((tmp_path / "c" / "stores").glob("*.npz"))) == 1
     assert not list((tmp_path / "c" / "stores").glob("*.tmp*"))
+
+
+def test_folder_rules_hidden_nested_empty_and_huge(
+    busi: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The documented folder rule: files at any depth below a class folder have its class; hidden files and
+    folders are listed as skipped; an empty class folder is reported; a decompression bomb is skipped with
+    PIL's limit named and the rest still load; images smaller than data.size are said to be upsampled."""
+    from PIL import Image as PILImage
+
+    root = tmp_path / "d"
+    pngs = {c: sorted((busi / c).glob("*.png"))[:6] for c in ("benign", "malignant")}
+    for c, ps in pngs.items():
+        (root / c / "site2").mkdir(parents=True)
+        for p in ps[:4]:
+            shutil.copy(p, root / c / p.name)
+        for p in ps[4:]:
+            shutil.copy(p, root / c / "site2" / p.name)  # nested: still this class
+    (root / "benign" / ".DS_Store").write_bytes(b"\0\0")
+    (root / "benign" / ".thumbs").mkdir()
+    shutil.copy(pngs["benign"][0], root / "benign" / ".thumbs" / "x.png")
+    (root / "normal").mkdir()  # empty class
+    PILImage.new("L", (2000, 1500)).save(root / "malignant" / "huge.png")  # 3 Mpx
+    cfg = DataConfig(
+        root=str(tmp_path),
+        source="d",
+        cache_dir=str(tmp_path / "c"),
+        size=300,
+        val_fraction=0.25,
+        test_fraction=0.25,
+    )
+    old = PILImage.MAX_IMAGE_PIXELS
+    PILImage.MAX_IMAGE_PIXELS = 1_000_000  # the 3 Mpx file is then a decompression bomb (> 2x the limit)
+    try:
+        store = load_store(cfg)
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = old
+    assert len(store.labels) == 12 and store.classes == ["benign", "malignant"]
+    why = {Path(f).name: r for f, r in store.skipped}
+    assert why[".DS_Store"] == "hidden file or folder" and why["x.png"] == "hidden file or folder"
+    assert "holds no files" in why["normal"] and "MAX_IMAGE_PIXELS" in why["huge.png"]
+    assert any("smaller than data.size=300" in r.getMessage() for r in caplog.records), [
+        r.getMessage()[:120] for r in caplog.records
+    ]
+
+
+def test_manifest_paths_stay_below_the_data_root(busi: Path, tmp_path: Path) -> None:
+    """A manifest that reaches outside its folder and data.root (../, absolute) is refused, naming the line
+    and the setting; data.allow_outside_root=true reads it."""
+    inside, outside = tmp_path / "root", tmp_path / "elsewhere"
+    for d in (inside, outside):
+        d.mkdir()
+    rows = ["path,label"]
+    for i, p in enumerate(
+        sorted((busi / "benign").glob("*.png"))[:10] + sorted((busi / "malignant").glob("*.png"))[:10]
+    ):
+        shutil.copy(p, inside / p.name)
+        rows.append(f"{p.name},{'benign' if i < 10 else 'malignant'}")
+    shutil.copy(sorted((busi / "normal").glob("*.png"))[0], outside / "n.png")
+    rows.append("../elsewhere/n.png,benign")
+    (inside / "m.csv").write_text("\n".join(rows) + "\n")
+    cfg = dict(
+        root=str(inside), source="m.csv", cache_dir=str(tmp_path / "c"), val_fraction=0.25, test_fraction=0.25
+    )
+    with pytest.raises(
+        DataError, match=r"m\.csv line 22: \.\./elsewhere/n\.png lies outside .*data\.allow_outside_root=true"
+    ):
+        load_store(DataConfig(**cfg))
+    assert len(load_store(DataConfig(**cfg, allow_outside_root=True)).labels) == 21

@@ -411,3 +411,20 @@ def test_fewshot_script_and_curves(data_root: Path, cache_dir: Path, tmp_path: P
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and "| backbone |" in (
         tmp_path / "c.md"
     ).read_text()
+
+
+def test_settings_that_need_no_data_fail_before_decoding(tmp_path: Path) -> None:
+    """An unwritable out_dir, a missing weights file, W&B online without a key: one line each, before any
+    data are read (the data root here does not even exist)."""
+    (tmp_path / "file").write_text("")
+    base = [f"data.root={tmp_path / 'nothing'}"]
+    env = {"WANDB_API_KEY": None, "NETRC": str(tmp_path / "none")}
+    cases = [
+        ([f"out_dir={tmp_path / 'file' / 'runs'}"], "cannot be written"),
+        ([f"out_dir={tmp_path}", "model.weights=/no/such/weights.safetensors"], "no such file"),
+        ([f"out_dir={tmp_path}", "track.wandb_mode=online"], "no W&B API key"),
+    ]
+    for args, message in cases:
+        p = launch("finetune/train.py", [*base, *args], tmp_path, env=env)
+        assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
+        assert "does not exist" not in p.stderr  # stopped before looking for the data

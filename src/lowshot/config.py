@@ -65,6 +65,9 @@ class DataConfig:
     # best alignment >= duplicate_ncc (lowshot.data.copies; 0.88 from bench/pool_copies.py: copies ~0.97,
     # the best distinct RetinaMNIST look-alikes 0.856). The pool guard uses the same threshold.
     duplicate_ncc: float = 0.88
+    # A CSV manifest reads only files below its own folder or data.root (a path like ../../etc/... is
+    # refused, naming the line); true lifts that.
+    allow_outside_root: bool = False
     cache_dir: str = ""  # decoded stores go here; "" = env LOWSHOT_CACHE or ~/.cache/lowshot
     limit: int = 0  # keep at most this many images per split (stratified); 0 = all. For smoke tests.
     # Label budget: keep K labelled training images per class (0 = all), drawn by `train_draw`; the

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -112,7 +112,7 @@ def read_images(
             kept.append(i)
         except FileNotFoundError:
             bad.append((str(f), "no such file"))
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
             bad.append((str(f), f"cannot decode: {err}"))
     shape = (0, prep["size"], prep["size"], prep["store_channels"])
     return (np.stack(images) if images else np.zeros(shape, np.uint8)), kept, bad

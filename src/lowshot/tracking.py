@@ -101,19 +101,52 @@ def make_accelerator(cfg: Config, find_unused_parameters: bool = False) -> Accel
     return accelerator
 
 
+def preflight(cfg: Config) -> None:
+    """What can fail without the data, checked before any decoding: the output folder can be written, the
+    weights exist, and W&B online was not demanded without a key (ConfigError naming the fix)."""
+    out = Path(cfg.out_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"out_dir={cfg.out_dir} cannot be written ({err.strerror}); choose another out_dir"
+        ) from None
+    kind = weights_kind(cfg.model.weights)
+    if kind == "file" and not Path(cfg.model.weights).expanduser().is_file():
+        raise ConfigError(
+            f"model.weights={cfg.model.weights}: no such file or lowshot checkpoint directory. Use none, hub, "
+            f"efficientnet-lite0, a weights file, or a run directory's checkpoint folder."
+        )
+    if cfg.track.log_with == "wandb" and cfg.track.wandb_mode == "online" and not _wandb_key():
+        raise ConfigError(
+            "track.wandb_mode=online but no W&B API key (WANDB_API_KEY or `wandb login`); use "
+            "track.wandb_mode=auto or offline to log offline and `wandb sync` later"
+        )
+
+
+def _wandb_key() -> str | None:
+    import wandb
+
+    key = os.environ.get("WANDB_API_KEY")
+    if key:
+        return key
+    host = urlparse(wandb.Settings().base_url).hostname or ""
+    try:
+        return (netrc.netrc().authenticators(host) or (None, None, None))[2]
+    except (OSError, netrc.NetrcParseError):
+        return None
+
+
 def _wandb_can_go_online() -> bool:
     """An API key (env or netrc) and the W&B server answering a TCP connect within 3 s."""
     import wandb
 
     url = urlparse(wandb.Settings().base_url)
     host = url.hostname or ""
-    key = os.environ.get("WANDB_API_KEY")
-    if not key:
-        try:
-            key = (netrc.netrc().authenticators(host) or (None, None, None))[2]
-        except (OSError, netrc.NetrcParseError):
-            key = None
-    if not key:
+    if not _wandb_key():
         return False
     if reachable(url.geturl()):
         return True

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
@@ -172,7 +172,7 @@ def _decode_chunk(
             )
         except FileNotFoundError:
             bad.append((row, file, "missing (manifest paths are relative to the manifest's folder)"))
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
             bad.append((row, file, f"cannot decode: {err}"))
     for a in (images, hashes, thumbs, digests):
         a.flush()

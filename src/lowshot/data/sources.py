@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from filelock import FileLock
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from ..config import DataConfig
 from .cache import store_cache_file
@@ -52,7 +52,7 @@ def load_store(cfg: DataConfig) -> Store:
     if path.suffix == ".npz":
         store = _load_npz(path, cfg.size)
     elif path.suffix == ".csv":
-        store = _load_files(*_read_manifest(path), name=path.stem, cfg=cfg)
+        store = _load_files(*_read_manifest(path, cfg), name=path.stem, cfg=cfg)
     elif path.is_dir():
         store = _load_files(*_scan_folder(path), name=path.name, cfg=cfg)
     elif not path.exists():
@@ -225,6 +225,12 @@ def _medmnist_classes(path: Path, n: int) -> list[str]:
     return KNOWN_NPZ[path.name][1] if path.name in KNOWN_NPZ else [str(i) for i in range(n)]
 
 
+def _inside(p: Path, roots: list[Path]) -> bool:
+    """Whether ``p`` (links and ``..`` resolved) lies below one of ``roots``."""
+    rp = p.resolve()
+    return any(rp.is_relative_to(r.resolve()) for r in roots)
+
+
 def _scan_folder(
     root: Path,
 ) -> tuple[list[Path], list[str], list[str] | None, list[str] | None, list[tuple[str, str]]]:
@@ -237,16 +243,26 @@ def _scan_folder(
     files: list[Path] = []
     labels: list[str] = []
     skipped = [(str(f), "not inside a class folder") for f in sorted(root.iterdir()) if f.is_file()]
+    # The rule: every file below a class folder, at any depth, has that class; hidden files and anything in
+    # hidden folders (.DS_Store, .git, editor backups) are listed as skipped; an empty class is reported.
     for c in classes:
+        found = 0
         for f in sorted((root / c).rglob("*")):
-            if f.is_file():
-                files.append(f)
-                labels.append(c)
+            if not f.is_file():
+                continue
+            if any(part.startswith(".") for part in f.relative_to(root).parts):
+                skipped.append((str(f), "hidden file or folder"))
+                continue
+            files.append(f)
+            labels.append(c)
+            found += 1
+        if not found:
+            skipped.append((str(root / c), f"class folder {c!r} holds no files: the class is left out"))
     return files, labels, None, None, skipped
 
 
 def _read_manifest(
-    path: Path,
+    path: Path, cfg: DataConfig
 ) -> tuple[list[Path], list[str], list[str] | None, list[str] | None, list[tuple[str, str]]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -263,7 +279,13 @@ def _read_manifest(
         if not r["path"] or not r["label"]:
             raise DataError(f"{path} line {i}: empty path or label")
         p = Path(r["path"]).expanduser()
-        files.append(p if p.is_absolute() else path.parent / p)
+        p = p if p.is_absolute() else path.parent / p
+        if not cfg.allow_outside_root and not _inside(p, [path.parent, Path(cfg.root).expanduser()]):
+            raise DataError(
+                f"{path} line {i}: {r['path']} lies outside the manifest's folder and data.root; a manifest reads "
+                f"only what is below them unless data.allow_outside_root=true"
+            )
+        files.append(p)
         labels.append(r["label"].strip())
         groups.append((r.get("group") or "").strip())
         s = (r.get("split") or "").strip().lower()
@@ -301,6 +323,7 @@ def _decode_files(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list]:
     """Decode every file: (kept indices, images, dHash bits, pixel digests, [(file, reason)] not decoded)."""
     kept_l, imgs, natives, bad = [], [], [], []
+    sides: list[int] = []  # each native image's longer side, px
     for i, f in enumerate(files):
         if f.suffix.lower() not in IMAGE_SUFFIXES and f.suffix:
             bad.append((str(f), f"not an image file (suffix {f.suffix})"))
@@ -308,15 +331,27 @@ def _decode_files(
         try:
             # padded to a square; fingerprinted at full resolution
             native = decode_image(f, 0, (cfg.dicom_window, cfg.dicom_frames))
+            sides.append(max(native.shape[:2]))
             imgs.append(square_resize(native, cfg.size))
             natives.append(fingerprints([native]))
             kept_l.append(i)
         except FileNotFoundError:
             bad.append((str(f), "missing (manifest paths are relative to the manifest's folder)"))
+        except Image.DecompressionBombError as err:  # one huge file must not stop the data set
+            bad.append((str(f), f"too large ({err}); PIL.Image.MAX_IMAGE_PIXELS is the limit"))
         except (UnidentifiedImageError, OSError, ValueError) as err:
             bad.append((str(f), f"cannot decode: {err}"))
     if not imgs:
         raise DataError(f"no readable images in {name}: {bad[:3]}")
+    if small := sum(side < cfg.size for side in sides):
+        log.warning(
+            "%s: %d of %d images are smaller than data.size=%d px and are upsampled (no detail is added; a "
+            "smaller data.size is as informative and cheaper)",
+            name,
+            small,
+            len(imgs),
+            cfg.size,
+        )
     hashes = np.concatenate([h for h, _ in natives])
     digests = np.concatenate([d for _, d in natives])
     return np.array(kept_l), stack_images(imgs), hashes, digests, bad
