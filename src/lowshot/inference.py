@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -45,7 +44,7 @@ from . import operating_point as op
 from .config import Config, load_yaml
 from .data import DataError, Store, decode_image, square_resize
 from .data.cache import write_atomic
-from .data.decode import IMAGE_SUFFIXES, to_channels
+from .data.decode import IMAGE_SUFFIXES, UNREADABLE, to_channels, unreadable
 from .evaluation import with_temperature
 
 PREPROCESSING = "preprocessing.json"
@@ -110,10 +109,8 @@ def read_images(
         try:
             images.append(read_image(f, prep))
             kept.append(i)
-        except FileNotFoundError:
-            bad.append((str(f), "no such file"))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            bad.append((str(f), f"cannot decode: {err}"))
+        except UNREADABLE as err:
+            bad.append((str(f), unreadable(err)))
     shape = (0, prep["size"], prep["size"], prep["store_channels"])
     return (np.stack(images) if images else np.zeros(shape, np.uint8)), kept, bad
 

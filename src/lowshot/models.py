@@ -201,11 +201,7 @@ def create_backbone(cfg: ModelConfig, in_chans: int = 3, img_size: int | None = 
         return model
     if kind == "file":
         path = Path(cfg.weights).expanduser()
-        if not path.is_file():
-            raise WeightsError(
-                f"model.weights={cfg.weights}: no such file or lowshot checkpoint directory. Use none, hub, a "
-                f"{'/'.join(WEIGHT_SUFFIXES)} file, or a run directory's checkpoint folder."
-            )
+        check_weights_exist(cfg.weights)
         if path.suffix not in WEIGHT_SUFFIXES:
             raise WeightsError(
                 f"{path}: unknown weights format {path.suffix!r}; expected one of {WEIGHT_SUFFIXES}"
@@ -237,6 +233,15 @@ def create_backbone(cfg: ModelConfig, in_chans: int = 3, img_size: int | None = 
         ) from None
     finally:
         constants.HF_HUB_OFFLINE = offline
+
+
+def check_weights_exist(weights: str) -> None:
+    """A ``model.weights`` that names a file must be one (preflight calls this before any data are read)."""
+    if weights_kind(weights) == "file" and not Path(weights).expanduser().is_file():
+        raise WeightsError(
+            f"model.weights={weights}: no such file or lowshot checkpoint directory. Use none, hub, a "
+            f"{'/'.join(WEIGHT_SUFFIXES)} file, or a run directory's checkpoint folder."
+        )
 
 
 def reachable(url: str, timeout_s: float = 3.0) -> bool:

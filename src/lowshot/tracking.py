@@ -36,7 +36,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 
 from .config import Config, ConfigError, DataConfig, flatten, setting_key, to_dict, to_yaml
 from .data import Store, cache_root
-from .models import reachable, weights_kind
+from .models import check_weights_exist, reachable, weights_kind
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +114,7 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(
             f"out_dir={cfg.out_dir} cannot be written ({err.strerror}); choose another out_dir"
         ) from None
-    kind = weights_kind(cfg.model.weights)
-    if kind == "file" and not Path(cfg.model.weights).expanduser().is_file():
-        raise ConfigError(
-            f"model.weights={cfg.model.weights}: no such file or lowshot checkpoint directory. Use none, hub, "
-            f"efficientnet-lite0, a weights file, or a run directory's checkpoint folder."
-        )
+    check_weights_exist(cfg.model.weights)
     if cfg.track.log_with == "wandb" and cfg.track.wandb_mode == "online" and not _wandb_key():
         raise ConfigError(
             "track.wandb_mode=online but no W&B API key (WANDB_API_KEY or `wandb login`); use "

@@ -8,13 +8,27 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dicom import is_dicom, read_dicom
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
+
+
+# What decoding raises for a bad file rather than a bug: the file is listed as skipped, never fatal.
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+MISSING_IN_MANIFEST = "missing (manifest paths are relative to the manifest's folder)"
+
+
+def unreadable(err: BaseException, missing: str = "no such file") -> str:
+    """Why a file in UNREADABLE's way could not be decoded, for the skipped list."""
+    if isinstance(err, FileNotFoundError):
+        return missing
+    if isinstance(err, Image.DecompressionBombError):  # one huge file must not stop the data set
+        return f"too large ({err}); PIL.Image.MAX_IMAGE_PIXELS is the limit"
+    return f"cannot decode: {err}"
 
 
 def file_digest(path: Path, algorithm: str) -> str:

@@ -32,13 +32,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from .cache import cache_root, dicom_key
 from .copies import THUMB, thumbnail
-from .decode import IMAGE_SUFFIXES, decode_image, dhash, pixel_digest, square_resize, to_channels
+from .decode import (
+    IMAGE_SUFFIXES,
+    MISSING_IN_MANIFEST,
+    UNREADABLE,
+    decode_image,
+    dhash,
+    pixel_digest,
+    square_resize,
+    to_channels,
+    unreadable,
+)
 from .store import DataError, Store
 
 log = logging.getLogger(__name__)
@@ -170,10 +179,8 @@ def _decode_chunk(
             images[row], hashes[row], digests[row], thumbs[row] = _decode_one(
                 decode_image(Path(file), 0, dicom), size, channels
             )
-        except FileNotFoundError:
-            bad.append((row, file, "missing (manifest paths are relative to the manifest's folder)"))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            bad.append((row, file, f"cannot decode: {err}"))
+        except UNREADABLE as err:
+            bad.append((row, file, unreadable(err, MISSING_IN_MANIFEST)))
     for a in (images, hashes, thumbs, digests):
         a.flush()
     return bad

@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 from filelock import FileLock
-from PIL import Image, UnidentifiedImageError
 
 from ..config import DataConfig
 from .cache import store_cache_file
 from .decode import (
     IMAGE_SUFFIXES,
+    MISSING_IN_MANIFEST,
+    UNREADABLE,
     decode_image,
     file_digest,
     fingerprints,
@@ -25,6 +26,7 @@ from .decode import (
     square_resize,
     stack_images,
     to_channels,
+    unreadable,
 )
 from .dicom import dicom_group, is_dicom
 from .duplicates import duplicate_groups
@@ -335,12 +337,8 @@ def _decode_files(
             imgs.append(square_resize(native, cfg.size))
             natives.append(fingerprints([native]))
             kept_l.append(i)
-        except FileNotFoundError:
-            bad.append((str(f), "missing (manifest paths are relative to the manifest's folder)"))
-        except Image.DecompressionBombError as err:  # one huge file must not stop the data set
-            bad.append((str(f), f"too large ({err}); PIL.Image.MAX_IMAGE_PIXELS is the limit"))
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            bad.append((str(f), f"cannot decode: {err}"))
+        except UNREADABLE as err:
+            bad.append((str(f), unreadable(err, MISSING_IN_MANIFEST)))
     if not imgs:
         raise DataError(f"no readable images in {name}: {bad[:3]}")
     if small := sum(side < cfg.size for side in sides):
