@@ -119,11 +119,11 @@ def test_renamed_keys_read_from_old_run_files_and_named_for_users(tmp_path: Path
 
 def test_configuration_reference_is_current() -> None:
     """docs/configuration.md is generated from the dataclasses; a new or changed setting must show there."""
-    from lowshot.config import reference_markdown
+    from lowshot.configdoc import reference_markdown
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
     assert page == reference_markdown() + "\n", (
-        "stale: run `python -m lowshot.config > docs/configuration.md`"
+        "stale: run `python -m lowshot.configdoc > docs/configuration.md`"
     )
     for key in ("data.duplicate_ncc", "eval.operating_point", "ssl.unlabelled", "train.strategy"):
         assert f"| `{key}` |" in page

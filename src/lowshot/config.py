@@ -13,10 +13,9 @@ import difflib
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -596,65 +595,8 @@ def setting_key(config: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(kept, default=str).encode()).hexdigest()[:12]
 
 
-def field_notes(cls: type) -> dict[str, str]:
-    """Each field's comment in ``cls``'s source: the ``#`` lines above it and the one after it, joined
-    (the one place the settings are explained; the configuration reference is generated from it)."""
-    import inspect
-
-    notes: dict[str, str] = {}
-    above: list[str] = []
-    current = ""
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        text = line.strip()
-        if text.startswith("#"):
-            above.append(text.lstrip("# ").rstrip())
-        elif m := re.match(r"(\w+): [^=]+=.*?(?:#\s*(.*))?$", text):
-            current = m.group(1)
-            notes[current] = " ".join([*above, m.group(2) or ""]).strip()
-            above = []
-        elif text.startswith("def "):
-            break
-        elif current and "  # " in text:  # a comment on a field's continuation line
-            notes[current] = (notes[current] + " " + text.split("  # ", 1)[1]).strip()
-            above = []
-    return notes
-
-
-def reference_markdown() -> str:
-    """docs/configuration.md: every setting with its default and its comment, section by section."""
-    out = [
-        "# Configuration reference",
-        "",
-        "Generated from the dataclasses in `src/lowshot/config.py` by `python -m lowshot.config > "
-        "docs/configuration.md` (a test fails when this page is stale). One source of truth: dataclass "
-        "defaults < `--config FILE.yaml` < `$LOWSHOT_DATA_ROOT` / `$LOWSHOT_CACHE` < `key=value` on the command "
-        "line; an unknown key or a wrong type stops a run before it starts, naming the closest key.",
-        "",
-    ]
-    hints = get_type_hints(Config)  # the annotations are strings (from __future__ import annotations)
-    sections = [("", Config)] + [
-        (f.name, hints[f.name]) for f in fields(Config) if is_dataclass(hints[f.name])
-    ]
-    for name, cls in sections:
-        notes = field_notes(cls)
-        out += [f"## {name or 'top level'}", "", "| key | default | meaning |", "|---|---|---|"]
-        for f in fields(cls):
-            if f.name in hints and cls is Config and is_dataclass(hints[f.name]):
-                continue
-            default = to_dict(cls())[f.name]
-            key = f"{name}.{f.name}" if name else f.name
-            note = notes.get(f.name, "").replace("|", "\\|")
-            out.append(f"| `{key}` | `{json.dumps(default)}` | {note} |")
-        out.append("")
-    return "\n".join(out)
-
-
 def help_text() -> str:
     lines = ["Settings (key=value or --key=value; --config FILE.yaml; --probe):"]
     for k, v in flatten(to_dict(Config())).items():
         lines.append(f"  {k}={v}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m lowshot.config > docs/configuration.md
-    print(reference_markdown())
