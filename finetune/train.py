@@ -47,6 +47,7 @@ from lowshot.data.cache import write_atomic
 from lowshot.evaluation import auroc, final_reports, format_point, format_report, nll
 from lowshot.guard import DivergenceError, check_epoch, weight_norm
 from lowshot.models import backbone_for, cached_embeddings, save_checkpoint, weights_fingerprint, weights_kind
+from lowshot.resume import States
 from lowshot.tracking import Run, make_accelerator, memory_format, preflight
 
 user_errors()
@@ -140,17 +141,22 @@ else:
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=tc.ema, use_warmup=True) if tc.ema else None
     scored = ema.module if ema is not None else model  # what is validated, selected and tested
     stopper = ft.EarlyStopping(tc.patience)
-    start_norm = weight_norm(model)  # the divergence guard compares against it every epoch
+    # Training states (state.every epochs, SIGTERM/SIGINT): a killed or preempted run continues with resume=auto.
+    states = States(accelerator, run, cfg.state, train_l, scheduler, ema, stopper)
+    states.extra = {"start_norm": weight_norm(model), "stop": False}  # the guard's yardstick; early stop
+    if run.plan.state is not None:
+        states.restore(run.plan.state)
 
-    for epoch in range(tc.epochs):
+    for epoch in range(states.epoch, tc.epochs if not states.extra["stop"] else 0):
         stages = ft.trainable_stages(tc, epoch, len(groups))
         trainable = ft.set_trainable(backbone, groups, stages)
         metrics = {"epoch": epoch + 1, "trainable/stages": stages, "trainable/backbone_params": trainable}
         desc = f"epoch {epoch + 1}/{tc.epochs}"
         metrics |= ft.train_epoch(
-            model, train_l, optimizer, scheduler, criterion, accelerator, tc, mixup, ema, desc
+            model, train_l, optimizer, scheduler, criterion, accelerator, tc, mixup, ema, desc, states
         )
         lr_now = scheduler.get_last_lr()[-1]
+        start_norm = states.extra["start_norm"]
         check_epoch(metrics["train/loss"], model, start_norm, f"fine-tuning {desc}", lr_now, "train.lr")
         val_prob, val_y = ft.predict(scored, val_l, accelerator)
         val_auc = auroc(val_y, val_prob)
@@ -172,19 +178,21 @@ else:
             " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         )
         stop = stopper.step(val_auc, epoch + 1, accelerator.unwrap_model(scored))
-        if stop and ft.unfreezing_done(tc, epoch, len(groups)):
+        states.extra["stop"] = stop and ft.unfreezing_done(tc, epoch, len(groups))
+        states.end_epoch(tc.epochs)
+        if states.extra["stop"]:
             accelerator.print(f"early stop: no better validation AUROC for {tc.patience} epochs")
             break
     if stopper.best_state is None:  # every validation AUROC was NaN: nothing may be selected or tested
         raise DivergenceError(
-            f"no epoch of {epoch + 1} gave a finite validation AUROC; nothing was selected and the test split "
+            f"no epoch of {states.epoch} gave a finite validation AUROC; nothing was selected and the test split "
             "stays sealed. Check the validation split's classes and the training loss in metrics.jsonl."
         )
     stopper.restore(accelerator.unwrap_model(model))
     results["selected"] = {
         "epoch": stopper.best_epoch,
         "val_auroc": stopper.best_score,
-        "candidates": epoch + 1,
+        "candidates": states.epoch,
     }
     val_prob, val_y = ft.predict(model, val_l, accelerator)
     # "unlike the training data" is measured in the frozen starting backbone's embedding (lowshot.inference)

@@ -30,6 +30,7 @@ from lowshot.finetune import make_optimizer, warmup_cosine
 from lowshot.guard import check_epoch, weight_norm
 from lowshot.methods import build_method, negatives_per_anchor
 from lowshot.models import backbone_for, embed, save_checkpoint, weights_fingerprint
+from lowshot.resume import States
 from lowshot.tracking import Run, make_accelerator, memory_format, preflight
 
 user_errors()
@@ -104,15 +105,28 @@ def knn_monitor() -> dict[str, float]:
 
 
 # ---- training ------------------------------------------------------------------------------------------
-step, knn = 0, {}
-start_norm = weight_norm(model)  # the divergence guard compares against it every epoch
-for epoch in range(cfg.ssl.epochs):
+# Training states (state.every epochs, SIGTERM/SIGINT): a killed or preempted run continues with resume=auto.
+states = States(accelerator, run, cfg.state, loader, scheduler)
+states.extra = {"knn": {}, "start_norm": weight_norm(model)}  # the guard compares against the start norm
+if run.plan.state is not None:
+    states.restore(run.plan.state)
+knn, start_norm = states.extra["knn"], states.extra["start_norm"]
+for epoch in range(states.epoch, cfg.ssl.epochs):
     model.train()
-    t0, data_time, total, count = time.perf_counter(), 0.0, torch.zeros((), device=accelerator.device), 0
+    sums = states.sums or {"total": torch.zeros((), device=accelerator.device), "count": 0, "skipped": 0}
+    total, count, skipped, done = (
+        sums["total"].to(accelerator.device),
+        sums["count"],
+        sums["skipped"],
+        states.position,
+    )
+    t0, data_time = time.perf_counter(), 0.0
     t_data = time.perf_counter()
     for (x0, x1), _ in tqdm(
-        loader,
+        states.batches(epoch),
         desc=f"epoch {epoch + 1}/{cfg.ssl.epochs}",
+        total=len(loader),
+        initial=done,
         disable=not accelerator.is_local_main_process,
         leave=False,
     ):
@@ -120,21 +134,25 @@ for epoch in range(cfg.ssl.epochs):
         loss = model(x0, x1)
         accelerator.backward(loss)
         optimizer.step()
+        skipped += accelerator.optimizer_step_was_skipped  # fp16: the grad scaler skipped an overflow step
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         accelerator.unwrap_model(model).after_step(
-            step, total_steps
+            states.step, total_steps
         )  # momentum copies follow (MoCo, BYOL, DINO)
         total += loss.detach()
         count += 1
-        step += 1
+        states.after_step(
+            {"total": total, "count": count, "skipped": skipped}
+        )  # saves on state.every_steps or a signal
         t_data = time.perf_counter()
     epoch_time = time.perf_counter() - t0
     metrics = {
         "epoch": epoch + 1,
         "train/loss": float(accelerator.reduce(total / max(count, 1), reduction="mean")),
         "lr": scheduler.get_last_lr()[0],
-        "pairs_per_s": global_batch * count / epoch_time,
+        "train/skipped_steps": skipped,
+        "pairs_per_s": global_batch * (count - done) / epoch_time,
         "data_time_frac": data_time / epoch_time,
     }
     where = f"pretraining epoch {epoch + 1}/{cfg.ssl.epochs}"
@@ -142,12 +160,15 @@ for epoch in range(cfg.ssl.epochs):
     if cfg.ssl.knn_every and ((epoch + 1) % cfg.ssl.knn_every == 0 or epoch + 1 == cfg.ssl.epochs):
         knn = knn_monitor()
         metrics.update(knn)
-    run.log(metrics, step=step)
+    run.log(metrics, step=states.step)
     accelerator.print(
         " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
     )
+    states.extra |= {"knn": knn, "metrics": metrics}
+    states.end_epoch(cfg.ssl.epochs)
 
 # ---- save ----------------------------------------------------------------------------------------------
+metrics = states.extra["metrics"]  # the last epoch's (also when a continued run had no epoch left)
 accelerator.wait_for_everyone()
 ckpt = run.dir / "checkpoint"
 if accelerator.is_main_process:

@@ -272,6 +272,7 @@ def test_bad_input_fails_fast_with_a_clear_message(data_root: Path, tmp_path: Pa
     assert "lowshot: error:" in p.stderr
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "done" / "results.json").write_text("{}")  # a finished run: never overwritten unasked
     p = launch(
         "finetune/train.py",
         [
@@ -283,7 +284,7 @@ def test_bad_input_fails_fast_with_a_clear_message(data_root: Path, tmp_path: Pa
         ],
         tmp_path,
     )
-    assert p.returncode != 0 and "already holds a run" in p.stderr
+    assert p.returncode != 0 and "holds a finished run; choose another name=, or overwrite=true" in p.stderr
 
 
 def test_divergence_stops_the_run_before_anything_is_saved_or_tested(data_root: Path, tmp_path: Path) -> None:

@@ -32,17 +32,29 @@ def test_no_weight_decay_on_norms_and_biases() -> None:
     assert isinstance(make_optimizer(model, "sgd", 1e-2, 1e-4), torch.optim.SGD)
 
 
-def test_warmup_then_cosine() -> None:
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = warmup_cosine(opt, warmup_steps=4, total_steps=20, min_ratio=0.1)
+def _lrs(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[float]:
     lrs = []
-    for _ in range(20):
+    for _ in range(steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs
+
+
+def test_warmup_then_cosine() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    lrs = _lrs(opt, warmup_cosine(opt, warmup_steps=4, total_steps=20, min_ratio=0.1), 20)
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))
     assert lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_a_warmup_as_long_as_training_is_cut_so_the_lr_decays() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.warns(UserWarning, match=r"warmup \(30 steps\) is not shorter than training \(20 steps\)"):
+        sched = warmup_cosine(opt, warmup_steps=30, total_steps=20, min_ratio=0.1)
+    lrs = _lrs(opt, sched, 20)
+    assert lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=0.01)  # 5 warmup steps, decayed
 
 
 def test_probe_chooses_regularisation_on_validation() -> None:

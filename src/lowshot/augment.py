@@ -378,7 +378,8 @@ class DeviceLoader:
     fit in a quarter of the free GPU memory, in pinned host memory, copied batch by batch).
 
     Each pass is one epoch: a permutation shared by all processes (seeded by ``seed`` and the epoch),
-    this process's ``rank::world`` share of it, full batches only. Yields ``((x0, x1), y)`` for
+    this process's ``rank::world`` share of it, full batches only, from batch ``start`` on (0; a continued
+    run sets ``epoch``, ``start`` and the generator's state). Yields ``((x0, x1), y)`` for
     ``n_views=2`` (SimCLR, like the DataLoader of lightly's transform) and ``(x, y)`` for 1; the
     augmentation draws from ``generator`` (seed it per process). ``balance`` draws items with
     replacement at 1 / (K n_class) instead of a permutation. ``compile``: render through
@@ -412,6 +413,7 @@ class DeviceLoader:
         self.n_views, self.channels, self.rank, self.world = n_views, channels, rank, world
         self.batch_size = max(1, min(batch_size, len(images) // world))
         self.balance, self.epoch, self.channels_last = balance, 0, channels_last
+        self.start = 0  # the batch the next pass begins at (a run continued inside an epoch; lowshot.resume)
         self.renderer = compiled_render() if compile else render
         self.compiled = compile  # until the first batch has gone through the compiler
 
@@ -448,7 +450,8 @@ class DeviceLoader:
         else:
             order = torch.randperm(n, generator=g)
         mine = order[self.rank :: self.world].to(self.images.device)
-        for step in range(len(self)):
+        start, self.start = self.start, 0
+        for step in range(start, len(self)):
             idx = mine[step * self.batch_size : (step + 1) * self.batch_size]
             v = self._views(self.images[idx].to(self.device, non_blocking=True))
             y = self.labels[idx].to(self.device, non_blocking=True)

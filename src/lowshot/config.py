@@ -64,8 +64,8 @@ class DataConfig:
     # best alignment >= duplicate_ncc (lowshot.data.copies; 0.88 from bench/pool_copies.py: copies ~0.97,
     # the best distinct RetinaMNIST look-alikes 0.856). The pool guard uses the same threshold.
     duplicate_ncc: float = 0.88
-    # A CSV manifest reads only files below its own folder or data.root (a path like ../../etc/... is
-    # refused, naming the line); true lifts that.
+    # A CSV manifest (labelled, or an ssl.unlabelled pool's) reads only files below its own folder or
+    # data.root (a path like ../../etc/... is refused, naming it); true lifts that.
     allow_outside_root: bool = False
     cache_dir: str = ""  # decoded stores go here; "" = env LOWSHOT_CACHE or ~/.cache/lowshot
     limit: int = 0  # keep at most this many images per split (stratified); 0 = all. For smoke tests.
@@ -375,6 +375,26 @@ class TrackConfig:
 
 
 @dataclass
+class StateConfig:
+    # Training states (lowshot.resume) in run_dir/state/step-<8 digits>/: model, optimizer, scheduler, grad
+    # scaler, EMA, early stopping with its best weights, every process's RNG, the loader's position. One is
+    # also saved after the last epoch, and after the step at which SIGTERM/SIGINT arrived.
+    # Minutes after the last state at which the next step or epoch end saves one; 0 = off.
+    every_minutes: float = 5.0
+    # Also every N epochs; 0 = off (on a few hundred images an epoch can take less time than a save).
+    every: int = 0
+    every_steps: int = 0  # also every N optimizer steps, inside an epoch; 0 = off
+    keep: int = 2  # newest states kept; an older one is deleted only after a newer one is complete
+
+    def __post_init__(self) -> None:
+        _positive("state", keep=self.keep)
+        if min(self.every, self.every_steps, self.every_minutes) < 0:
+            raise ConfigError(
+                "config keys 'state.every_minutes', 'state.every', 'state.every_steps': 0 (off) or more"
+            )
+
+
+@dataclass
 class Config:
     seed: int = (
         0  # every random draw of a run (init, data order, augmentation, bootstrap); splits: data.split_seed
@@ -384,6 +404,10 @@ class Config:
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | no
     channels_last: str = "auto"  # auto (on GPU) | on | off: NHWC weights, what tensor-core convolutions want
     compile: bool = False  # torch.compile (inductor) through Accelerate; pays off only over long runs
+    # "" = a new run; auto = continue out_dir/name from its newest state if it is an unfinished run, else start
+    # it (one command line for the first start and every restart); a run directory = continue that run.
+    resume: str = ""
+    overwrite: bool = False  # replace the run already in out_dir/name (finished or not) instead of refusing
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -393,6 +417,7 @@ class Config:
     check: CheckConfig = field(default_factory=CheckConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    state: StateConfig = field(default_factory=StateConfig)
 
     def __post_init__(self) -> None:
         _choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp16", "no"))
@@ -579,7 +604,16 @@ REPEAT_KEYS = {
     "data.augment_path",
     "data.augment_compile",
 }
-PLACE_KEYS = {"name", "out_dir", "data.root", "data.cache_dir", "data.num_workers", "train.eval_train"}
+PLACE_KEYS = {
+    "name",
+    "out_dir",
+    "resume",
+    "overwrite",
+    "data.root",
+    "data.cache_dir",
+    "data.num_workers",
+    "train.eval_train",
+}
 
 
 def setting_key(config: dict[str, Any]) -> str:
@@ -590,7 +624,7 @@ def setting_key(config: dict[str, Any]) -> str:
     kept = {
         k: v
         for k, v in sorted(flat.items())
-        if k not in REPEAT_KEYS | PLACE_KEYS and not k.startswith("track.")
+        if k not in REPEAT_KEYS | PLACE_KEYS and not k.startswith(("track.", "state."))
     }
     return hashlib.sha1(json.dumps(kept, default=str).encode()).hexdigest()[:12]
 

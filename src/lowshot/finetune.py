@@ -10,6 +10,7 @@ penalty, class weights, EMA weights (timm ``ModelEmaV3``).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .evaluation import auroc
+from .resume import States
 
 
 def fit_probe(
@@ -206,13 +208,26 @@ def train_epoch(
     mixup: Mixup | None = None,
     ema: ModelEmaV3 | None = None,
     desc: str = "",
+    states: States | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (x: (B, C, H, W), y: (B,)); returns the mean training loss (with
-    penalties) and the accuracy on the augmented (and mixed) batches against the original labels."""
+    penalties) and the accuracy on the augmented (and mixed) batches against the original labels.
+    ``states``: the run's ``lowshot.resume.States``, which gives the batches (from a saved position on)
+    and is told of every step with the epoch's running sums."""
     model.train()
     freeze_batchnorm(model)
-    total, correct, seen = torch.zeros((), device=accelerator.device), 0, 0
-    for x, y in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+    sums = (states.sums if states is not None else None) or {
+        "total": torch.zeros((), device=accelerator.device),
+        "correct": 0,
+        "seen": 0,
+        "skipped": 0,
+    }
+    total, correct, seen = sums["total"].to(accelerator.device), sums["correct"], sums["seen"]
+    skipped = sums["skipped"]
+    batches = states.batches(states.epoch) if states is not None else loader
+    start = states.position if states is not None else 0
+    hidden = not accelerator.is_local_main_process
+    for x, y in tqdm(batches, desc=desc, total=len(loader), initial=start, disable=hidden, leave=False):
         # timm's batch-mode mixup pairs the batch with its reverse, so it needs an even batch size.
         x, target = mixup(x, y) if mixup is not None and len(y) % 2 == 0 else (x, y)
         logits = model(x)
@@ -221,6 +236,7 @@ def train_epoch(
             loss = loss + tc.l1 * l1_penalty(model)
         accelerator.backward(loss)
         optimizer.step()
+        skipped += accelerator.optimizer_step_was_skipped  # fp16: the grad scaler skipped an overflow step
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:  # the step drives ModelEmaV3's warmup: decay grows towards train.ema
@@ -228,9 +244,12 @@ def train_epoch(
         total += loss.detach() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
+        if states is not None:
+            states.after_step({"total": total, "correct": correct, "seen": seen, "skipped": skipped})
     return {
         "train/loss": float(accelerator.reduce(total / seen, reduction="mean")),
         "train/accuracy_augmented": correct / seen,
+        "train/skipped_steps": skipped,
     }
 
 
@@ -264,7 +283,15 @@ def warmup_cosine(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step schedule: linear warmup from ~0 to each group's lr over ``warmup_steps``, then cosine
-    decay to ``min_ratio`` x lr at ``total_steps`` (Loshchilov & Hutter, 2017, without restarts)."""
+    decay to ``min_ratio`` x lr at ``total_steps`` (Loshchilov & Hutter, 2017, without restarts). A warmup
+    as long as training (e.g. 3 warmup epochs of 2) would never decay: it is cut to a quarter of training."""
+    if warmup_steps >= total_steps > 0:
+        warnings.warn(
+            f"warmup ({warmup_steps} steps) is not shorter than training ({total_steps} steps), so the lr would never "
+            f"decay: warming up over {total_steps // 4} steps instead (lower the warmup_epochs setting)",
+            stacklevel=2,
+        )
+        warmup_steps = total_steps // 4
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -295,3 +322,9 @@ class EarlyStopping:
     def restore(self, model: nn.Module) -> None:
         if self.best_state is not None:
             model.load_state_dict(self.best_state)
+
+    def state_dict(self) -> dict[str, Any]:  # saved in a run's states (lowshot.resume)
+        return {"score": self.best_score, "epoch": self.best_epoch, "weights": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_score, self.best_epoch, self.best_state = state["score"], state["epoch"], state["weights"]

@@ -21,6 +21,7 @@ import os
 import platform
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 
 from .config import Config, ConfigError, DataConfig, flatten, setting_key, to_dict, to_yaml
 from .data import Store, cache_root
+from .data.cache import write_atomic
 from .models import check_weights_exist, reachable, weights_kind
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,9 @@ def preflight(cfg: Config) -> None:
             f"out_dir={cfg.out_dir} cannot be written ({err.strerror}); choose another out_dir"
         ) from None
     check_weights_exist(cfg.model.weights)
+    from .resume import plan
+
+    plan(cfg)  # a finished run in out_dir/name, an unfinished one without resume=, other settings: refused
     if cfg.track.log_with == "wandb" and cfg.track.wandb_mode == "online" and not _wandb_key():
         raise ConfigError(
             "track.wandb_mode=online but no W&B API key (WANDB_API_KEY or `wandb login`); use "
@@ -184,17 +189,16 @@ class Run:
     def __init__(
         self, accelerator: Accelerator, cfg: Config, job_type: str, data_name: str, overrides: list[str]
     ):
+        from .resume import plan
+
         self.accelerator, self.cfg, self.job_type = accelerator, cfg, job_type
+        self.plan = plan(cfg)  # a new directory, or one to empty (overwrite) or to continue (resume)
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"  # parallel sweep runs stay apart
-        name = cfg.name or f"{job_type}-{data_name}-{cfg.model.name}-{stamp}"
+        name = self.plan.dir.name if self.plan.dir else f"{job_type}-{data_name}-{cfg.model.name}-{stamp}"
         if accelerator.num_processes > 1:  # one name for all processes
             name = broadcast_object_list([name])[0]
-        self.dir = Path(cfg.out_dir) / name
-        if (self.dir / "config.yaml").exists():  # never mix two runs' files, never overwrite a result
-            raise ConfigError(
-                f"run directory {self.dir} already holds a run; choose another name= or remove it"
-            )
-        self.name = name
+        self.dir = self.plan.dir or Path(cfg.out_dir) / name
+        self.name, self.lines = name, 0  # lines: of metrics.jsonl, so a continued run writes none twice
         self.tags = [data_name, cfg.model.name, f"weights:{weights_kind(cfg.model.weights)}", job_type]
         self.meta: dict[str, Any] = {
             "job_type": job_type,
@@ -208,22 +212,91 @@ class Run:
             + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
             "mixed_precision": accelerator.mixed_precision,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "status": "running",  # running | stopped (a state to continue from) | finished; killed runs stay "running"
             "python": platform.python_version(),
             "versions": {
                 p: _version(p) for p in ("torch", "timm", "lightly", "accelerate", "wandb", "scikit-learn")
             },
         }
+        if self.plan.note:
+            accelerator.print(self.plan.note)
+        if self.plan.state is not None:  # the run's own record, with this continuation added
+            before = json.loads((self.dir / "meta.json").read_text())
+            now = {k: self.meta[k] for k in ("command", "started", "git_sha", "world_size", "device")}
+            self.meta = {**before, "status": "running", "resumed": [*before.get("resumed", []), now]}
+        accelerator.wait_for_everyone()  # every process has read the old meta.json before it changes
         if accelerator.is_main_process:
+            self._lock()
+            if self.plan.wipe:
+                shutil.rmtree(self.dir)
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "config.yaml").write_text(to_yaml(cfg))
+            write_atomic(self.dir / "config.yaml", to_yaml(cfg))
             self._write_meta()
-            self.metrics_file = open(self.dir / "metrics.jsonl", "w")  # noqa: SIM115 - open for the run's life
+            if self.plan.state is None:
+                self.metrics_file = open(self.dir / "metrics.jsonl", "w")  # noqa: SIM115 - open for the run's life
         if cfg.track.log_with == "wandb":
             self._init_wandb(data_name)
         accelerator.wait_for_everyone()
 
+    def _lock(self) -> None:
+        """Hold ``out_dir/.<name>.lock`` for the run's life (released by the OS when the process dies, however
+        it dies), so a second run (a restart while the first still runs) never writes into the same folder."""
+        from filelock import FileLock, Timeout
+
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        self._dir_lock = FileLock(self.dir.parent / f".{self.dir.name}.lock")
+        try:
+            self._dir_lock.acquire(timeout=0)
+        except Timeout:
+            raise ConfigError(
+                f"run directory {self.dir} is in use by another running process; wait for it or stop it first"
+            ) from None
+
+    def resumed(self, state: Path, lines: int) -> None:
+        """Continue metrics.jsonl after the ``lines`` the state had seen (main process): the epochs logged
+        after that state are logged again by the continued run, so none appears twice."""
+        self.lines = lines
+        if self.accelerator.is_main_process:
+            path = self.dir / "metrics.jsonl"
+            kept = path.read_text().splitlines(keepends=True)[:lines] if path.is_file() else []
+            write_atomic(path, "".join(kept))
+            self.metrics_file = open(path, "a")  # noqa: SIM115 - open for the run's life
+            self.meta["resumed"][-1]["from"] = state.name
+            self._write_meta()
+            if (wb := self._wandb()) is not None and wb.offline:
+                # W&B cannot continue an offline run (wandb.init ignores resume= offline, and `wandb sync` of two
+                # folders with one id keeps one of them): the new folder gets the whole history again, and the
+                # stopped runs' folders are set aside, so `wandb sync wandb/offline-run-*` sends the complete run.
+                for line in kept:
+                    row = json.loads(line)
+                    wb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+                here = Path(wb.dir).parent.name
+                for old in (self.dir / "wandb").glob("offline-run-*"):
+                    if old.name != here:
+                        old.rename(old.with_name(f"superseded-{old.name}"))
+
+    def note_state(self, state: Path, epoch: int, position: int) -> None:
+        """Record the newest state in meta.json (main process)."""
+        self.meta["state"] = {"path": state.name, "epoch": epoch, "batch": position}
+        self._write_meta()
+
+    def stopped(self, state: Path) -> None:
+        """A signal stopped the run after ``state`` was saved: say how to continue, close the trackers."""
+        if self.accelerator.is_main_process:
+            self.meta["status"] = "stopped"
+            self._write_meta()
+        script = next((a for a in sys.argv if a.endswith(".py")), sys.argv[0])
+        args = [
+            a for a in sys.argv[sys.argv.index(script) + 1 :] if not a.startswith(("resume=", "--resume="))
+        ]
+        again = " ".join(
+            shlex.quote(a) for a in ["accelerate", "launch", script, *args, f"resume={self.dir}"]
+        )
+        self.accelerator.print(f"lowshot: stopped; state {state} saved. Continue with:\n  {again}")
+        self.accelerator.end_training()
+
     def _init_wandb(self, data_name: str) -> None:
-        kwargs = {
+        kwargs: dict[str, dict[str, Any]] = {
             "wandb": {
                 "name": self.name,
                 "group": self.cfg.track.group or self.name,
@@ -233,6 +306,8 @@ class Run:
                 "notes": self.meta["command"],
             }
         }
+        if self.plan.state is not None and "wandb" in self.meta:  # the same W&B run, continued
+            kwargs["wandb"] |= {"id": self.meta["wandb"]["id"], "resume": "allow"}
         self.meta["lineage"] = lineage = source_artifact(self.cfg.model.weights)
         config = {**flatten(to_dict(self.cfg)), "meta": self.meta}
         try:
@@ -252,10 +327,11 @@ class Run:
                     log.warning("W&B: could not mark %s as used (%s)", lineage["artifact"], err)
 
     def _write_meta(self) -> None:
-        (self.dir / "meta.json").write_text(json.dumps(self.meta, indent=2))
+        write_atomic(self.dir / "meta.json", json.dumps(self.meta, indent=2))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Per-epoch metrics to ``metrics.jsonl`` and the tracker (main process only)."""
+        self.lines += 1
         if self.accelerator.is_main_process:
             self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
             self.metrics_file.flush()
@@ -292,7 +368,6 @@ class Run:
             return
         import wandb
 
-        from .data.cache import write_atomic
         from .data.decode import file_digest
 
         info = {
@@ -369,11 +444,10 @@ class Run:
     def finish(self, results: dict[str, Any]) -> None:
         """Write ``results.json``, draw the run's report figures (learning curves, ROC, confusion matrix,
         reliability) into the run directory and W&B, put the headline numbers in the W&B summary, close
-        trackers."""
+        trackers; only then is the run marked finished (meta.json) and its training states deleted, so a
+        kill at any moment before leaves a run that ``resume=auto`` completes."""
         if self.accelerator.is_main_process:
-            self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            self._write_meta()
-            (self.dir / "results.json").write_text(json.dumps(results, indent=2))
+            write_atomic(self.dir / "results.json", json.dumps(results, indent=2))
             self.metrics_file.close()
             from .report import run_figures  # matplotlib only where a report is drawn
 
@@ -388,6 +462,11 @@ class Run:
             )
             wb.summary.update(headline(results))
         self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            self.meta["status"] = "finished"
+            self._write_meta()
+            shutil.rmtree(self.dir / "state", ignore_errors=True)  # a finished run is not continued
 
 
 # The runs table's shared columns: every job's headline under one name, beside the nested detail.

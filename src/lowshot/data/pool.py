@@ -48,6 +48,7 @@ from .decode import (
     to_channels,
     unreadable,
 )
+from .sources import inside
 from .store import DataError, Store
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,10 @@ class Pool:
 # ---------------------------------------------------------------------------------------------- listing
 
 
-def _list_source(path: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Items of one pool source: file paths, or ``file.npz:key/i`` entries; and (file, reason) skipped."""
+def _list_source(path: Path, cfg: DataConfig) -> tuple[list[str], list[tuple[str, str]]]:
+    """Items of one pool source: file paths, or ``file.npz:key/i`` entries; and (file, reason) skipped.
+    A manifest's paths stay below its folder or data.root unless data.allow_outside_root (as for labelled
+    manifests)."""
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -112,7 +115,14 @@ def _list_source(path: Path) -> tuple[list[str], list[tuple[str, str]]]:
             if "path" not in (reader.fieldnames or []):
                 raise DataError(f"pool manifest {path} needs a 'path' column; got {reader.fieldnames}")
             rows = [r["path"].strip() for r in reader if (r.get("path") or "").strip()]
-        return [str(p if (p := Path(r).expanduser()).is_absolute() else path.parent / p) for r in rows], []
+        files = [p if (p := Path(r).expanduser()).is_absolute() else path.parent / p for r in rows]
+        roots = [path.parent, Path(cfg.root).expanduser()]
+        if not cfg.allow_outside_root and (out := [f for f in files if not inside(f, roots)]):
+            raise DataError(
+                f"pool manifest {path}: {len(out)} path(s) lie outside its folder and data.root, e.g. {out[0]}; "
+                "a manifest reads only what is below them unless data.allow_outside_root=true"
+            )
+        return [str(f) for f in files], []
     if path.is_dir():
         items, skipped = [], []
         for f in sorted(path.rglob("*")):
@@ -194,7 +204,7 @@ def load_pool(entries: list[str], cfg: DataConfig, channels: int, workers: int =
     ]
     items, skipped = [], []
     for s in sources:
-        it, sk = _list_source(s)
+        it, sk = _list_source(s, cfg)
         items += it
         skipped += sk
     folder = _cache_dir(sources, items, cfg.size, channels, cfg)

@@ -227,7 +227,7 @@ def _medmnist_classes(path: Path, n: int) -> list[str]:
     return KNOWN_NPZ[path.name][1] if path.name in KNOWN_NPZ else [str(i) for i in range(n)]
 
 
-def _inside(p: Path, roots: list[Path]) -> bool:
+def inside(p: Path, roots: list[Path]) -> bool:
     """Whether ``p`` (links and ``..`` resolved) lies below one of ``roots``."""
     rp = p.resolve()
     return any(rp.is_relative_to(r.resolve()) for r in roots)
@@ -282,7 +282,7 @@ def _read_manifest(
             raise DataError(f"{path} line {i}: empty path or label")
         p = Path(r["path"]).expanduser()
         p = p if p.is_absolute() else path.parent / p
-        if not cfg.allow_outside_root and not _inside(p, [path.parent, Path(cfg.root).expanduser()]):
+        if not cfg.allow_outside_root and not inside(p, [path.parent, Path(cfg.root).expanduser()]):
             raise DataError(
                 f"{path} line {i}: {r['path']} lies outside the manifest's folder and data.root; a manifest reads "
                 f"only what is below them unless data.allow_outside_root=true"
