@@ -207,15 +207,39 @@ def planted(root: Path) -> dict:
     out: dict[str, dict] = {}
     for name, (test, rest) in sets.items():
         q, p = thumbs(test), thumbs(rest)
+        # The set's own copies (a test image verified against another test image or one of the rest, before
+        # anything is planted): every shared set holds real ones, which are not false positives of a copy.
+        base = np.concatenate([p, q])
+        pairs0 = copies.candidates(q, base)
+        pairs0 = pairs0[pairs0[:, 1] != len(p) + pairs0[:, 0]]
+        s0 = verified(q, base, pairs0, f"planted {name}: none")
         for tname, f in TRANSFORMS.items():
-            pool = np.concatenate([p, thumbs([f(a) for a in test])])
+            moved = thumbs([f(a) for a in test])
+            pool = np.concatenate([p, moved])
             truth = np.arange(len(p), len(pool))
             pairs = copies.candidates(q, pool)
             s = verified(q, pool, pairs, f"planted {name}: {tname}")
             score = np.full(len(q), -1.0)
             hit = pairs[:, 1] == truth[pairs[:, 0]]
             np.maximum.at(score, pairs[hit, 0], s[hit])
-            out.setdefault(tname, {})[name] = {t: float((score >= t).mean()) for t in THRESHOLDS}
+            row = {t: float((score >= t).mean()) for t in THRESHOLDS}
+            # Precision: the copy as the query, against the other images and the originals; a verified pair
+            # with any image but its original is a false positive unless that original was already a
+            # verified copy of the same image (the set's own duplicates).
+            rpairs = copies.candidates(moved, base)
+            rs = verified(moved, base, rpairs, f"planted {name}: {tname} (as query)")
+            own = rpairs[:, 1] == len(p) + rpairs[:, 0]
+            prec = {}
+            for t in THRESHOLDS:
+                known = {(int(i), int(j)) for (i, j), v in zip(pairs0, s0, strict=True) if v >= t}
+                wrong = [
+                    (int(i), int(j)) not in known
+                    for (i, j), v, o in zip(rpairs, rs, own, strict=True)
+                    if v >= t and not o
+                ]
+                tp, fp = int(((rs >= t) & own).sum()), int(sum(wrong))
+                prec[t] = {"precision": tp / (tp + fp) if tp + fp else float("nan"), "false_pairs": fp}
+            out.setdefault(tname, {})[name] = row | {"precision": prec}
     return out
 
 
@@ -325,6 +349,25 @@ def render(res: dict) -> None:
         lines.append(
             f"| {tname} | " + " | ".join(f"{per[n][t]:.3f}" for n in names for t in PLANTED_AT) + " |"
         )
+    lines += [
+        "",
+        "## Planted copies: precision (false pairs)",
+        "",
+        "The copy as the query against the set's other images and the originals: precision = pairs with its own "
+        "original / all verified pairs; a false pair is one with another image that the original itself was not "
+        "already a verified copy of (each shared set holds real copies of its own, within its test split too). The negatives are the "
+        "candidates the hash and thumbnail search propose among distinct real images of the same modality.",
+        "",
+        "| transformation | " + " | ".join(f"{n} @{t}" for n in names for t in PLANTED_AT) + " |",
+        "|---" * (1 + len(PLANTED_AT) * len(names)) + "|",
+    ]
+    for tname, per in res["planted"].items():
+        cells = [
+            f"{per[n]['precision'][t]['precision']:.3f} ({per[n]['precision'][t]['false_pairs']})"
+            for n in names
+            for t in PLANTED_AT
+        ]
+        lines.append(f"| {tname} | " + " | ".join(cells) + " |")
     sc = res["scale"]
     lines += [
         "",
