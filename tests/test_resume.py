@@ -250,5 +250,8 @@ def test_two_cpu_processes_killed_and_continued_are_bit_identical(data_root: Pat
         _start("ssl/pretrain.py", [*args, "name=cut"], 2, tmp_path), run, "step-00000012", signal.SIGKILL
     )
     assert {p.name for p in saved_states(run)[-1].iterdir()} >= {"progress_0.pt", "progress_1.pt"}
+    one = _start("ssl/pretrain.py", [*args, "name=cut", "resume=auto"], 1, tmp_path)
+    out, _ = one.communicate(timeout=600)
+    assert one.returncode != 0 and "was saved by 2 process(es); continue it with 2, not 1" in out, out[-2000:]
     _finish(_start("ssl/pretrain.py", [*args, "name=cut", "resume=auto"], 2, tmp_path))
     _same(tmp_path / "ref", run)

@@ -256,8 +256,8 @@ class States:
         if loss is not None and not bool(torch.isfinite(acc.reduce(loss.detach().clone(), "sum"))):
             raise DivergenceError(  # the newest state on disk stays the last good one
                 f"step {self.step}: the training loss is not finite; no state was saved from these weights "
-                f"(the last good one: {saved_states(self.dir.parent)[-1:] or 'none'}). Try a 10x lower lr, a "
-                "longer warmup, or mixed_precision=no."
+                f"(the last good one: {([p.name for p in saved_states(self.dir.parent)] or ['none'])[-1]}). Try a "
+                "10x lower lr, a longer warmup, or mixed_precision=no."
             )
         tmp = self.dir / f".tmp-{final.name}"
         if acc.is_main_process:
@@ -292,6 +292,12 @@ class States:
 
     def restore(self, state: Path) -> dict[str, Any]:
         """Load ``state`` into the prepared objects and the counters; returns the script's ``extra``."""
+        saved_by = len(list(state.glob("progress_*.pt")))
+        if saved_by != self.accelerator.num_processes:  # each process continues its own RNG and loader share
+            raise ConfigError(
+                f"resume: {state} was saved by {saved_by} process(es); continue it with {saved_by}, not "
+                f"{self.accelerator.num_processes} (--num_processes {saved_by})"
+            )
         self.accelerator.load_state(str(state))
         p = torch.load(state / f"progress_{self.accelerator.process_index}.pt", weights_only=True)
         self.epoch, self.step, self.position = p["epoch"], p["step"], p["position"]
