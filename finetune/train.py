@@ -141,11 +141,13 @@ else:
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=tc.ema, use_warmup=True) if tc.ema else None
     scored = ema.module if ema is not None else model  # what is validated, selected and tested
     stopper = ft.EarlyStopping(tc.patience)
-    # Training states (state.every epochs, SIGTERM/SIGINT): a killed or preempted run continues with resume=auto.
+    # Training states (every state.every_minutes, after the last epoch, on SIGTERM/SIGINT; lowshot.resume):
+    # a killed or preempted run continues with resume=auto, bit-identically.
     states = States(accelerator, run, cfg.state, train_l, scheduler, ema, stopper)
     states.extra = {"start_norm": weight_norm(model), "stop": False}  # the guard's yardstick; early stop
     if run.plan.state is not None:
         states.restore(run.plan.state)
+    start_norm = states.extra["start_norm"]
 
     for epoch in range(states.epoch, tc.epochs if not states.extra["stop"] else 0):
         stages = ft.trainable_stages(tc, epoch, len(groups))
@@ -156,7 +158,6 @@ else:
             model, train_l, optimizer, scheduler, criterion, accelerator, tc, mixup, ema, desc, states
         )
         lr_now = scheduler.get_last_lr()[-1]
-        start_norm = states.extra["start_norm"]
         check_epoch(metrics["train/loss"], model, start_norm, f"fine-tuning {desc}", lr_now, "train.lr")
         val_prob, val_y = ft.predict(scored, val_l, accelerator)
         val_auc = auroc(val_y, val_prob)

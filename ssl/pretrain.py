@@ -105,7 +105,8 @@ def knn_monitor() -> dict[str, float]:
 
 
 # ---- training ------------------------------------------------------------------------------------------
-# Training states (state.every epochs, SIGTERM/SIGINT): a killed or preempted run continues with resume=auto.
+# Training states (every state.every_minutes, after the last epoch, on SIGTERM/SIGINT; lowshot.resume):
+# a killed or preempted run continues with resume=auto, bit-identically.
 states = States(accelerator, run, cfg.state, loader, scheduler)
 states.extra = {"knn": {}, "start_norm": weight_norm(model)}  # the guard compares against the start norm
 if run.plan.state is not None:
