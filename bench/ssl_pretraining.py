@@ -12,7 +12,8 @@ pretraining row runs ``--seeds`` pretraining seeds; each is then probed by ``few
 logistic-regression probe on 5, 20 and all labels per class (10 seeded label draws, the same draws for
 every row), scored on the official test split. Paired differences against the ImageNet probe are over
 (pretraining seed, label draw) pairs, mean with a t-interval. Writes
-bench/results/ssl_pretraining/{DATA}.md and {DATA}.json (every run's command and git sha).
+bench/results/ssl_pretraining/{DATA}.md and {DATA}.json (every run's command and git sha;
+{DATA}-{SIZE}px.* at another --size).
 
 Each run is one ``accelerate launch --cpu`` of the real scripts; runs already finished in ``--runs`` are
 reused. ~40 minutes on 2 CPU cores at the defaults (32 px, 10 epochs, 3 seeds).
@@ -215,9 +216,10 @@ def write_table(data: str, record: dict[str, dict], a: argparse.Namespace) -> No
         f"Fine-tune: configs/recipes/lowshot-recommended.yaml for 20 epochs at {a.size} px from the row's weights, "
         f"every training label, epoch chosen on validation AUROC, test AUROC; one run per seed, Δ paired by seed.\n"
     )
-    (OUT / f"{data}.md").write_text("\n".join(lines) + "\n" + note)
+    stem = data if a.size == 32 else f"{data}-{a.size}px"  # the 32 px tables came first and keep their names
+    (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n" + note)
     text = json.dumps(record, indent=1).replace(str(REPO), "<repo>")  # no paths of this machine
-    (OUT / f"{data}.json").write_text(text)
+    (OUT / f"{stem}.json").write_text(text)
     print("\n".join(lines) + "\n" + note)
 
 
