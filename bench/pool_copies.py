@@ -1,6 +1,6 @@
 """How well does the pool's copy search (lowshot.data.copies) find copies, and how often is it wrong?
 
-    LOWSHOT_DATA_ROOT=../shared/data python bench/pool_copies.py [--scale 100000]
+    LOWSHOT_DATA_ROOT=../shared/data python bench/pool_copies.py [--scale 100000] [--only mirror|scale]
 
 1. The real case: busi/ as a pretraining pool against BreastMNIST's val+test split (BreastMNIST is BUSI
    re-cropped and resized to 28 px, so every evaluation image has its source in the pool): evaluation
@@ -14,7 +14,10 @@
 4. Scale: ``--scale`` synthetic pool images (crops of real ones) against 1,000 queries: time of the
    candidate search, of the verification (with the cascade find_copies uses, and without), and of the
    dHash multi-index search within the pool.
-5. The cascade's margin: in every case above, the most the sub-pixel search raised a pair's coarse
+5. The threshold's calibration (copies.mirror_level): the look-alike level of each case measured on
+   mirrored images, the threshold it gives, the false pairs at 0.88 and at that threshold, on the shared
+   sets and on versions of them with less detail (half resolution, JPEG q40), and the recall it costs.
+6. The cascade's margin: in every case above, the most the sub-pixel search raised a pair's coarse
    score among pairs ending at NCC >= 0.85 (what copies.FINE_GAIN must exceed).
 
 Scores are computed once; recall and false positives are tabulated at several thresholds (the default
@@ -270,7 +273,11 @@ def scale(root: Path, n: int) -> dict:
     full = copies.verify(q, pool, pairs)  # no cascade: every pair searched to sub-pixel alignment
     t4 = time.perf_counter()
     coarse = copies.verify(q, pool, pairs, floor=float("inf"))
+    t5 = time.perf_counter()
+    copies.mirror_level(q, pool, DEFAULT_NCC)  # the calibration the pool guard adds: one more search
+    t6 = time.perf_counter()
     return {
+        "mirror_level_s": t6 - t5,
         "pool": n,
         "queries": 1000,
         "candidate_pairs": len(pairs),
@@ -283,20 +290,105 @@ def scale(root: Path, n: int) -> dict:
     }
 
 
+def _half(a: np.ndarray) -> np.ndarray:
+    return TRANSFORMS["resize /2 then back"](a)
+
+
+def mirror(root: Path) -> dict:
+    """The threshold's calibration (copies.mirror_level): per case, the best score of the queries against
+    the *mirrored* pool (never a copy), the calibrated threshold, and the queries with a verified pair at
+    0.88 and at the calibrated threshold. Distinct cases count false pairs; 'half res' (14 px and back)
+    and JPEG q40 of every image make sets with less detail than any shared one, standing in for the
+    modalities that are not here (a chest X-ray at 28 px); planted copies in half-res RetinaMNIST give
+    the recall the raised threshold costs."""
+    r, b = np.load(root / "retinamnist.npz"), np.load(root / "breastmnist.npz")
+    files = sorted((root / "busi").rglob("*.png"))
+    busi = thumbs([np.asarray(Image.open(f).convert("L")) for f in files])
+
+    def split(z: np.lib.npyio.NpzFile, f=lambda a: a) -> tuple[np.ndarray, np.ndarray]:
+        ev = np.concatenate([z["val_images"], z["test_images"]])
+        return thumbs([f(a) for a in ev]), thumbs([f(a) for a in z["train_images"]])
+
+    cases = {
+        # name: (queries, pool, distinct: every verified pair is false)
+        "RetinaMNIST val+test vs train": (*split(r), True),
+        "RetinaMNIST, half res": (*split(r, _half), True),
+        "RetinaMNIST, JPEG q40": (*split(r, TRANSFORMS["jpeg q40"]), True),
+        "BreastMNIST val+test vs RetinaMNIST": (split(b)[0], np.concatenate(split(r)), True),
+        "BreastMNIST val+test vs train (holds real copies)": (*split(b), False),
+        "BreastMNIST, half res (holds real copies)": (*split(b, _half), False),
+        "BreastMNIST val+test vs BUSI (every image has a copy)": (split(b)[0], busi, False),
+    }
+    out: dict[str, dict] = {}
+    for name, (q, p, distinct) in cases.items():
+        pairs = copies.candidates(q, p)
+        s = copies.verify(q, p, pairs)
+        best = np.full(len(q), -1.0)
+        np.maximum.at(best, pairs[:, 0], s)
+        t0 = time.perf_counter()
+        level = copies.mirror_level(q, p, DEFAULT_NCC)
+        took = time.perf_counter() - t0
+        # the evidence for copies.LOOKALIKE_GAIN: how far the sub-pixel search raises mirrored pairs
+        flipped = np.ascontiguousarray(p[:, :, ::-1])
+        mp = copies.candidates(q, flipped)
+        full, coarse = copies.verify(q, flipped, mp), copies.verify(q, flipped, mp, floor=float("inf"))
+        hi = (full >= 0.8) & (full < copies.MIRROR_COPY)
+        gain = float((full - coarse)[hi].max()) if hi.any() else float("nan")
+        thr = copies.calibrated(DEFAULT_NCC, level)
+        out[name] = {
+            "n": len(q),
+            "pool": len(p),
+            "distinct": distinct,
+            "best_real": float(best.max()),
+            "mirror_level": level,
+            "threshold": thr,
+            "at_default": int((best >= DEFAULT_NCC).sum()),
+            "at_calibrated": int((best >= thr).sum()),
+            "seconds": took,
+            "mirrored_gain": gain,
+        }
+    # recall of planted copies in half-res RetinaMNIST at 0.88 and at its calibrated threshold
+    test = np.stack([_half(a) for a in r["test_images"][:200]])
+    rest = thumbs([_half(a) for a in np.concatenate([r["train_images"], r["val_images"]])])
+    qt = thumbs(test)
+    thr = copies.calibrated(DEFAULT_NCC, copies.mirror_level(qt, rest, DEFAULT_NCC))
+    recall = {}
+    for tname in ("resize x4", "jpeg q70", "brightness +20% contrast", "gamma 0.8", "crop 95%"):
+        moved = thumbs([TRANSFORMS[tname](a) for a in test])
+        pool = np.concatenate([rest, moved])
+        pairs = copies.candidates(qt, pool)
+        s = copies.verify(qt, pool, pairs)
+        hit = pairs[:, 1] == len(rest) + pairs[:, 0]
+        score = np.full(len(qt), -1.0)
+        np.maximum.at(score, pairs[hit, 0], s[hit])
+        recall[tname] = {
+            "default": float((score >= DEFAULT_NCC).mean()),
+            "calibrated": float((score >= thr).mean()),
+        }
+    return {"cases": out, "planted_half_res": {"threshold": thr, "recall": recall}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", type=int, default=100_000)
     ap.add_argument("--render", action="store_true", help="only rewrite table.md from table.json")
+    ap.add_argument(
+        "--only", choices=["mirror", "scale"], help="run this section again, keep the others from table.json"
+    )
     a = ap.parse_args()
     root = Path(os.environ.get("LOWSHOT_DATA_ROOT", "../shared/data"))
-    if a.render:
+    if a.render or a.only:
         res = json.loads((OUT / "table.json").read_text(), object_hook=_float_keys)
+        if a.only:
+            res[a.only] = mirror(root) if a.only == "mirror" else scale(root, a.scale)
+            (OUT / "table.json").write_text(json.dumps(res, indent=1, default=str))
     else:
         res = {
             "real": real_case(root),
             "distinct": distinct_case(root),
             "planted": planted(root),
             "scale": scale(root, a.scale),
+            "mirror": mirror(root),
             "fine_gain": dict(GAINS),
         }
         OUT.mkdir(parents=True, exist_ok=True)
@@ -310,6 +402,40 @@ def _float_keys(d: dict) -> dict:
 
 
 PLANTED_AT = (0.85, 0.88, 0.9)
+
+
+def render_mirror(m: dict) -> list[str]:
+    lines = [
+        "",
+        "## Look-alikes measured on mirrored images: the threshold's calibration",
+        "",
+        "Each query against the left-right mirrored pool images (never its copies, same modality and detail): the "
+        f"best such score is the set's look-alike level; the threshold used is max({DEFAULT_NCC}, level + "
+        f"{copies.MIRROR_GAP}), at most {copies.MIRROR_COPY} (copies.calibrated). 'Half res' (14 px and back) and "
+        "JPEG q40 of every image make sets with less detail than any shared one. In distinct cases every verified "
+        "pair is false; the others hold real copies.",
+        "",
+        f"| case | queries x pool | best real pair | mirrored level | threshold used | queries verified @{DEFAULT_NCC} | "
+        "@ threshold used | calibration time | sub-pixel gain of mirrored pairs >= 0.8 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in m["cases"].items():
+        kind = " (false)" if c["distinct"] else ""
+        lines.append(
+            f"| {name} | {c['n']} x {c['pool']} | {c['best_real']:.3f} | {c['mirror_level']:.3f} | {c['threshold']:.3f} | "
+            f"{c['at_default']}{kind} | {c['at_calibrated']}{kind} | {c['seconds']:.1f} s | {c['mirrored_gain']:.3f} |"
+        )
+    ph = m["planted_half_res"]
+    lines += [
+        "",
+        f"What the raised threshold costs: planted copies of 200 half-res RetinaMNIST test images among the other "
+        f"1,400 (threshold {ph['threshold']:.3f}):",
+        "",
+        f"| transformation | recall @{DEFAULT_NCC} | recall @ threshold used |",
+        "|---|---|---|",
+        *[f"| {t} | {v['default']:.3f} | {v['calibrated']:.3f} |" for t, v in ph["recall"].items()],
+    ]
+    return lines
 
 
 def render(res: dict) -> None:
@@ -368,6 +494,8 @@ def render(res: dict) -> None:
             for t in PLANTED_AT
         ]
         lines.append(f"| {tname} | " + " | ".join(cells) + " |")
+    if "mirror" in res:
+        lines += render_mirror(res["mirror"])
     sc = res["scale"]
     lines += [
         "",
@@ -378,7 +506,12 @@ def render(res: dict) -> None:
         f"({sc['fine_searched']:,} pairs above the coarse floor {DEFAULT_NCC} - FINE_GAIN {copies.FINE_GAIN} went on "
         f"to the sub-pixel search; without that cascade {sc['verify_full_s']:.1f} s, and "
         f"{sc['decisions_changed_by_cascade']} decisions differ); dHash pairs within the pool "
-        f"(multi-index hashing, 4 bits) {sc['dhash_within_pool_s']:.1f} s.",
+        f"(multi-index hashing, 4 bits) {sc['dhash_within_pool_s']:.1f} s"
+        + (
+            f"; the threshold's calibration on the mirrored pool {sc['mirror_level_s']:.1f} s."
+            if "mirror_level_s" in sc
+            else "."
+        ),
         "",
         "## The cascade's margin: how much the sub-pixel search raised a pair that ends at NCC >= 0.85",
         "",

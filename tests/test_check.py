@@ -134,7 +134,8 @@ def test_hash_lookalikes_are_not_duplicates_and_recropped_copies_are(tmp_path: P
     cfg = DataConfig(root=str(tmp_path), source="set", cache_dir=str(tmp_path / "cache"), size=64)
     store = load_store(cfg)
     name = {i: Path(p).name for i, p in enumerate(store.paths)}
-    pairs, _ = verified_pairs(store, cfg)
+    pairs, _, thr = verified_pairs(store, cfg)
+    assert thr == cfg.duplicate_ncc  # mirrored scans do not look like these scans
     kinds = {frozenset((name[i], name[j])): kind for i, j, _, kind, _ in pairs}
     assert kinds[frozenset(("ramp0.png", "ramp1.png"))] == "lookalike"
     assert kinds[frozenset(("s2.png", "s2_recropped.png"))] == "copy"
@@ -147,7 +148,7 @@ def test_hash_lookalikes_are_not_duplicates_and_recropped_copies_are(tmp_path: P
     groups = dict(zip(map(name.get, range(len(name))), store.groups, strict=True))
     assert groups["s2.png"] == groups["s2_recropped.png"] and groups["ramp0.png"] != groups["ramp1.png"]
     # cached by content: a second call reads the file the first wrote
-    again, _ = verified_pairs(store, cfg)
+    again, _, _ = verified_pairs(store, cfg)
     assert again == pairs and len(list((tmp_path / "cache" / "duplicates").glob("*.json"))) == 1
 
 

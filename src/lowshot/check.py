@@ -11,8 +11,8 @@ training data are) the checker computes
   once, when the data layer decodes the images), and so are the neighbours of a crop-tolerant search
   and, with ``check.embeddings``, of backbone embeddings;
 - each candidate is verified (lowshot.data.copies: detail NCC at the best alignment >=
-  ``data.duplicate_ncc``): **near** duplicates and resized/re-cropped **copies**; the rest are
-  **look-alikes**, listed but never counted;
+  ``data.duplicate_ncc``, raised on a set whose mirrored images reach it): **near** duplicates and
+  resized/re-cropped **copies**; the rest are **look-alikes**, listed but never counted;
 
 and reports verified pairs across splits (leakage), across classes (label conflicts), and groups
 (patients) that span splits, as a terminal summary, ``report.json`` and ``pairs.png`` (the pairs side
@@ -38,7 +38,7 @@ from .data import (
     groups_across_splits,
     source_path,
 )
-from .data.copies import find_copies, thumbnail, verify
+from .data.copies import calibrated, find_copies, mirror_level, thumbnail, verify
 from .data.duplicates import VERIFIED, hamming_pairs, store_thumbnails, verified_pairs
 from .data.pool import Pool
 
@@ -98,7 +98,7 @@ def check_store(
     content where dHash sees brightness gradients), verified the same way. Leakage, label conflicts and
     the exit status count verified pairs only; look-alikes are listed for a person to judge."""
     images = native_images(store, cfg)  # for the sheet and the sizes; fingerprints come with the store
-    pairs, vague = verified_pairs(store, cfg)
+    pairs, vague, thr = verified_pairs(store, cfg)
     found: list[tuple[int, int, int, str, float | None, float | None]] = [
         (i, j, d, kind, v, None) for i, j, d, kind, v in pairs
     ]
@@ -108,7 +108,7 @@ def check_store(
         thumbs = store_thumbnails(store) if emb else np.zeros((0, 32, 32), np.uint8)
         ij = np.array([(i, j) for i, j, _ in emb], np.int64).reshape(-1, 2)
         for (i, j, c), v in zip(emb, verify(thumbs, thumbs, ij).tolist(), strict=True):
-            kind = "copy" if v >= cfg.duplicate_ncc else "lookalike"
+            kind = "copy" if v >= thr else "lookalike"
             found.append((i, j, -1, kind, round(v, 4), c))
     rows = []
     for i, j, d, kind, v, cos in found:
@@ -137,6 +137,8 @@ def check_store(
         "skipped_files": [{"file": f, "why": w} for f, w in store.skipped],
         "hash_threshold_bits": cfg.duplicate_bits,
         "duplicate_ncc": cfg.duplicate_ncc,
+        # the threshold used: duplicate_ncc, or higher where mirrored images of the set reach it
+        "verified_at_ncc": thr,
         "pairs": rows,
         "exact_pairs": sum(r["kind"] == "exact" for r in rows),
         "near_pairs": sum(r["kind"] == "near" for r in rows),
@@ -201,6 +203,16 @@ def flags(row: dict[str, Any]) -> str:
     )
 
 
+def raised(report: dict[str, Any]) -> str:
+    """', raised from data.duplicate_ncc=X: ...' where the set's mirrored look-alikes moved the threshold."""
+    if report["verified_at_ncc"] <= report["duplicate_ncc"]:
+        return ""
+    return (
+        f", raised from data.duplicate_ncc={report['duplicate_ncc']}: mirrored images of this set, never copies, "
+        "reach it"
+    )
+
+
 def summary(report: dict[str, Any]) -> str:
     c = report["counts"]
     lines = [
@@ -209,7 +221,7 @@ def summary(report: dict[str, Any]) -> str:
         f"  native sizes: {report['native_sizes']}",
         f"  file modes (bit depth): {report['file_modes']}",
         f"  skipped files: {len(report['skipped_files'])}",
-        f"  duplicate pairs (verified: detail NCC >= {report['duplicate_ncc']}): exact {report['exact_pairs']}, "
+        f"  duplicate pairs (verified: detail NCC >= {report['verified_at_ncc']}{raised(report)}): exact {report['exact_pairs']}, "
         f"near {report['near_pairs']} (dHash <= {report['hash_threshold_bits']} bits), resized/re-cropped copies "
         f"{report['copy_pairs']}",
         f"  look-alikes (hash or embedding candidates the verification rejected; not counted): "
@@ -273,7 +285,7 @@ def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
     logged: a person judges them with ``lowshot check`` (look-alikes are not counted). Returns
     ``{"exact_across_splits", "near_across_splits", "dropped"}``.
     """
-    pairs, _ = verified_pairs(store, cfg.data)
+    pairs, _, thr = verified_pairs(store, cfg.data)
     rank = {s: i for i, s in enumerate(SPLITS)}
     cross = [
         (i, j, kind) for i, j, _, kind, _ in pairs if kind in VERIFIED and store.split[i] != store.split[j]
@@ -309,29 +321,42 @@ def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
             "look at them with `lowshot check`",
             store.name,
             out["near_across_splits"],
-            cfg.data.duplicate_ncc,
+            thr,
         )
     return out
 
 
 def pool_copies(
     pool: Pool, store: Store, cfg: Config, splits: tuple[str, ...] = ("val", "test")
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], float]:
     """Pool images that are copies of the store's images in ``splits``, one row per (pool image, store
     image) pair with its strongest evidence: 'exact' (same decoded pixels), 'near' (dHash within
-    data.duplicate_bits, verified) or 'copy' (a verified resized/re-cropped copy, lowshot.data.copies)."""
+    data.duplicate_bits, verified) or 'copy' (a verified resized/re-cropped copy, lowshot.data.copies);
+    and the verification threshold: data.duplicate_ncc, calibrated on those images against the mirrored
+    pool (the look-alikes the pool offers them)."""
     rows = np.flatnonzero(np.isin(store.split, splits))
     hashes, digests = store.fingerprints()
     found: dict[tuple[int, int], tuple[str, float]] = {}
     thumbs = (
         np.stack([thumbnail(store.images[r]) for r in rows]) if len(rows) else np.zeros((0, 32, 32), np.uint8)
     )
-    for q, j, ncc in find_copies(thumbs, pool.thumbs, cfg.data.duplicate_ncc):
+    level = mirror_level(thumbs, pool.thumbs, cfg.data.duplicate_ncc)
+    thr = calibrated(cfg.data.duplicate_ncc, level)
+    if thr > cfg.data.duplicate_ncc:
+        log.warning(
+            "%s: mirrored images of the other source reach a detail NCC of %.3f with these images, so distinct "
+            "images look alike at this resolution: copies are verified at %.3f instead of data.duplicate_ncc=%.2f",
+            store.name,
+            level,
+            thr,
+            cfg.data.duplicate_ncc,
+        )
+    for q, j, ncc in find_copies(thumbs, pool.thumbs, thr):
         found[(j, int(rows[q]))] = ("copy", ncc)
     near = hamming_pairs(pool.hashes, hashes[rows], cfg.data.duplicate_bits)[:, :2]
     # hash candidates count only when verified, like the store's own near pairs (data.duplicates)
     for (q, j), v in zip(near.tolist(), verify(thumbs, pool.thumbs, near).tolist(), strict=True):
-        if v >= cfg.data.duplicate_ncc:
+        if v >= thr:
             found[(int(j), int(rows[q]))] = ("near", v)
     where = {str(d): int(r) for r, d in zip(rows, digests[rows], strict=True)}
     for j, d in enumerate(pool.digests):
@@ -350,13 +375,13 @@ def pool_copies(
         for (j, r), (kind, score) in found.items()
     ]
     order = {"exact": 0, "near": 1, "copy": 2}
-    return sorted(out, key=lambda o: (order[o["kind"]], -o["score"]))
+    return sorted(out, key=lambda o: (order[o["kind"]], -o["score"])), thr
 
 
 def against(other: Pool, store: Store, cfg: Config) -> dict[str, Any]:
     """``lowshot check check.against=SOURCE``: copies between a second source and every split of this
     one, JSON-ready (all pairs; the counts per split and kind)."""
-    pairs = pool_copies(other, store, cfg, SPLITS)
+    pairs, thr = pool_copies(other, store, cfg, SPLITS)
     return {
         "source": other.sources,
         "images": len(other),
@@ -366,6 +391,7 @@ def against(other: Pool, store: Store, cfg: Config) -> dict[str, Any]:
         "images_with_a_copy": {s: len({p["image"] for p in pairs if p["split"] == s}) for s in SPLITS},
         "other_images_with_a_copy": len({p["pool"] for p in pairs}),
         "duplicate_ncc": cfg.data.duplicate_ncc,
+        "verified_at_ncc": thr,
     }
 
 
@@ -401,7 +427,7 @@ def pool_guard(pool: Pool, store: Store, cfg: Config) -> tuple[Pool, dict[str, A
     (transductive; the representation has seen the test images). Copies of val/test images in the pool
     stop the run (check.pool_leakage=error, with the list and the fix), are dropped from the pool
     (drop), or are logged (warn). Returns the pool to train on and the finding for results.json."""
-    pairs = pool_copies(pool, store, cfg)
+    pairs, thr = pool_copies(pool, store, cfg)
     flagged = sorted({p["pool_row"] for p in pairs})
     inner = hamming_pairs(pool.hashes, pool.hashes, cfg.data.duplicate_bits)
     report: dict[str, Any] = {
@@ -417,6 +443,7 @@ def pool_guard(pool: Pool, store: Store, cfg: Config) -> tuple[Pool, dict[str, A
         },
         "pool_duplicate_pairs": int((inner[:, 0] < inner[:, 1]).sum()),  # within the pool, dHash
         "duplicate_ncc": cfg.data.duplicate_ncc,
+        "verified_at_ncc": thr,
         "action": cfg.check.pool_leakage,
         "examples": pairs[:20],
     }

@@ -62,7 +62,9 @@ class DataConfig:
     duplicate_bits: int = 4  # dHash Hamming distance (of 64 bits) up to which two images are candidates
     # ... and a hash candidate is a duplicate only when verified: detail NCC of the 32 px thumbnails at the
     # best alignment >= duplicate_ncc (lowshot.data.copies; 0.88 from bench/pool_copies.py: copies ~0.97,
-    # the best distinct RetinaMNIST look-alikes 0.856). The pool guard uses the same threshold.
+    # the best distinct RetinaMNIST look-alikes 0.856). The pool guard uses the same threshold. It is raised
+    # on a set whose images correlate with *mirrored* images of the set (never copies) within 0.03 of it,
+    # up to 0.96, and the run says so: at low resolution distinct images of some modalities look alike.
     duplicate_ncc: float = 0.88
     # A CSV manifest (labelled, or an ssl.unlabelled pool's) reads only files below its own folder or
     # data.root (a path like ../../etc/... is refused, naming it); true lifts that.

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import DataConfig
 from .cache import cache_root, write_atomic
-from .copies import FINE_GAIN, candidates, thumbnail, verify
+from .copies import FINE_GAIN, calibrated, candidates, mirror_level, thumbnail, verify
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -95,51 +95,71 @@ def store_thumbnails(store: Store) -> np.ndarray:
 
 def _cache_file(digests: np.ndarray, cfg: DataConfig) -> Path:
     # the thumbnails are of the data.size store images, so the size is part of the key
-    h = hashlib.sha1(f"v1|{cfg.size}|{cfg.duplicate_bits}|{cfg.duplicate_ncc}|".encode())
+    h = hashlib.sha1(f"v2|{cfg.size}|{cfg.duplicate_bits}|{cfg.duplicate_ncc}|".encode())
     h.update("\n".join(map(str, digests)).encode())
     return cache_root(cfg) / "duplicates" / f"{h.hexdigest()[:20]}.json"
 
 
-def verified_pairs(store: Store, cfg: DataConfig) -> tuple[list[Pair], np.ndarray]:
-    """Every duplicate pair of the store, verified, and the (N,) mask of images whose hash does not
-    discriminate (their hash candidates are not verified; the crop-tolerant search still sees them).
+def verified_pairs(store: Store, cfg: DataConfig) -> tuple[list[Pair], np.ndarray, float]:
+    """Every duplicate pair of the store, verified; the (N,) mask of images whose hash does not
+    discriminate (their hash candidates are not verified; the crop-tolerant search still sees them); and
+    the verification threshold used: ``data.duplicate_ncc`` calibrated on the store's mirrored images
+    (lowshot.data.copies.calibrated; higher where the set's look-alikes reach it).
 
-    Kinds: 'exact' (same decoded pixels); 'near' (dHash within ``data.duplicate_bits``, detail NCC >=
-    ``data.duplicate_ncc``); 'copy' (a resized or re-cropped copy the hash missed, found by the
-    descriptor search and verified); 'lookalike' (a hash candidate that failed verification). Cached by
-    the images' pixel digests and the two thresholds (verification of a few thousand images takes
-    seconds; every training script asks)."""
+    Kinds: 'exact' (same decoded pixels); 'near' (dHash within ``data.duplicate_bits``, detail NCC >= the
+    threshold); 'copy' (a resized or re-cropped copy the hash missed, found by the descriptor search and
+    verified); 'lookalike' (a hash candidate that failed verification). Cached by the images' pixel
+    digests and the two settings (verification of a few thousand images takes seconds; every training
+    script asks)."""
     bits, digests = store.fingerprints()
     cache = _cache_file(digests, cfg)
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        return [tuple(p) for p in saved["pairs"]], np.asarray(saved["vague"], dtype=bool)
+        return [tuple(p) for p in saved["pairs"]], np.asarray(saved["vague"], dtype=bool), saved["threshold"]
     cands, vague = duplicate_pairs(bits, digests, cfg.duplicate_bits)
     thumbs = store_thumbnails(store)
+    # the look-alike level: every image (at most COPY_SEARCH_MAX, a seeded sample) against the mirrored set
+    rows = np.arange(len(thumbs))
+    if len(rows) > COPY_SEARCH_MAX:
+        rows = np.sort(np.random.default_rng(0).choice(rows, COPY_SEARCH_MAX, replace=False))
+    level = mirror_level(thumbs[rows], thumbs, cfg.duplicate_ncc, own=rows)
+    thr = calibrated(cfg.duplicate_ncc, level)
+    if thr > cfg.duplicate_ncc:
+        log.warning(
+            "%s: mirrored images of this set (never copies of each other) reach a detail NCC of %.3f, so "
+            "distinct images look alike at this resolution: duplicates are verified at %.3f here instead "
+            "of data.duplicate_ncc=%.2f (look at the sheet of `lowshot check`)",
+            store.name,
+            level,
+            thr,
+            cfg.duplicate_ncc,
+        )
     near = np.array([(i, j) for i, j, _, k in cands if k == "near"], np.int64).reshape(-1, 2)
     ncc = verify(thumbs, thumbs, near)
     out: list[Pair] = [(i, j, 0, "exact", None) for i, j, _, k in cands if k == "exact"]
     dist = {(i, j): d for i, j, d, k in cands if k == "near"}
     for (i, j), v in zip(near.tolist(), ncc.tolist(), strict=True):
-        out.append((i, j, dist[(i, j)], "near" if v >= cfg.duplicate_ncc else "lookalike", round(v, 4)))
+        out.append((i, j, dist[(i, j)], "near" if v >= thr else "lookalike", round(v, 4)))
     if 1 < len(thumbs) <= COPY_SEARCH_MAX:
         seen = {(i, j) for i, j, *_ in out}
         found = candidates(thumbs, thumbs)
         found = np.unique(np.sort(found[found[:, 0] != found[:, 1]], axis=1), axis=0)
         found = np.array([p for p in found.tolist() if tuple(p) not in seen], np.int64).reshape(-1, 2)
-        score = verify(thumbs, thumbs, found, floor=cfg.duplicate_ncc - FINE_GAIN)
+        score = verify(thumbs, thumbs, found, floor=thr - FINE_GAIN)
         out += [
             (i, j, -1, "copy", round(v, 4))
             for (i, j), v in zip(found.tolist(), score.tolist(), strict=True)
-            if v >= cfg.duplicate_ncc
+            if v >= thr
         ]
     elif len(thumbs) > COPY_SEARCH_MAX:
         log.info(
             "%s: %d images: the crop-tolerant copy search within the set is skipped", store.name, len(thumbs)
         )
     out.sort()
-    write_atomic(cache, json.dumps({"pairs": out, "vague": vague.tolist()}))
-    return out, vague
+    write_atomic(
+        cache, json.dumps({"pairs": out, "vague": vague.tolist(), "threshold": thr, "mirror_level": level})
+    )
+    return out, vague, thr
 
 
 def duplicate_groups(store: Store, cfg: DataConfig) -> np.ndarray:
@@ -147,7 +167,7 @@ def duplicate_groups(store: Store, cfg: DataConfig) -> np.ndarray:
     exact, near or copy pairs, or by a shared group, get one group name (the smallest member's).
     Look-alikes the hash pairs but the verification rejects are not merged."""
     parent = np.arange(len(store.labels))
-    pairs, vague = verified_pairs(store, cfg)
+    pairs, vague, _ = verified_pairs(store, cfg)
     pairs = [p for p in pairs if p[3] in VERIFIED]
     if vague.any():
         log.warning(
