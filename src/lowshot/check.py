@@ -38,7 +38,7 @@ from .data import (
     groups_across_splits,
     source_path,
 )
-from .data.copies import calibrated, find_copies, mirror_level, thumbnail, verify
+from .data.copies import calibrate, find_copies, thumbnail, verify
 from .data.duplicates import VERIFIED, hamming_pairs, store_thumbnails, verified_pairs
 from .data.pool import Pool
 
@@ -340,17 +340,7 @@ def pool_copies(
     thumbs = (
         np.stack([thumbnail(store.images[r]) for r in rows]) if len(rows) else np.zeros((0, 32, 32), np.uint8)
     )
-    level = mirror_level(thumbs, pool.thumbs, cfg.data.duplicate_ncc)
-    thr = calibrated(cfg.data.duplicate_ncc, level)
-    if thr > cfg.data.duplicate_ncc:
-        log.warning(
-            "%s: mirrored images of the other source reach a detail NCC of %.3f with these images, so distinct "
-            "images look alike at this resolution: copies are verified at %.3f instead of data.duplicate_ncc=%.2f",
-            store.name,
-            level,
-            thr,
-            cfg.data.duplicate_ncc,
-        )
+    _, thr = calibrate(thumbs, pool.thumbs, cfg.data.duplicate_ncc, f"{store.name} against the other source")
     for q, j, ncc in find_copies(thumbs, pool.thumbs, thr):
         found[(j, int(rows[q]))] = ("copy", ncc)
     near = hamming_pairs(pool.hashes, hashes[rows], cfg.data.duplicate_bits)[:, :2]

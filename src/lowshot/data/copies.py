@@ -30,10 +30,14 @@ misses it (RetinaMNIST re-encoded at JPEG q40: one distinct pair at 0.901, mirro
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 THUMB = 32  # px: the grayscale thumbnail the copy search compares
 
@@ -275,6 +279,26 @@ def calibrated(threshold: float, level: float) -> float:
     """``data.duplicate_ncc``, raised to the set's mirrored look-alike level + MIRROR_GAP (at most
     MIRROR_COPY): the threshold the verification uses on that set."""
     return round(min(max(threshold, level + MIRROR_GAP), max(threshold, MIRROR_COPY)), 4)
+
+
+def calibrate(
+    query: np.ndarray, pool: np.ndarray, threshold: float, what: str, own: np.ndarray | None = None
+) -> tuple[float, float]:
+    """(look-alike level, threshold to use): ``mirror_level`` and ``calibrated``, with a warning naming
+    ``what`` (the set, or the two sources) where the threshold rises, since the user's pairs change."""
+    level = mirror_level(query, pool, threshold, own)
+    thr = calibrated(threshold, level)
+    if thr > threshold:
+        log.warning(
+            "%s: mirrored images (never copies) reach a detail NCC of %.3f, so distinct images look alike "
+            "at this resolution: pairs are verified at %.3f here instead of data.duplicate_ncc=%.2f (look at "
+            "the sheet of `lowshot check`)",
+            what,
+            level,
+            thr,
+            threshold,
+        )
+    return level, thr
 
 
 def find_copies(

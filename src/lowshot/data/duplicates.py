@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import DataConfig
 from .cache import cache_root, write_atomic
-from .copies import FINE_GAIN, calibrated, candidates, mirror_level, thumbnail, verify
+from .copies import FINE_GAIN, calibrate, candidates, thumbnail, verify
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -122,18 +122,7 @@ def verified_pairs(store: Store, cfg: DataConfig) -> tuple[list[Pair], np.ndarra
     rows = np.arange(len(thumbs))
     if len(rows) > COPY_SEARCH_MAX:
         rows = np.sort(np.random.default_rng(0).choice(rows, COPY_SEARCH_MAX, replace=False))
-    level = mirror_level(thumbs[rows], thumbs, cfg.duplicate_ncc, own=rows)
-    thr = calibrated(cfg.duplicate_ncc, level)
-    if thr > cfg.duplicate_ncc:
-        log.warning(
-            "%s: mirrored images of this set (never copies of each other) reach a detail NCC of %.3f, so "
-            "distinct images look alike at this resolution: duplicates are verified at %.3f here instead "
-            "of data.duplicate_ncc=%.2f (look at the sheet of `lowshot check`)",
-            store.name,
-            level,
-            thr,
-            cfg.duplicate_ncc,
-        )
+    level, thr = calibrate(thumbs[rows], thumbs, cfg.duplicate_ncc, store.name, own=rows)
     near = np.array([(i, j) for i, j, _, k in cands if k == "near"], np.int64).reshape(-1, 2)
     ncc = verify(thumbs, thumbs, near)
     out: list[Pair] = [(i, j, 0, "exact", None) for i, j, _, k in cands if k == "exact"]
