@@ -186,8 +186,13 @@ class States:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+        if self.signalled:
+            # A second SIGTERM is the same request, not an order to die: a scheduler signals every process
+            # and the launcher passes its own on (accelerate launch >= 1.16, torchrun), so one arrives twice.
+            return
         self.signalled = signum
-        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
         self.accelerator.print(f"\nlowshot: {signal.Signals(signum).name}: saving a state after this step")
 
     # ---- the loop ---------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -78,7 +79,15 @@ def make_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_ignore_sigterm,
     )
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """A preemption's SIGTERM reaches the workers too (the process group, or the launcher's signal to the
+    whole process tree); a worker that died of it would break the main process's step and the state it is
+    about to save. The main process decides: it stops after that step and shuts its workers down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _cat(parts: list[Any]) -> Any:
