@@ -50,10 +50,14 @@ def _write_modes(root: Path) -> None:
     rgba[..., 0] = 255
     rgba[:, :15, 3] = 255  # left half opaque red, right half transparent
     Image.fromarray(rgba, "RGBA").save(root / "a" / "rgba.png")
-    Image.fromarray(g, "L").convert("P").save(root / "b" / "palette.png")
+    # Each file its own random image: derived ones (a palette or a threshold of ``g``) are copies of it, and
+    # their duplicate groups would decide this 6-image split, which is not what this set tests.
+    Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8), "L").convert("P").save(
+        root / "b" / "palette.png"
+    )
     sixteen = (np.linspace(1000, 4000, 900).reshape(30, 30)).astype(np.uint16)  # 12-bit data in 16 bits
     Image.fromarray(sixteen).save(root / "b" / "deep16.png")
-    Image.fromarray(g > 128).save(root / "b" / "binary.png")
+    Image.fromarray(rng.integers(0, 256, (30, 30)) > 128).save(root / "b" / "binary.png")
     (root / "b" / "notes.txt").write_text("not an image")
     (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (root / "README.md").write_text("stray file")

@@ -110,14 +110,15 @@ def test_guard_catches_busi_copies_of_breastmnist_test_images(
 def test_guard_is_quiet_on_distinct_images_of_a_homogeneous_set(data_root: Path, tmp_path: Path) -> None:
     """RetinaMNIST's training images as a pool against its val/test split: fundus photos look alike at
     28 px (a bright disc on black: plain NCC >= 0.95 for 358 of 400 test images); the verified detail
-    NCC keeps them apart (best look-alike 0.82 < 0.85). Another modality finds nothing either."""
+    NCC keeps them apart, with the threshold calibrated on the mirrored pool (best distinct pair 0.883,
+    mirrored level 0.855, so 0.895). Another modality finds nothing, and leaves the threshold alone."""
     z = np.load(data_root / "retinamnist.npz")
     np.savez(tmp_path / "retina_train.npz", images=z["train_images"])
     cfg = _cfg(data_root, tmp_path / "cache", data__source="retinamnist.npz")
     store = load_store(cfg.data)
     pool = load_pool([str(tmp_path / "retina_train.npz")], cfg.data, channels=3)
     pairs, thr = pool_copies(pool, store, cfg)
-    assert [p for p in pairs if p["kind"] == "copy"] == [] and thr == cfg.data.duplicate_ncc
+    assert [p for p in pairs if p["kind"] == "copy"] == [] and cfg.data.duplicate_ncc < thr < 0.92
     other = load_pool(["breastmnist.npz"], cfg.data, channels=3)
     assert pool_copies(other, store, cfg) == ([], cfg.data.duplicate_ncc)
 

@@ -61,10 +61,11 @@ class DataConfig:
     group_duplicates: bool = True
     duplicate_bits: int = 4  # dHash Hamming distance (of 64 bits) up to which two images are candidates
     # ... and a hash candidate is a duplicate only when verified: detail NCC of the 32 px thumbnails at the
-    # best alignment >= duplicate_ncc (lowshot.data.copies; 0.88 from bench/pool_copies.py: copies ~0.97,
-    # the best distinct RetinaMNIST look-alikes 0.856). The pool guard uses the same threshold. It is raised
-    # on a set whose images correlate with *mirrored* images of the set (never copies) within 0.03 of it,
-    # up to 0.96, and the run says so: at low resolution distinct images of some modalities look alike.
+    # best alignment >= duplicate_ncc (lowshot.data.copies; 0.88 from bench/pool_copies.py: copies ~0.98,
+    # JPEG q70 copies at 28 px 0.97 found). The pool guard uses the same threshold. It is raised on a set
+    # whose images correlate with *mirrored* images of the set (never copies) within 0.04 of it, up to
+    # 0.96, and the run says so: at low resolution distinct images of some modalities look alike (the best
+    # distinct RetinaMNIST pair scores 0.883, its mirrored level 0.855, so 0.895 is used there).
     duplicate_ncc: float = 0.88
     # A CSV manifest (labelled, or an ssl.unlabelled pool's) reads only files below its own folder or
     # data.root (a path like ../../etc/... is refused, naming it); true lifts that.

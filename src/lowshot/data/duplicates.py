@@ -95,7 +95,7 @@ def store_thumbnails(store: Store) -> np.ndarray:
 
 def _cache_file(digests: np.ndarray, cfg: DataConfig) -> Path:
     # the thumbnails are of the data.size store images, so the size is part of the key
-    h = hashlib.sha1(f"v2|{cfg.size}|{cfg.duplicate_bits}|{cfg.duplicate_ncc}|".encode())
+    h = hashlib.sha1(f"v3|{cfg.size}|{cfg.duplicate_bits}|{cfg.duplicate_ncc}|".encode())
     h.update("\n".join(map(str, digests)).encode())
     return cache_root(cfg) / "duplicates" / f"{h.hexdigest()[:20]}.json"
 
