@@ -1,7 +1,7 @@
 """Does self-supervised pretraining pay here, with which method, and does it beat ImageNet transfer?
 
     LOWSHOT_DATA_ROOT=../shared/data python bench/ssl_pretraining.py [--runs DIR] [--seeds 3] [--epochs 15]
-        [--data breastmnist] [--only ROW ...]
+        [--data breastmnist|retinamnist|busi] [--size 32] [--only ROW ...] [--finetune ROW ...]
 
 Rows (one backbone, EfficientNet-Lite0, so that only the initialisation and the pretraining differ):
 random init; ImageNet Lite0 (PyPI weights); SimCLR from scratch; SimCLR from ImageNet (continued,
@@ -57,7 +57,14 @@ BUDGETS = [5, 20, 0]
 # The fine-tune column: lowshot's recommended recipe (Adam 1e-3, rotations and flips, early stopping on
 # validation AUROC) for 20 epochs on every label, from each row's weights, one run per seed.
 FINETUNE = ["--config", "configs/recipes/lowshot-recommended.yaml", "train.epochs=20"]
-DATA = {"breastmnist": [], "retinamnist": ["--config", "configs/retinamnist.yaml", "fewshot.n_way=3"]}
+DATA = {
+    "breastmnist": [],
+    "retinamnist": ["--config", "configs/retinamnist.yaml", "fewshot.n_way=3"],
+    # 256 px PNGs: at 64 px the images are downsampled, not upsampled 28 px ones as for the MedMNIST sets
+    "busi": ["--config", "configs/busi.yaml", "fewshot.n_way=3"],
+}
+# how each set is split (BUSI has no official split: lowshot's seeded, stratified, duplicate-grouped one)
+SPLIT = {"busi": "lowshot's grouped split (seed 0)"}
 
 
 def launch(script: str, args: list[str], log: Path) -> None:
@@ -207,7 +214,7 @@ def write_table(data: str, record: dict[str, dict], a: argparse.Namespace) -> No
         )
     OUT.mkdir(parents=True, exist_ok=True)
     note = (
-        f"\n{data}, official split, EfficientNet-Lite0 at {a.size} px, SSL {a.epochs} epochs on the labelled "
+        f"\n{data}, {SPLIT.get(data, 'official split')}, EfficientNet-Lite0 at {a.size} px, SSL {a.epochs} epochs on the labelled "
         f"training split (no separate pool: shared/data has none that is not a copy of the test images), batch "
         f"128, 2 CPU cores. Probe: logistic regression on K labels per class (10 seeded draws; 'all' = one fit), "
         f"test AUROC. Cells: mean over pretraining seeds [t-interval over seeds]; rows without pretraining have one "
