@@ -88,6 +88,10 @@ def launch(script: str, args: list[str], log: Path) -> None:
         raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}; see {log}")
 
 
+def table_stem(data: str, size: int) -> str:
+    return data if size == 32 else f"{data}-{size}px"  # the 32 px tables came first and keep their names
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
@@ -108,7 +112,7 @@ def main() -> None:
     common += ["check.leakage=warn", "data.augment_path=batched"]  # the official split as published
     probe = ["fewshot.shots=[5]", "fewshot.episodes=100", f"fewshot.label_budgets={BUDGETS}".replace(" ", "")]
     # rows left out by --only keep what the committed table recorded for them (same label draws: still paired)
-    stem = a.data if a.size == 32 else f"{a.data}-{a.size}px"
+    stem = table_stem(a.data, a.size)
     kept = (
         json.loads((OUT / f"{stem}.json").read_text()) if a.only and (OUT / f"{stem}.json").is_file() else {}
     )
@@ -240,7 +244,7 @@ def write_table(data: str, record: dict[str, dict], a: argparse.Namespace) -> No
         f"Fine-tune: configs/recipes/lowshot-recommended.yaml for 20 epochs at {a.size} px from the row's weights, "
         f"every training label, epoch chosen on validation AUROC, test AUROC; one run per seed, Δ paired by seed.\n"
     )
-    stem = data if a.size == 32 else f"{data}-{a.size}px"  # the 32 px tables came first and keep their names
+    stem = table_stem(data, a.size)
     (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n" + note)
     text = json.dumps(record, indent=1).replace(str(REPO), "<repo>")  # no paths of this machine
     (OUT / f"{stem}.json").write_text(text)
