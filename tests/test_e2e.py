@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lowshot.config import load_yaml
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -324,12 +326,25 @@ def test_quickstart_command(data_root: Path, cache_dir: Path, tmp_path: Path) ->
         timeout=900,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for job in ("pretrain", "probe", "finetune"):
+    for job in ("pretrain", "probe", "imagenet-probe", "finetune"):
         assert (tmp_path / "qs" / job / "results.json").is_file()
     assert "qs/probe: TEST probe" in p.stdout and "qs/finetune: TEST finetune" in p.stdout
+    # the ImageNet baseline: Lite0's PyPI weights at >= 64 px, judged against the SSL probe on validation
+    base = load_yaml(tmp_path / "qs" / "imagenet-probe" / "config.yaml")
+    assert (base.model.weights, base.data.size) == ("efficientnet-lite0", 64)
+    choice = json.loads((tmp_path / "qs" / "choice.json").read_text())
+    d = choice["ssl_minus_imagenet_val_auroc"]
+    for job, key in (
+        ("probe", "ssl"),
+        ("imagenet-probe", "imagenet"),
+    ):  # the verdict is on each probe's own val AUROC
+        res = json.loads((tmp_path / "qs" / job / "results.json").read_text())
+        assert d[key] == pytest.approx(res["selected"]["val_auroc"])
+    assert choice["verdict"] in ("ssl", "imagenet", "unresolved") and "SSL or ImageNet?" in p.stdout
     assert "selected on validation: C=" in p.stdout and "selected on validation: epoch" in p.stdout
-    report = (tmp_path / "qs" / "report" / "report.md").read_text()  # the two runs, compared, with figures
+    report = (tmp_path / "qs" / "report" / "report.md").read_text()  # the three runs, compared, with figures
     assert "Paired comparisons" in report and (tmp_path / "qs" / "report" / "finetune" / "roc.png").is_file()
+    assert choice["text"] in report  # the verdict is in the report a user shares
     bad = subprocess.run(
         [sys.executable, "-m", "lowshot.cli", "quickstart", "ssl.epoch=3"],
         capture_output=True,

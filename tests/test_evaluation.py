@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -165,3 +167,29 @@ def test_paired_bootstrap_finds_a_real_difference_and_none_between_equals() -> N
     assert better["auroc"]["diff"] > 0.3 and better["auroc"]["low"] > 0 and better["auroc"]["p"] < 0.01
     equal = paired_bootstrap(y, good, good, n_boot=200)
     assert equal["accuracy"]["diff"] == 0.0 and equal["accuracy"]["p"] == 1.0
+
+
+def test_ssl_or_imagenet_chooses_on_validation_only_when_the_paired_interval_says_so(tmp_path: Path) -> None:
+    """The quickstart's verdict: 'ssl' / 'imagenet' only when the paired 95% CI on validation excludes 0."""
+    from lowshot.cli import ssl_or_imagenet
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    good = np.clip(y * 0.6 + rng.uniform(0, 0.4, 300), 0, 1)  # AUROC near 1
+    weak = np.clip(y * 0.1 + rng.uniform(0, 0.9, 300), 0, 1)  # AUROC near 0.6
+
+    def run(name: str, p1: np.ndarray, labels: np.ndarray = y) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        np.savez(d / "predictions.npz", val_y=labels, val_prob=np.stack([1 - p1, p1], 1))
+        return d
+
+    ssl_good, ssl_weak, imnet = run("a", good), run("b", weak), run("c", weak.copy())
+    win = ssl_or_imagenet(ssl_good, imnet, n_boot=500)
+    assert win["verdict"] == "ssl" and win["val_images"] == 300
+    assert win["ssl_minus_imagenet_val_auroc"]["diff"] > 0.2 and "keep it" in win["text"]
+    assert ssl_or_imagenet(imnet, ssl_good, n_boot=500)["verdict"] == "imagenet"
+    tie = ssl_or_imagenet(ssl_weak, imnet, n_boot=500)
+    assert tie["verdict"] == "unresolved" and tie["ssl_minus_imagenet_val_auroc"]["diff"] == 0.0
+    with pytest.raises(ValueError, match="different images"):
+        ssl_or_imagenet(ssl_good, run("d", good, 1 - y), n_boot=100)
