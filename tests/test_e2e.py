@@ -334,10 +334,8 @@ def test_quickstart_command(data_root: Path, cache_dir: Path, tmp_path: Path) ->
     assert (base.model.weights, base.data.size) == ("efficientnet-lite0", 64)
     choice = json.loads((tmp_path / "qs" / "choice.json").read_text())
     d = choice["ssl_minus_imagenet_val_auroc"]
-    for job, key in (
-        ("probe", "ssl"),
-        ("imagenet-probe", "imagenet"),
-    ):  # the verdict is on each probe's own val AUROC
+    # the verdict compares each probe's own selected validation AUROC
+    for job, key in (("probe", "ssl"), ("imagenet-probe", "imagenet")):
         res = json.loads((tmp_path / "qs" / job / "results.json").read_text())
         assert d[key] == pytest.approx(res["selected"]["val_auroc"])
     assert choice["verdict"] in ("ssl", "imagenet", "unresolved") and "SSL or ImageNet?" in p.stdout
