@@ -7,7 +7,8 @@ Each run is ``accelerate launch --cpu --num_processes 1 finetune/train.py --conf
 one thread (``--jobs`` runs side by side; 2 on this 2-core machine). ImageNet recipes run with the
 EfficientNet-Lite0 weights from PyPI (configs/recipes/offline-imagenet.yaml): the hub is unreachable
 here. Writes bench/results/recipes/{table.md,table.json} and, per run, results.json, config.yaml,
-meta.json, metrics.jsonl and predictions.npz under bench/results/recipes/runs/.
+meta.json, metrics.jsonl and predictions.npz under bench/results/recipes/runs/. The SimCLR rows first run
+``ssl/pretrain.py`` once per (data set, seed) and start from that checkpoint (``model.weights=``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,28 @@ RECIPES: dict[str, tuple[list[str], list[str], dict[str, int]]] = {  # run in th
     ),
     "small-cnn + dropout": ([R + "small-cnn.yaml", *DROP], [], {"breastmnist": 3}),
     "resnet18-scratch + dropout": ([R + "resnet18-scratch.yaml", *DROP], [], {"breastmnist": 3}),
+    # The SSL route (the quickstart's: SimCLR on ResNet-18 from random init, 50 epochs on the training
+    # images, at the recipes' 64 px), then the recommended recipe from it, and a probe of it: pretrained
+    # once per (data set, seed) by PRETRAIN below, before the runs that start from it.
+    "SimCLR ResNet-18 + recommended fine-tune": (
+        [R + "lowshot-recommended.yaml"],
+        ["model.name=resnet18"],
+        {"breastmnist": 3, "busi": 3},
+    ),
+    "SimCLR ResNet-18 linear probe (cached)": (
+        [],
+        ["--probe", "data.size=64", "model.name=resnet18"],
+        {"breastmnist": 3, "busi": 3},
+    ),
+}
+# recipe name -> (pretraining tag, ssl/pretrain.py overrides); the recipe's model.weights= is that checkpoint
+SIMCLR_R18 = (
+    "simclr-resnet18-50ep",
+    ["model.name=resnet18", "model.weights=none", "ssl.epochs=50", "data.size=64"],
+)
+PRETRAIN = {
+    "SimCLR ResNet-18 + recommended fine-tune": SIMCLR_R18,
+    "SimCLR ResNet-18 linear probe (cached)": SIMCLR_R18,
 }
 # The row the paired differences refer to: the recommended recipe (configs/recipes/lowshot-recommended.yaml
 # resolves to exactly this setting; tests/test_config.py checks it).
@@ -72,23 +95,47 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
+LAUNCH = [
+    "accelerate",
+    "launch",
+    "--cpu",
+    "--num_processes",
+    "1",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
+
+
+def pretrain_dir(name: str, data: str, seed: int, runs: Path) -> Path:
+    return runs / data / f"pretrain-{PRETRAIN[name][0]}-seed{seed}"
+
+
+def pretrain_command(name: str, data: str, seed: int, runs: Path) -> list[str]:
+    d = pretrain_dir(name, data, seed, runs)
+    return [
+        *LAUNCH,
+        "ssl/pretrain.py",
+        *DATASETS[data],
+        *PRETRAIN[name][1],
+        f"seed={seed}",
+        f"out_dir={d.parent}",
+        f"name={d.name}",
+        f"track.group={data}-pretrain-{PRETRAIN[name][0]}",
+        "check.leakage=drop",  # as the fine-tunes: the official split's one image in both train and test
+    ]
+
+
 def command(name: str, data: str, seed: int, runs: Path) -> list[str]:
     configs, extra, _ = RECIPES[name]
     args = [a for c in configs for a in ("--config", c)] + DATASETS[data] + extra
+    if name in PRETRAIN:
+        args.append(f"model.weights={pretrain_dir(name, data, seed, runs) / 'checkpoint'}")
     return [
-        *[
-            "accelerate",
-            "launch",
-            "--cpu",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ],
+        *LAUNCH,
         "finetune/train.py",
         *args,
         f"seed={seed}",
@@ -102,7 +149,10 @@ def command(name: str, data: str, seed: int, runs: Path) -> list[str]:
 
 
 def run_one(cmd: list[str], run_dir: Path) -> tuple[Path, float, int]:
-    if (run_dir / "results.json").is_file():
+    done = run_dir / (
+        "checkpoint/backbone.safetensors" if run_dir.name.startswith("pretrain-") else "results.json"
+    )
+    if done.is_file():
         return run_dir, 0.0, 0
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -119,11 +169,12 @@ def run_one(cmd: list[str], run_dir: Path) -> tuple[Path, float, int]:
     return run_dir, time.time() - t, rc
 
 
-def summarise(runs: Path) -> tuple[str, dict]:
+def summarise(runs: Path, kept: dict) -> tuple[str, dict]:
     """Markdown table and JSON: per data set and recipe, mean ± sd over seeds with a Student-t 95% CI of
     the mean, the mean per-run bootstrap 95% CI, the selected validation AUROC, and the recommended
     recipe's paired test-AUROC difference to each other recipe (same seed, same test images, bootstrap
-    over images), averaged over seeds, with the number of seeds whose paired CI excludes zero."""
+    over images), averaged over seeds, with the number of seeds whose paired CI excludes zero. A recipe
+    with no runs in ``runs`` keeps its row of ``kept`` (the committed table.json's table)."""
     table: dict = {}
     lines = []
     for data in DATASETS:
@@ -132,7 +183,7 @@ def summarise(runs: Path) -> tuple[str, dict]:
             "| recipe | seeds | test AUROC mean ± sd [t-CI] | per-run bootstrap CI (mean) | balanced acc. mean ± sd [t-CI] | accuracy mean ± sd | selected val AUROC | Δ test AUROC, recommended (first row) − this (seeds whose paired 95% CI excludes 0) |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        preds = {}
+        preds: dict = {}
         for name, (_, _, seeds) in RECIPES.items():
             if data not in seeds:
                 continue
@@ -143,30 +194,21 @@ def summarise(runs: Path) -> tuple[str, dict]:
                     res.append(json.loads((d / "results.json").read_text()))
                     preds.setdefault(name, {})[s] = np.load(d / "predictions.npz")
             if not res:
+                if name in kept.get(data, {}):
+                    table.setdefault(data, {})[name] = {**kept[data][name], "kept": True}
                 continue
-            row = {m: mean_ci([r["test"]["metrics"][m]["value"] for r in res]) for m in METRICS}
-            boot = {
-                m: (
-                    float(np.mean([r["test"]["metrics"][m]["low"] for r in res])),
-                    float(np.mean([r["test"]["metrics"][m]["high"] for r in res])),
-                )
-                for m in METRICS
-            }
-            val = mean_ci([r["selected"]["val_auroc"] for r in res])
             table.setdefault(data, {})[name] = {
-                "test": row,
-                "bootstrap_mean": boot,
-                "val_auroc": val,
+                "test": {m: mean_ci([r["test"]["metrics"][m]["value"] for r in res]) for m in METRICS},
+                "bootstrap_mean": {
+                    m: (
+                        float(np.mean([r["test"]["metrics"][m]["low"] for r in res])),
+                        float(np.mean([r["test"]["metrics"][m]["high"] for r in res])),
+                    )
+                    for m in METRICS
+                },
+                "val_auroc": mean_ci([r["selected"]["val_auroc"] for r in res]),
                 "seeds": len(res),
             }
-            a, b = row["auroc"], row["balanced_accuracy"]
-            label = f"{name} = lowshot-recommended" if name == REFERENCE else name
-            lines.append(
-                f"| {label} | {len(res)} | {a['mean']:.3f} ± {a['std']:.3f} [{a['low']:.3f}, {a['high']:.3f}] "
-                f"| [{boot['auroc'][0]:.3f}, {boot['auroc'][1]:.3f}] "
-                f"| {b['mean']:.3f} ± {b['std']:.3f} [{b['low']:.3f}, {b['high']:.3f}] "
-                f"| {row['accuracy']['mean']:.3f} ± {row['accuracy']['std']:.3f} | {val['mean']:.3f} | DIFF:{name} |"
-            )
         rec = preds.get(REFERENCE, {})
         for name, per_seed in preds.items():
             diffs = []
@@ -180,13 +222,40 @@ def summarise(runs: Path) -> tuple[str, dict]:
                         "auroc"
                     ]
                 )
-            cell = "—"
-            if diffs:  # mean paired difference over seeds; how many seeds' paired CIs exclude 0 either way
+            if diffs:
                 d = float(np.mean([x["diff"] for x in diffs]))
-                up, down = sum(x["low"] > 0 for x in diffs), sum(x["high"] < 0 for x in diffs)
-                cell = f"{d:+.3f} (CI > 0: {up}/{len(diffs)}, < 0: {down}/{len(diffs)})"
                 table[data][name]["paired_vs_recommended"] = {"mean_diff": d, "per_seed": diffs}
-            lines = [line.replace(f"DIFF:{name} |", f"{cell} |") for line in lines]
+        # Kept rows were paired with the committed reference runs; if the reference, run again, does not
+        # reproduce them (BUSI: the verified-duplicate grouping has since changed lowshot's split), kept rows
+        # are of another split and are marked, their Δ not shown.
+        ref_new, ref_old = table.get(data, {}).get(REFERENCE, {}), kept.get(data, {}).get(REFERENCE, {})
+        stale = bool(ref_new) and not ref_new.get("kept") and ref_old.get("test") != ref_new["test"]
+        for name, row in list(table.get(data, {}).items()):
+            if row.pop("kept", False) and stale:
+                row = table[data][name] = {**row, "other_split": True}
+        for name, row in table.get(data, {}).items():
+            a, b, acc = (row["test"][m] for m in METRICS)
+            boot = row["bootstrap_mean"]["auroc"]
+            cell = "—"
+            if "paired_vs_recommended" in row:  # mean paired difference over seeds; seeds whose CI excludes 0
+                diffs = row["paired_vs_recommended"]["per_seed"]
+                up, down = sum(x["low"] > 0 for x in diffs), sum(x["high"] < 0 for x in diffs)
+                cell = f"{row['paired_vs_recommended']['mean_diff']:+.3f} (CI > 0: {up}/{len(diffs)}, < 0: {down}/{len(diffs)})"
+            label = f"{name} = lowshot-recommended" if name == REFERENCE else name
+            if row.get("other_split"):
+                label, cell = f"{label} (earlier split †)", "— (other split)"
+            lines.append(
+                f"| {label} | {row['seeds']} | {a['mean']:.3f} ± {a['std']:.3f} [{a['low']:.3f}, {a['high']:.3f}] "
+                f"| [{boot[0]:.3f}, {boot[1]:.3f}] "
+                f"| {b['mean']:.3f} ± {b['std']:.3f} [{b['low']:.3f}, {b['high']:.3f}] "
+                f"| {acc['mean']:.3f} ± {acc['std']:.3f} | {row['val_auroc']['mean']:.3f} | {cell} |"
+            )
+        if stale:
+            lines.append(
+                f"\n† Not run again: the committed row, made on {data}'s split of that time; the reference, run "
+                "again, no longer reproduces its committed numbers, so these rows are not paired with the rows above "
+                "(BUSI: verified duplicates changed lowshot's grouped split)."
+            )
     return "\n".join(lines) + "\n", table
 
 
@@ -197,18 +266,26 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="recipe names to run (default: all)")
     args = ap.parse_args()
     runs = args.runs.resolve()
-    todo = [
-        (command(name, data, s, runs), runs / data / f"{slug(name)}-seed{s}")
+    jobs = [
+        (name, data, s)
         for name, (_, _, seeds) in RECIPES.items()
         if args.only is None or name in args.only
         for data, n in seeds.items()
         for s in range(n)
     ]
+    todo = [(command(name, data, s, runs), runs / data / f"{slug(name)}-seed{s}") for name, data, s in jobs]
+    # each SSL checkpoint once (a probe and a fine-tune share it), before the runs that start from it
+    pretrain = {pretrain_dir(*j, runs): pretrain_command(*j, runs) for j in jobs if j[0] in PRETRAIN}
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
+        pre = list(pool.map(lambda d: run_one(pretrain[d], d), pretrain))
+        if any(rc for _, _, rc in pre):
+            sys.exit(f"failed pretraining (logs beside them): {[d.name for d, _, rc in pre if rc]}")
         done = list(pool.map(lambda job: run_one(*job), todo))
     failed = [d.name for d, _, rc in done if rc]
-    text, table = summarise(runs)
+    committed = OUT / "table.json"
+    kept = json.loads(committed.read_text())["table"] if committed.is_file() else {}
+    text, table = summarise(runs, kept)
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)
     for d, _, rc in done:
@@ -221,11 +298,14 @@ def main() -> None:
     ran = sum(1 for _, seconds, _ in done if seconds > 0)
     head = (
         "# Fine-tuning recipes: results\n\nMade by `python bench/recipes.py` "
-        f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, fp32; this call ran {ran} of {len(done)} runs in "
-        f"{time.time() - t0:.0f} s, the rest were on disk). Every test number is its run's single opening of the "
-        "test split. 64 px, EfficientNet-Lite0 ImageNet weights from PyPI where a recipe names hub weights; "
-        "a linear probe of fixed weights is deterministic, so its seeds repeat one number. How these runs were "
-        "made, and what they say: EXPERIMENTS.md.\n"
+        f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, fp32; this call ran {ran} of {len(done)} runs and "
+        f"{sum(1 for _, seconds, _ in pre if seconds > 0)} SSL pretrainings in {time.time() - t0:.0f} s, the rest were "
+        "on disk; rows of recipes this call did not name are the committed table's). Every test number is its "
+        "run's single opening of the test split. 64 px, EfficientNet-Lite0 ImageNet weights from PyPI where a "
+        "recipe names hub weights; a linear probe of fixed weights is deterministic, so its seeds repeat one "
+        "number; the SimCLR rows' seeds are pretraining seeds (SimCLR on ResNet-18 from random init, 50 epochs on "
+        "the training images, lightly's NT-Xent, the data set's views). How these runs were made, and what they "
+        "say: EXPERIMENTS.md.\n"
     )
     (OUT / "table.md").write_text(head + text)
     (OUT / "table.json").write_text(
@@ -233,6 +313,7 @@ def main() -> None:
             {
                 "command": " ".join(sys.argv),
                 "recipes": {k: v[:2] for k, v in RECIPES.items()},
+                "pretrain": PRETRAIN,
                 "table": table,
             },
             indent=2,
