@@ -2,6 +2,7 @@
 split), several seeds each: runs what is missing, then prints and writes the results table.
 
     LOWSHOT_DATA_ROOT=../shared/data python bench/recipes.py [--runs DIR] [--jobs 2] [--only NAME ...]
+        [--data breastmnist|busi ...]
 
 Each run is ``accelerate launch --cpu --num_processes 1 finetune/train.py --config <recipe> seed=S`` on
 one thread (``--jobs`` runs side by side; 2 on this 2-core machine). ImageNet recipes run with the
@@ -208,6 +209,8 @@ def summarise(runs: Path, kept: dict) -> tuple[str, dict]:
                 },
                 "val_auroc": mean_ci([r["selected"]["val_auroc"] for r in res]),
                 "seeds": len(res),
+                # which images each split held (runs made before lowshot recorded it: None)
+                "splits": res[0].get("splits"),
             }
         rec = preds.get(REFERENCE, {})
         for name, per_seed in preds.items():
@@ -226,10 +229,18 @@ def summarise(runs: Path, kept: dict) -> tuple[str, dict]:
                 d = float(np.mean([x["diff"] for x in diffs]))
                 table[data][name]["paired_vs_recommended"] = {"mean_diff": d, "per_seed": diffs}
         # Kept rows were paired with the committed reference runs; if the reference, run again, does not
-        # reproduce them (BUSI: the verified-duplicate grouping has since changed lowshot's split), kept rows
-        # are of another split and are marked, their Δ not shown.
+        # reproduce them, kept rows are marked, their Δ not shown. Why, where both recorded their splits:
+        # another split (BUSI: the verified-duplicate grouping changed lowshot's split), or the same split
+        # and other numbers (another processor or package versions; meta.json of the runs says which).
         ref_new, ref_old = table.get(data, {}).get(REFERENCE, {}), kept.get(data, {}).get(REFERENCE, {})
         stale = bool(ref_new) and not ref_new.get("kept") and ref_old.get("test") != ref_new["test"]
+        why = "the reference's split was not recorded then"
+        if stale and ref_new.get("splits") and ref_old.get("splits"):
+            why = (
+                "another split (its split digests differ)"
+                if ref_new["splits"] != ref_old["splits"]
+                else "the same split (equal split digests): another processor or package versions"
+            )
         for name, row in list(table.get(data, {}).items()):
             if row.pop("kept", False) and stale:
                 row = table[data][name] = {**row, "other_split": True}
@@ -252,9 +263,8 @@ def summarise(runs: Path, kept: dict) -> tuple[str, dict]:
             )
         if stale:
             lines.append(
-                f"\n† Not run again: the committed row, made on {data}'s split of that time; the reference, run "
-                "again, no longer reproduces its committed numbers, so these rows are not paired with the rows above "
-                "(BUSI: verified duplicates changed lowshot's grouped split)."
+                f"\n† Not run again: the committed row of {data}; the reference, run again, no longer reproduces "
+                f"its committed numbers ({why}), so these rows are not paired with the rows above."
             )
     return "\n".join(lines) + "\n", table
 
@@ -264,6 +274,9 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("runs/recipes"))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=None, help="recipe names to run (default: all)")
+    ap.add_argument(
+        "--data", nargs="*", choices=list(DATASETS), default=None, help="data sets to run (default: all)"
+    )
     args = ap.parse_args()
     runs = args.runs.resolve()
     jobs = [
@@ -271,6 +284,7 @@ def main() -> None:
         for name, (_, _, seeds) in RECIPES.items()
         if args.only is None or name in args.only
         for data, n in seeds.items()
+        if args.data is None or data in args.data
         for s in range(n)
     ]
     todo = [(command(name, data, s, runs), runs / data / f"{slug(name)}-seed{s}") for name, data, s in jobs]

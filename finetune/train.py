@@ -70,6 +70,7 @@ results: dict = {
     "data": store.name,
     "classes": store.classes,
     "counts": store.counts(),
+    "splits": store.split_digests(),  # which images each split held: tells a changed split from a changed run
     "model": cfg.model.name,
     "weights": cfg.model.weights,
     "leakage": leakage,

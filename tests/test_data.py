@@ -113,6 +113,11 @@ def test_busi_folder_split_cache(busi: Path, cache_dir: Path, monkeypatch: pytes
     assert np.array_equal(again.images, store.images) and np.array_equal(again.split, store.split)
     gray = load_store(cfg(busi.parent, busi.name, cache_dir, size=32, color="gray"))
     assert gray.images.shape == (780, 32, 32, 1) and np.array_equal(gray.split, store.split)
+    # the recorded split digests: of the native images, so the same from the cache and in gray; another
+    # split_seed moves images between all three splits
+    assert again.split_digests() == store.split_digests() == gray.split_digests()
+    other = load_store(cfg(busi.parent, busi.name, cache_dir, size=32, split_seed=1)).split_digests()
+    assert all(other[s] != store.split_digests()[s] for s in ("train", "val", "test"))
 
 
 def _manifest(tmp: Path, busi: Path, with_split: bool = False) -> Path:
@@ -190,6 +195,12 @@ def test_label_budget_keeps_k_per_class(data_root: Path, cache_dir: Path) -> Non
     c = load_store(cfg(data_root, "breastmnist.npz", cache_dir, size=28, train_per_class=5, train_draw=1))
     assert np.array_equal(a.indices("train"), b.indices("train"))  # seeded
     assert not np.array_equal(a.indices("train"), c.indices("train"))  # another draw
+    # the split digests a run records say the same: equal for the same draw, other train/unlabelled
+    # images for another draw, the same val and test (and test's is the lockbox ledger's digest)
+    da, db, dc = (s.split_digests() for s in (a, b, c))
+    assert da == db and set(da) == {"train", "val", "test", "unlabelled"}
+    assert (da["train"], da["unlabelled"]) != (dc["train"], dc["unlabelled"])
+    assert (da["val"], da["test"]) == (dc["val"], dc["test"]) and da["test"] == a.test_digest()
 
 
 def test_training_batches_split_into_worker_chunks_only_when_workers_would_idle() -> None:

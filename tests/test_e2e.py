@@ -60,6 +60,10 @@ def check_test_report(run: Path) -> dict:
     for k in ("auroc", "accuracy", "balanced_accuracy"):
         assert m[k]["low"] <= m[k]["value"] <= m[k]["high"], (k, m[k])
     assert (run / "config.yaml").is_file() and (run / "meta.json").is_file()
+    # what identifies the number: the images of each split, the processor and the packages
+    assert {"train", "val", "test"} <= set(res["splits"]) and len(set(res["splits"].values())) >= 3
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["cpu"] and "absent" not in (meta["versions"]["pillow"], meta["versions"]["faiss-cpu"])
     # the operating point chosen on validation, stored beside the model, and the test scored at it
     point = json.loads((run / "operating_point.json").read_text())
     assert point == res["operating_point"] and point["classes"] == res["classes"]

@@ -210,13 +210,15 @@ class Run:
             "distributed_type": str(accelerator.distributed_type),
             "device": str(accelerator.device)
             + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
+            # Part of what reproduces a number: on the same split, the BUSI recipe reference once gave
+            # other test AUROCs in another session (EXPERIMENTS.md, 2026-12-06), where processor or package
+            # versions may differ; BreastMNIST's reproduced to the last digit on this processor.
+            "cpu": cpu_model(),
             "mixed_precision": accelerator.mixed_precision,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "status": "running",  # running | stopped (a state to continue from) | finished; killed runs stay "running"
             "python": platform.python_version(),
-            "versions": {
-                p: _version(p) for p in ("torch", "timm", "lightly", "accelerate", "wandb", "scikit-learn")
-            },
+            "versions": {p: _version(p) for p in VERSIONED},
         }
         if self.plan.note:
             accelerator.print(self.plan.note)
@@ -524,6 +526,33 @@ def record_opening(data: DataConfig, ledger_name: str, entry: dict[str, Any]) ->
         "runs_before": len({e["run"] for e in before}),
         "other_settings_before": len({e.get("setting") for e in before} - {entry.get("setting")}),
     }
+
+
+# The packages whose versions a run records: pillow decodes and resizes, scikit-learn and faiss-cpu make
+# the splits and duplicate groups, the rest train.
+VERSIONED = (
+    "torch",
+    "timm",
+    "lightly",
+    "accelerate",
+    "wandb",
+    "scikit-learn",
+    "numpy",
+    "pillow",
+    "faiss-cpu",
+)
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux /proc/cpuinfo; elsewhere what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _version(pkg: str) -> str:

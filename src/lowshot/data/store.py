@@ -79,10 +79,24 @@ class Store:
     def test_digest(self) -> str:
         """SHA-1 of the test images (their native-pixel digests: the same at any data.size) and labels:
         which lockbox a ledger entry refers to."""
-        rows = np.flatnonzero(self.split == "test")
-        h = hashlib.sha1("".join(str(d) for d in self.fingerprints()[1][rows]).encode())
-        h.update(np.ascontiguousarray(self.labels[rows]).data)
-        return h.hexdigest()[:16]
+        return self.split_digests()["test"]
+
+    def split_digests(self) -> dict[str, str]:
+        """Per split (train, val, test, and 'unlabelled' where a label budget made one), the SHA-1 of its
+        images' native-pixel digests and labels, in store order: which images a number was made on. Two
+        runs whose digests agree saw the same split; where they differ, a difference in their numbers
+        may be the split's (a changed grouping, another split_seed) rather than the training's. Reads no
+        test pixels beyond the fingerprints the duplicate check already took."""
+        digests = self.fingerprints()[1]
+        out = {}
+        for s in (*SPLITS, "unlabelled"):
+            rows = np.flatnonzero(self.split == s)
+            if s == "unlabelled" and not len(rows):
+                continue
+            h = hashlib.sha1("".join(str(d) for d in digests[rows]).encode())
+            h.update(np.ascontiguousarray(self.labels[rows]).data)
+            out[s] = h.hexdigest()[:16]
+        return out
 
     def counts(self) -> dict[str, list[int]]:
         """Images per class in each split, e.g. ``{'train': [147, 399], ...}``."""
