@@ -11,7 +11,9 @@ images) to measure lowshot's milder medical views; MoCo, BYOL, VICReg and DINO f
 another backbone, the quickstart's: ResNet-18 random init, and SimCLR on it from scratch for 50 epochs
 (the route the label-efficiency table showed ahead with few labels; no offline ImageNet ResNet-18), and
 two view ablations of that route (no colour jitter or grayscale; crops of at least 60%), the first also
-on SimCLR from ImageNet. Every
+on SimCLR from ImageNet. Three pool rows: that route on a separate pool (``ssl.unlabelled``) of a third,
+two thirds or all of the training images with no copy among the val/test images, at equal steps: does
+a larger pool pay (.npz sets only)? Every
 pretraining row runs ``--seeds`` pretraining seeds; each is then probed by ``fewshot/evaluate.py``: a
 logistic-regression probe on 5, 20 and all labels per class (10 seeded label draws, the same draws for
 every row), scored on the official test split. Paired differences against the ImageNet probe are over
@@ -72,6 +74,19 @@ ROWS: dict[str, tuple[list[str] | None, list[str]]] = {
     "VICReg from ImageNet": ([*CONTINUED, "ssl.method=vicreg"], []),
     "DINO from ImageNet": ([*CONTINUED, "ssl.method=dino"], []),
 }
+# Does a larger unlabelled pool pay, at equal compute? The quickstart's route on a *separate* pool
+# (ssl.unlabelled, ssl.use_train=false, through the pool guard) holding a third, two thirds or all of the
+# training images that are no copy of a val/test image (a seeded draw per pretraining seed), for the same
+# POOL_STEPS optimizer steps of 128 images, so only the number of distinct images differs (as many as the
+# 50-epoch row makes on BreastMNIST, 546 // 128 = 4 steps an epoch × 50; half of its 400 on RetinaMNIST). shared/data has no pool that is not a copy of the test
+# images; this is the slope a user's larger pool would continue.
+POOL_STEPS = 200
+POOL_ROWS = {
+    f"SimCLR ResNet-18, {POOL_STEPS} steps, pool: {label} of the clean training images": frac
+    for label, frac in (("1/3", 1 / 3), ("2/3", 2 / 3), ("all", 1.0))
+}
+for _name in POOL_ROWS:
+    ROWS[_name] = (["model.name=resnet18", "model.weights=none", "ssl.use_train=false"], [])
 BUDGETS = [5, 20, 0]
 # The fine-tune column: lowshot's recommended recipe (Adam 1e-3, rotations and flips, early stopping on
 # validation AUROC) for 20 epochs on every label, from each row's weights, one run per seed.
@@ -104,6 +119,40 @@ def launch(script: str, args: list[str], log: Path) -> None:
         p = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ})
     if p.returncode:
         raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}; see {log}")
+
+
+def pool_overrides(name: str, data: str, seed: int, size: int, runs: Path) -> list[str]:
+    """A POOL_ROWS row's pool: a seeded draw of its fraction of the training images that the pool guard
+    finds no copy of a val/test image in (so it drops none), written as an .npz under ``runs``; and the
+    epochs that make POOL_STEPS steps of ssl.batch_size images."""
+    from lowshot.check import pool_guard
+    from lowshot.config import parse_args
+    from lowshot.data import load_store
+    from lowshot.data.pool import load_pool
+
+    src = Path(os.environ.get("LOWSHOT_DATA_ROOT", "data")) / f"{data}.npz"
+    if not src.is_file():
+        raise SystemExit(
+            f"the pool rows draw from an .npz's training images: {src} (BreastMNIST, RetinaMNIST)"
+        )
+    train = np.load(src)["train_images"]
+    cfg, _ = parse_args([*DATA[data], f"data.source={src}", f"data.size={size}", "check.pool_leakage=drop"])
+    found = runs / f"pool-{data}-{size}px-clean.json"  # the guard's verdict on the whole training split, once
+    if not found.is_file():
+        full = runs / f"pool-{data}-train.npz"
+        np.savez(full, images=train)
+        store = load_store(cfg.data)
+        kept, _ = pool_guard(load_pool([str(full)], cfg.data, store.images.shape[-1]), store, cfg)
+        found.write_text(json.dumps(sorted(int(p.rpartition("/")[2]) for p in kept.paths)))  # '…:images/i'
+    clean = np.array(json.loads(found.read_text()))
+    rows = np.sort(np.random.default_rng(seed).permutation(clean)[: round(POOL_ROWS[name] * len(clean))])
+    sub = runs / f"pool-{data}-{slug(name)}-s{seed}.npz"
+    np.savez(sub, images=train[rows])
+    epochs = -(-POOL_STEPS // (len(rows) // cfg.ssl.batch_size))
+    # RetinaMNIST: the views configs/retinamnist.yaml has now (no colour jitter or grayscale), not the
+    # jittered ones DATA pins for the table's older rows
+    views = NO_COLOUR if data == "retinamnist" else []
+    return [f"ssl.unlabelled=[{sub}]", f"ssl.epochs={epochs}", "check.pool_leakage=drop", *views]
 
 
 def table_stem(data: str, size: int) -> str:
@@ -150,6 +199,8 @@ def main() -> None:
                 ckpt = runs / f"{tag}-pre" / "checkpoint"
                 if not (ckpt / "backbone.safetensors").is_file():
                     args = [*common, f"ssl.epochs={a.epochs}", *pre, f"seed={seed}", f"name={tag}-pre"]
+                    if name in POOL_ROWS:
+                        args += pool_overrides(name, a.data, seed, a.size, runs)
                     launch("ssl/pretrain.py", args, runs / f"{tag}-pre.log")
                 weights = [*[x for x in pre if x.startswith("model.name=")], f"model.weights={ckpt}"]
             tuned = tuned_val = None
@@ -254,13 +305,17 @@ def write_table(data: str, record: dict[str, dict], a: argparse.Namespace) -> No
     note = (
         f"\n{data}, {SPLIT.get(data, 'official split')}, EfficientNet-Lite0 at {a.size} px, SSL {a.epochs} epochs (the "
         f"ResNet-18 row: its own backbone, 50 epochs) on the labelled "
-        f"training split (no separate pool: shared/data has none that is not a copy of the test images), batch "
+        f"training split (shared/data has no separate pool that is not a copy of the test images; see the pool rows), batch "
         f"128, 2 CPU cores. Probe: logistic regression on K labels per class (10 seeded draws; 'all' = one fit), "
         f"test AUROC. Cells: mean over pretraining seeds [t-interval over seeds]; rows without pretraining have one "
         f"run (the sd is over label draws). Δ: paired over (seed, draw) against the ImageNet probe on the same "
         f"draws, mean [t-interval]; with all labels there is one draw per seed, so the interval is over seeds. "
         f"Fine-tune: configs/recipes/lowshot-recommended.yaml for 20 epochs at {a.size} px from the row's weights, "
-        f"every training label, epoch chosen on validation AUROC, test AUROC; one run per seed, Δ paired by seed.\n"
+        f"every training label, epoch chosen on validation AUROC, test AUROC; one run per seed, Δ paired by seed. "
+        f"Pool rows ('pool: …'): the quickstart's route on a separate pool only (ssl.unlabelled, ssl.use_train=false) "
+        f"of that share of the training images the pool guard finds no val/test copy in (a seeded draw per seed), "
+        f"epochs set so that every pool row makes {POOL_STEPS} steps of 128 images (the 50-epoch row makes 50 × (training "
+        f"images // 128): 200 on BreastMNIST, 400 on RetinaMNIST); on RetinaMNIST without colour jitter or grayscale.\n"
     )
     stem = table_stem(data, a.size)
     (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n" + note)

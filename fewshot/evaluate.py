@@ -99,6 +99,7 @@ run.finish(
     {
         "job": "fewshot",
         "data": store.name,
+        "splits": store.split_digests(),  # which images each split held
         "model": cfg.model.name,
         "weights": cfg.model.weights,
         "n_way": fs.n_way,

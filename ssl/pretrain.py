@@ -200,6 +200,7 @@ run.finish(
         "job": "pretrain",
         "method": cfg.ssl.method,
         "data": store.name,
+        "splits": store.split_digests(),  # which images each split held
         "model": cfg.model.name,
         "checkpoint": str(ckpt),
         "final_loss": metrics["train/loss"],

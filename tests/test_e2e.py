@@ -119,6 +119,7 @@ def test_breastmnist_pretrain_probe_finetune(data_root: Path, cache_dir: Path, t
     assert "TEST (probe, evaluated once)" in p.stdout and "TEST at the operating point (balanced" in p.stdout
     probe = check_test_report(tmp_path / "probe")
     assert probe["selected"]["C"] in [p["C"] for p in probe["curve"]]
+    assert probe["splits"] == pre["splits"]  # the same images in each split, recorded by both jobs
     assert probe["test"]["n"] == 156 and len(probe["curve"]) >= 5
     check_wandb_offline(tmp_path / "probe", "probe", uses="pre")
 
