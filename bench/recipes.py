@@ -307,7 +307,10 @@ def main() -> None:
             dest = OUT / "runs" / d.parent.name / d.name
             dest.mkdir(parents=True, exist_ok=True)
             for f in ("results.json", "config.yaml", "meta.json", "metrics.jsonl", "predictions.npz"):
-                if (d / f).is_file():
+                if (d / f).is_file() and f.endswith((".json", ".yaml")):  # no paths of this machine
+                    body = (d / f).read_text().replace(str(REPO), "<repo>")
+                    (dest / f).write_text(body.replace(os.environ.get("LOWSHOT_DATA_ROOT") or "\0", "<data>"))
+                elif (d / f).is_file():
                     shutil.copy(d / f, dest / f)
     ran = sum(1 for _, seconds, _ in done if seconds > 0)
     head = (
