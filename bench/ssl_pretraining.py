@@ -78,8 +78,8 @@ ROWS: dict[str, tuple[list[str] | None, list[str]]] = {
 # (ssl.unlabelled, ssl.use_train=false, through the pool guard) holding a third, two thirds or all of the
 # training images that are no copy of a val/test image (a seeded draw per pretraining seed), for the same
 # POOL_STEPS optimizer steps of 128 images, so only the number of distinct images differs (as many as the
-# 50-epoch row makes on BreastMNIST, 546 // 128 = 4 steps an epoch × 50; half of its 400 on RetinaMNIST). shared/data has no pool that is not a copy of the test
-# images; this is the slope a user's larger pool would continue.
+# 50-epoch row makes on BreastMNIST, 546 // 128 = 4 steps an epoch × 50; half of its 400 on RetinaMNIST).
+# shared/data has no pool that is not a copy of the test images; this is the slope a larger pool continues.
 POOL_STEPS = 200
 POOL_ROWS = {
     f"SimCLR ResNet-18, {POOL_STEPS} steps, pool: {label} of the clean training images": frac

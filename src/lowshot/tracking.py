@@ -210,9 +210,9 @@ class Run:
             "distributed_type": str(accelerator.distributed_type),
             "device": str(accelerator.device)
             + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
-            # Part of what reproduces a number: on the same split, the BUSI recipe reference once gave
-            # other test AUROCs in another session (EXPERIMENTS.md, 2026-12-06), where processor or package
-            # versions may differ; BreastMNIST's reproduced to the last digit on this processor.
+            # Part of what reproduces a number: on the same split and code, the BUSI recipe reference once
+            # gave other test AUROCs in another session, whose processor and package versions were not
+            # recorded (EXPERIMENTS.md, 2026-12-06); BreastMNIST's reproduced exactly across three sessions.
             "cpu": cpu_model(),
             "mixed_precision": accelerator.mixed_precision,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
