@@ -178,10 +178,12 @@ def test_ssl_or_imagenet_chooses_on_validation_only_when_the_paired_interval_say
     good = np.clip(y * 0.6 + rng.uniform(0, 0.4, 300), 0, 1)  # AUROC near 1
     weak = np.clip(y * 0.1 + rng.uniform(0, 0.9, 300), 0, 1)  # AUROC near 0.6
 
-    def run(name: str, p1: np.ndarray, labels: np.ndarray = y) -> Path:
+    paths = np.array([f"img{i}.png" for i in range(300)])
+
+    def run(name: str, p1: np.ndarray, labels: np.ndarray = y, val_path: np.ndarray = paths) -> Path:
         d = tmp_path / name
         d.mkdir()
-        np.savez(d / "predictions.npz", val_y=labels, val_prob=np.stack([1 - p1, p1], 1))
+        np.savez(d / "predictions.npz", val_y=labels, val_prob=np.stack([1 - p1, p1], 1), val_path=val_path)
         return d
 
     ssl_good, ssl_weak, imnet = run("a", good), run("b", weak), run("c", weak.copy())
@@ -191,5 +193,8 @@ def test_ssl_or_imagenet_chooses_on_validation_only_when_the_paired_interval_say
     assert ssl_or_imagenet(imnet, ssl_good, n_boot=500)["verdict"] == "imagenet"
     tie = ssl_or_imagenet(ssl_weak, imnet, n_boot=500)
     assert tie["verdict"] == "unresolved" and tie["ssl_minus_imagenet_val_auroc"]["diff"] == 0.0
-    with pytest.raises(ValueError, match="different images"):
+    with pytest.raises(ValueError, match="different val images"):
         ssl_or_imagenet(ssl_good, run("d", good, 1 - y), n_boot=100)
+    # The same labels on other images (another split seed, say) are not a pairing either.
+    with pytest.raises(ValueError, match="different val images"):
+        ssl_or_imagenet(ssl_good, run("e", good, y, paths[::-1]), n_boot=100)

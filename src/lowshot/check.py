@@ -38,7 +38,7 @@ from .data import (
     groups_across_splits,
     source_path,
 )
-from .data.copies import calibrate, find_copies, thumbnail, verify
+from .data.copies import calibrate, find_copies, verify
 from .data.duplicates import VERIFIED, hamming_pairs, store_thumbnails, verified_pairs
 from .data.pool import Pool
 
@@ -105,7 +105,7 @@ def check_store(
     if feats is not None:
         seen = {(i, j) for i, j, *_ in found}
         emb = [(i, j, c) for i, j, c in embedding_pairs(feats, cosine) if (i, j) not in seen]
-        thumbs = store_thumbnails(store) if emb else np.zeros((0, 32, 32), np.uint8)
+        thumbs = store_thumbnails(store, None if emb else np.arange(0))
         ij = np.array([(i, j) for i, j, _ in emb], np.int64).reshape(-1, 2)
         for (i, j, c), v in zip(emb, verify(thumbs, thumbs, ij).tolist(), strict=True):
             kind = "copy" if v >= thr else "lookalike"
@@ -337,9 +337,7 @@ def pool_copies(
     rows = np.flatnonzero(np.isin(store.split, splits))
     hashes, digests = store.fingerprints()
     found: dict[tuple[int, int], tuple[str, float]] = {}
-    thumbs = (
-        np.stack([thumbnail(store.images[r]) for r in rows]) if len(rows) else np.zeros((0, 32, 32), np.uint8)
-    )
+    thumbs = store_thumbnails(store, rows)
     _, thr = calibrate(thumbs, pool.thumbs, cfg.data.duplicate_ncc, f"{store.name} against the other source")
     for q, j, ncc in find_copies(thumbs, pool.thumbs, thr):
         found[(j, int(rows[q]))] = ("copy", ncc)

@@ -118,13 +118,13 @@ def ssl_or_imagenet(ssl_probe: Path, imagenet_probe: Path, n_boot: int = 2000) -
     the same validation images (bootstrap 95% CI of the AUROC difference). The test split is not read:
     choosing on it would spend the lockbox. Returns the numbers and the advice as ``text``."""
     from .evaluation import paired_bootstrap
+    from .report import same_images
 
-    a, b = (np.load(d / "predictions.npz") for d in (ssl_probe, imagenet_probe))
-    if not np.array_equal(a["val_y"], b["val_y"]):
-        raise ValueError(f"{ssl_probe} and {imagenet_probe} were validated on different images")
-    d = paired_bootstrap(a["val_y"], b["val_prob"], a["val_prob"], n_boot)["auroc"]  # SSL − ImageNet
+    a, b = (dict(np.load(d / "predictions.npz")) for d in (ssl_probe, imagenet_probe))
+    y = same_images(a, b, "val", str(ssl_probe), str(imagenet_probe))
+    d = paired_bootstrap(y, b["val_prob"], a["val_prob"], n_boot)["auroc"]  # SSL − ImageNet
     d = {"ssl": d["b"], "imagenet": d["a"], **{k: d[k] for k in ("diff", "low", "high", "p")}}
-    n = len(a["val_y"])
+    n = len(y)
     head = (
         f"SSL or ImageNet? Probe validation AUROC on the same {n} images: SSL {d['ssl']:.3f}, ImageNet "
         f"Lite0 {d['imagenet']:.3f}; SSL − ImageNet {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "

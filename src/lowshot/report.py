@@ -396,19 +396,28 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def same_images(
+    pa: dict[str, np.ndarray], pb: dict[str, np.ndarray], split: str, a: str, b: str
+) -> np.ndarray:
+    """The labels of ``split`` ("val" or "test") that two runs' predictions share, after checking they
+    scored the same images in the same order with the same labels: paths are compared where both runs
+    recorded them (two splits can carry the same label vector). Raises ValueError naming the runs otherwise."""
+    for name, p in ((a, pa), (b, pb)):
+        if f"{split}_prob" not in p:
+            sealed = " (none with eval.test=false)" if split == "test" else ""
+            raise ValueError(f"{name} has no {split} predictions in predictions.npz{sealed}")
+    keys = [f"{split}_y"] + [f"{split}_path"] * (f"{split}_path" in pa and f"{split}_path" in pb)
+    if any(len(pa[k]) != len(pb[k]) or (pa[k] != pb[k]).any() for k in keys):
+        raise ValueError(
+            f"{a} and {b} were scored on different {split} images; a paired comparison needs the same {split} split"
+        )
+    return pa[f"{split}_y"].astype(int)
+
+
 def compare(a: dict[str, Any], b: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """B − A on the same test images: paired bootstrap of every headline metric, DeLong for 2 classes."""
-    pa, pb = a["pred"], b["pred"]
-    for run, p in ((a, pa), (b, pb)):
-        if p is None or "test_prob" not in p:
-            raise ValueError(
-                f"{run['dir']} has no test predictions (none in predictions.npz with eval.test=false)"
-            )
-    if len(pa["test_path"]) != len(pb["test_path"]) or (pa["test_path"] != pb["test_path"]).any():
-        raise ValueError(
-            f"{a['name']} and {b['name']} were tested on different images; a paired comparison needs the same test split"
-        )
-    y = pa["test_y"].astype(int)
+    pa, pb = a["pred"] or {}, b["pred"] or {}
+    y = same_images(pa, pb, "test", str(a["dir"]), str(b["dir"]))
     out: dict[str, Any] = {"a": a["name"], "b": b["name"], "n": len(y)}
     out["paired_bootstrap"] = paired_bootstrap(y, pa["test_prob"], pb["test_prob"], n_boot, 0.95, seed)
     if pa["test_prob"].shape[1] == 2:

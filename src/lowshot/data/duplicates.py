@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import DataConfig
 from .cache import cache_root, write_atomic
-from .copies import FINE_GAIN, calibrate, candidates, thumbnail, verify
+from .copies import FINE_GAIN, THUMB, calibrate, candidates, thumbnail, verify
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,13 @@ VERIFIED = ("exact", "near", "copy")  # the kinds that are the same image; "look
 COPY_SEARCH_MAX = 20000
 
 
-def store_thumbnails(store: Store) -> np.ndarray:
-    """(N, 32, 32) uint8 grayscale thumbnails of the store's images (lowshot.data.copies)."""
-    if not len(store.labels):
-        return np.zeros((0, 32, 32), np.uint8)
-    return np.stack([thumbnail(a) for a in store.images])
+def store_thumbnails(store: Store, rows: np.ndarray | None = None) -> np.ndarray:
+    """(N, THUMB, THUMB) uint8 grayscale thumbnails of the store's images, or of its ``rows`` only
+    (lowshot.data.copies)."""
+    rows = np.arange(len(store.labels)) if rows is None else rows
+    if not len(rows):
+        return np.zeros((0, THUMB, THUMB), np.uint8)
+    return np.stack([thumbnail(store.images[r]) for r in rows])
 
 
 def _cache_file(digests: np.ndarray, cfg: DataConfig) -> Path:

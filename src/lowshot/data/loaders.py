@@ -143,11 +143,16 @@ def train_loader(
 
 
 def store_loader(
-    store: Store, rows: np.ndarray, transform: Callable[[Image.Image], Any], rgb: bool, num_workers: int
+    store: Store,
+    rows: np.ndarray,
+    transform: Callable[[Image.Image], Any],
+    rgb: bool,
+    num_workers: int,
+    batch_size: int = 256,
 ) -> DataLoader:
-    """An evaluation loader (in order, batches of 256) over the given store rows."""
+    """An evaluation loader (in order, complete) over the given store rows."""
     return make_loader(
-        StoreDataset(store.images[rows], store.labels[rows], transform, rgb), 256, num_workers, False
+        StoreDataset(store.images[rows], store.labels[rows], transform, rgb), batch_size, num_workers, False
     )
 
 
@@ -161,9 +166,7 @@ def split_loader(
 ) -> DataLoader:
     """An evaluation loader (in order, complete) over one split (or a tuple of splits) of the store."""
     idx = store.indices(*((split,) if isinstance(split, str) else split))
-    return make_loader(
-        StoreDataset(store.images[idx], store.labels[idx], transform, rgb), batch_size, num_workers, False
-    )
+    return store_loader(store, idx, transform, rgb, num_workers, batch_size)
 
 
 def split_train_loader(
