@@ -37,7 +37,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lowshot.check import POOL_SAMPLE, POOL_VERIFY_MAX, pool_duplicates
 from lowshot.data import copies
+from lowshot.data.decode import dhash, pixel_digest
 from lowshot.data.duplicates import hamming_pairs
 from lowshot.data.pool import thumbnail
 
@@ -276,7 +278,17 @@ def scale(root: Path, n: int) -> dict:
     t5 = time.perf_counter()
     copies.mirror_level(q, pool, DEFAULT_NCC)  # the calibration the pool guard adds: one more search
     t6 = time.perf_counter()
+    # copies within the pool as the guard records them (results.json pool_duplicates): real dHash of
+    # these look-alike crops (~60 of each base image), so the hash candidates are the worst case
+    hashes = np.stack([dhash(a[..., None]) for a in pool])
+    digests = np.array([pixel_digest(a) for a in pool])
+    t7 = time.perf_counter()
+    within = pool_duplicates(hashes, digests, pool, 4, DEFAULT_NCC)
+    t8 = time.perf_counter()
     return {
+        "within_pool": within,
+        "base_images": len(base),
+        "within_pool_s": t8 - t7,
         "mirror_level_s": t6 - t5,
         "pool": n,
         "queries": 1000,
@@ -511,6 +523,15 @@ def render(res: dict) -> None:
             f"; the threshold's calibration on the mirrored pool {sc['mirror_level_s']:.1f} s."
             if "mirror_level_s" in sc
             else "."
+        )
+        + (
+            f" Copies within the pool (results.json `pool_duplicates`; the pool is ~60 shifted, noisy crops of "
+            f"each of {sc['base_images']:,} real images, the hash's worst case): {sc['within_pool_s']:.1f} s for a "
+            f"seeded sample of {POOL_SAMPLE:,} images and {sc['within_pool']['near_checked']:,} of their hash "
+            f"candidates verified (at most {POOL_VERIFY_MAX:,}); {sc['within_pool']['hash_vague_images']:,} of "
+            f"the sample have a hash too vague to pair."
+            if "within_pool" in sc
+            else ""
         ),
         "",
         "## The cascade's margin: how much the sub-pixel search raised a pair that ends at NCC >= 0.85",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lowshot.check import pool_copies, pool_guard
+from lowshot.check import pool_copies, pool_duplicates, pool_guard
 from lowshot.config import Config, DataConfig
 from lowshot.data import DataError, load_store, near_pairs
 from lowshot.data import pool as pool_module
@@ -96,6 +96,10 @@ def test_guard_catches_busi_copies_of_breastmnist_test_images(
     assert report["eval_images_with_a_copy"]["val"] >= 0.95 * 78
     assert set(report["by_kind"]) <= {"exact", "near", "copy"} and report["by_kind"]["copy"] > 100
     assert report["dropped"] == report["pool_images_flagged"] == len(pool) - len(kept)
+    # within BUSI: its one identical pair, and ~175 of its ~180 hash candidates verified (the same scan)
+    within = report["pool_duplicates"]
+    assert within["exact_pairs"] == 1 and within["near_verified_pairs"] >= 150
+    assert within["near_verified_pairs"] > 10 * within["hash_candidates_rejected"]
     assert all(e["split"] in ("val", "test") and "busi/" in e["pool"] for e in report["examples"])
     assert not set(kept.paths) & {e["pool"] for e in report["examples"]}
     both = pretraining_store(store, kept, use_train=True)
@@ -119,6 +123,13 @@ def test_guard_is_quiet_on_distinct_images_of_a_homogeneous_set(data_root: Path,
     pool = load_pool([str(tmp_path / "retina_train.npz")], cfg.data, channels=3)
     pairs, thr = pool_copies(pool, store, cfg)
     assert [p for p in pairs if p["kind"] == "copy"] == [] and cfg.data.duplicate_ncc < thr < 0.92
+    # The record of copies within the pool: ~10,000 hash pairs among these 1,080 photographs, 11 of them
+    # the same image (measured; as in the store's own verified pairs, docs/honest-numbers.md).
+    within = pool_duplicates(pool.hashes, pool.digests, pool.thumbs, cfg.data.duplicate_bits, thr)
+    assert len(hamming_pairs(pool.hashes, pool.hashes, cfg.data.duplicate_bits)) > 10000
+    assert within["images_examined"] == 1080 and within["exact_pairs"] == 0
+    assert 0 < within["near_verified_pairs"] <= 30 and within["hash_candidates_rejected"] > 200
+    assert within["hash_vague_images"] > 100  # the hash cannot tell these apart
     other = load_pool(["breastmnist.npz"], cfg.data, channels=3)
     assert pool_copies(other, store, cfg) == ([], cfg.data.duplicate_ncc)
 

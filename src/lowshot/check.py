@@ -38,7 +38,7 @@ from .data import (
     groups_across_splits,
     source_path,
 )
-from .data.copies import calibrate, find_copies, verify
+from .data.copies import FINE_GAIN, calibrate, find_copies, verify
 from .data.duplicates import VERIFIED, hamming_pairs, store_thumbnails, verified_pairs
 from .data.pool import Pool
 
@@ -410,6 +410,58 @@ def plot_against(found: dict[str, Any], other: Pool, store: Store, path: Path, m
     return path
 
 
+# The record of copies within a pool looks at a seeded sample of at most POOL_SAMPLE of its images (a
+# homogeneous modality puts hundreds of hash neighbours on every image of a large pool: the candidates
+# grow as N^2) and verifies at most POOL_VERIFY_MAX of their hash candidates (~0.5-2 ms a pair).
+POOL_SAMPLE = 20000
+POOL_VERIFY_MAX = 5000
+
+
+def pool_duplicates(
+    hashes: np.ndarray,
+    digests: np.ndarray,
+    thumbs: np.ndarray,
+    bits: int,
+    threshold: float,
+    max_neighbours: int = 8,
+) -> dict[str, Any]:
+    """Copies within the pool, for the record (they only weight those images more in pretraining):
+    identical pixels, and dHash candidates within ``bits`` verified at the detail NCC ``threshold`` like
+    the labelled set's (lowshot.data.duplicates). A hash candidate is not a duplicate: on fundus
+    photographs at 28 px most images are within 4 bits of many others. Images with more than
+    ``max_neighbours`` candidates have a hash that cannot tell them apart and are left out.
+
+    Above POOL_SAMPLE images the counts are those within a seeded sample (``images_examined``); above
+    POOL_VERIFY_MAX candidates a seeded sample of them is verified and ``near_verified_pairs`` is an
+    estimate (``near_checked`` says how many were looked at, ``hash_candidates_rejected`` how many of
+    those failed). hashes: (N, 64) bool dHash; digests: (N,) pixel digests; thumbs: (N, 32, 32) uint8."""
+    rng = np.random.default_rng(0)
+    rows = np.arange(len(hashes))
+    if len(rows) > POOL_SAMPLE:
+        rows = np.sort(rng.choice(len(rows), POOL_SAMPLE, replace=False))
+    code = np.unique(np.asarray(digests)[rows], return_inverse=True)[1]  # (n,) one integer per pixel digest
+    hashes, thumbs = np.asarray(hashes[rows]), np.asarray(thumbs[rows])
+    found = hamming_pairs(hashes, hashes, bits)
+    found = found[found[:, 0] < found[:, 1]]
+    degree = np.bincount(found[:, :2].ravel(), minlength=len(rows))
+    vague = degree > max_neighbours
+    keep = (code[found[:, 0]] != code[found[:, 1]]) & ~vague[found[:, 0]] & ~vague[found[:, 1]]
+    near = found[keep, :2]
+    sample = near
+    if len(near) > POOL_VERIFY_MAX:
+        sample = near[np.sort(rng.choice(len(near), POOL_VERIFY_MAX, replace=False))]
+    ncc = verify(thumbs, thumbs, sample, floor=threshold - FINE_GAIN)
+    verified = int((ncc >= threshold).sum())
+    return {
+        "images_examined": len(rows),
+        "exact_pairs": int(sum(n * (n - 1) // 2 for n in np.bincount(code))),
+        "near_verified_pairs": round(verified * len(near) / max(len(sample), 1)),
+        "near_checked": len(sample),
+        "hash_candidates_rejected": len(sample) - verified,
+        "hash_vague_images": int(vague.sum()),
+    }
+
+
 def pool_guard(pool: Pool, store: Store, cfg: Config) -> tuple[Pool, dict[str, Any]]:
     """Before pretraining on ``ssl.unlabelled``: pretraining on the evaluation images is leakage too
     (transductive; the representation has seen the test images). Copies of val/test images in the pool
@@ -417,7 +469,6 @@ def pool_guard(pool: Pool, store: Store, cfg: Config) -> tuple[Pool, dict[str, A
     (drop), or are logged (warn). Returns the pool to train on and the finding for results.json."""
     pairs, thr = pool_copies(pool, store, cfg)
     flagged = sorted({p["pool_row"] for p in pairs})
-    inner = hamming_pairs(pool.hashes, pool.hashes, cfg.data.duplicate_bits)
     report: dict[str, Any] = {
         "pool_images": len(pool),
         "pool_sources": pool.sources,
@@ -429,7 +480,9 @@ def pool_guard(pool: Pool, store: Store, cfg: Config) -> tuple[Pool, dict[str, A
         "eval_images_with_a_copy": {
             s: len({p["image"] for p in pairs if p["split"] == s}) for s in ("val", "test")
         },
-        "pool_duplicate_pairs": int((inner[:, 0] < inner[:, 1]).sum()),  # within the pool, dHash
+        "pool_duplicates": pool_duplicates(
+            pool.hashes, pool.digests, pool.thumbs, cfg.data.duplicate_bits, thr
+        ),
         "duplicate_ncc": cfg.data.duplicate_ncc,
         "verified_at_ncc": thr,
         "action": cfg.check.pool_leakage,
