@@ -39,7 +39,7 @@ from .data import (
     source_path,
 )
 from .data.copies import FINE_GAIN, calibrate, find_copies, verify
-from .data.duplicates import VERIFIED, hamming_pairs, store_thumbnails, verified_pairs
+from .data.duplicates import VERIFIED, duplicate_pairs, hamming_pairs, store_thumbnails, verified_pairs
 from .data.pool import Pool
 
 log = logging.getLogger(__name__)
@@ -439,14 +439,9 @@ def pool_duplicates(
     rows = np.arange(len(hashes))
     if len(rows) > POOL_SAMPLE:
         rows = np.sort(rng.choice(len(rows), POOL_SAMPLE, replace=False))
-    code = np.unique(np.asarray(digests)[rows], return_inverse=True)[1]  # (n,) one integer per pixel digest
     hashes, thumbs = np.asarray(hashes[rows]), np.asarray(thumbs[rows])
-    found = hamming_pairs(hashes, hashes, bits)
-    found = found[found[:, 0] < found[:, 1]]
-    degree = np.bincount(found[:, :2].ravel(), minlength=len(rows))
-    vague = degree > max_neighbours
-    keep = (code[found[:, 0]] != code[found[:, 1]]) & ~vague[found[:, 0]] & ~vague[found[:, 1]]
-    near = found[keep, :2]
+    cands, vague = duplicate_pairs(hashes, np.asarray(digests)[rows], bits, max_neighbours)
+    near = np.array([(i, j) for i, j, _, kind in cands if kind == "near"], np.int64).reshape(-1, 2)
     sample = near
     if len(near) > POOL_VERIFY_MAX:
         sample = near[np.sort(rng.choice(len(near), POOL_VERIFY_MAX, replace=False))]
@@ -454,7 +449,7 @@ def pool_duplicates(
     verified = int((ncc >= threshold).sum())
     return {
         "images_examined": len(rows),
-        "exact_pairs": int(sum(n * (n - 1) // 2 for n in np.bincount(code))),
+        "exact_pairs": sum(kind == "exact" for *_, kind in cands),
         "near_verified_pairs": round(verified * len(near) / max(len(sample), 1)),
         "near_checked": len(sample),
         "hash_candidates_rejected": len(sample) - verified,

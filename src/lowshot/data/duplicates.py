@@ -71,7 +71,8 @@ def duplicate_pairs(
     for i, d in enumerate(digests):
         same.setdefault(str(d), []).append(i)
     exact = {(i, j) for g in same.values() for k, i in enumerate(g) for j in g[k + 1 :]}
-    near = [(i, j, d) for i, j, d in near_pairs(bits, threshold) if (i, j) not in exact]
+    found = hamming_pairs(bits, bits, threshold)
+    near = [(i, j, d) for i, j, d in found[found[:, 0] < found[:, 1]].tolist() if (i, j) not in exact]
     degree = np.bincount([k for i, j, _ in near for k in (i, j)], minlength=len(digests))
     vague = degree > max_neighbours
     pairs = [(i, j, 0, "exact") for i, j in sorted(exact)]
