@@ -41,7 +41,7 @@ def reference_markdown() -> str:
     out = [
         "# Configuration reference",
         "",
-        "Generated from the dataclasses in `src/lowshot/config.py` by `python -m lowshot.configdoc > "
+        "Generated from the dataclasses in `src/lowshot/config/schema.py` by `python -m lowshot.configdoc > "
         "docs/configuration.md` (a test fails when this page is stale). One source of truth: dataclass "
         "defaults < `--config FILE.yaml` < `$LOWSHOT_DATA_ROOT` / `$LOWSHOT_CACHE` < `key=value` on the command "
         "line; an unknown key or a wrong type stops a run before it starts, naming the closest key.",
