@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
-from timm.utils import ModelEmaV3
 
 from lowshot import finetune as ft
 from lowshot import inference
@@ -139,7 +138,7 @@ else:
     criterion = ft.make_criterion(tc, store.labels[store.indices("train")], store.num_classes)
     criterion = criterion.to(accelerator.device)
     mixup = ft.make_mixup(tc, store.num_classes)
-    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=tc.ema, use_warmup=True) if tc.ema else None
+    ema = ft.make_ema(accelerator.unwrap_model(model), tc)
     scored = ema.module if ema is not None else model  # what is validated, selected and tested
     stopper = ft.EarlyStopping(tc.patience)
     # Training states (every state.every_minutes, after the last epoch, on SIGTERM/SIGINT; lowshot.resume):

@@ -24,6 +24,7 @@ from lowshot.finetune import (
     l1_penalty,
     lr_schedule,
     make_criterion,
+    make_ema,
     make_mixup,
     make_optimizer,
     param_groups,
@@ -178,6 +179,21 @@ def test_ema_weights_are_the_moving_average_of_the_live_weights() -> None:
         live, avg = model.state_dict()[k], ema.module.state_dict()[k]
         assert not torch.equal(live, avg)
         assert torch.allclose(avg, 0.9 * first[k] + 0.1 * live, atol=1e-6)
+
+
+def test_ema_warmup_decides_the_decay_of_short_runs() -> None:
+    model, _ = net()
+    assert make_ema(model, TrainConfig()) is None  # train.ema=0: off
+    warm = make_ema(model, TrainConfig(ema=0.99))
+    assert warm is not None
+    # With timm's warmup 0.99 and 0.998 give one decay for the ~120 steps of a small set's run (9 steps an
+    # epoch), and 0.99 only after ~1,000 steps: why train.ema_warmup exists.
+    for step in (2, 50, 120, 500):
+        assert warm.get_decay(step) == make_ema(model, TrainConfig(ema=0.998)).get_decay(step) < 0.99
+    assert warm.get_decay(2000) == 0.99
+    cold = make_ema(model, TrainConfig(ema=0.99, ema_warmup=False))
+    assert cold is not None and cold.get_decay(2) == cold.get_decay(120) == 0.99
+    assert cold.get_decay(1) == 0.0  # the first update copies the live weights, with warmup or without
 
 
 def test_mixup_targets_are_soft_sum_to_one_and_mix_the_images() -> None:

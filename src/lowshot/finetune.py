@@ -189,6 +189,12 @@ def make_mixup(tc: TrainConfig, num_classes: int) -> Mixup | None:
     )
 
 
+def make_ema(model: nn.Module, tc: TrainConfig) -> ModelEmaV3 | None:
+    """timm's ``ModelEmaV3`` of ``model`` for train.ema (None when 0), with or without timm's warmup
+    (train.ema_warmup): the decay used at optimizer step s is ``ema.get_decay(s)``."""
+    return ModelEmaV3(model, decay=tc.ema, use_warmup=tc.ema_warmup) if tc.ema else None
+
+
 def l1_penalty(model: nn.Module) -> torch.Tensor:
     """Sum of |w| over trainable weight matrices/kernels (not norms or biases), a scalar."""
     return sum(

@@ -212,9 +212,14 @@ class TrainConfig:
     )
     mixup: float = 0.0  # mixup alpha (timm Mixup, Zhang et al., 2018); 0 = off
     cutmix: float = 0.0  # cutmix alpha (Yun et al., 2019); with mixup too, each batch picks one of the two
-    # Exponential moving average of the weights (timm ModelEmaV3, with warmup), e.g. 0.99 for a few hundred
-    # steps; validation, selection, the checkpoint and the test use the averaged weights. 0 = off.
+    # Exponential moving average of the weights (timm ModelEmaV3); validation, selection, the checkpoint and
+    # the test use the averaged weights. 0 = off.
     ema: float = 0.0
+    # timm's EMA warmup: the decay at optimizer step s is min(ema, 1 - s^(-2/3)), so it reaches 0.99 only
+    # after ~1,000 steps and 0.998 after ~11,000; a few hundred labelled images at batch 64 take ~9 steps an
+    # epoch, where any ema >= 0.96 gives the same run (bench/results/recipes/screen.md). false: the decay is
+    # `ema` from the first step (which copies the weights).
+    ema_warmup: bool = True
     balance: str = "none"  # none | loss (cross-entropy weighted by inverse class frequency) | sampler
     augment: bool = True  # False: no augmentation at all (the MedMNIST protocol)
     crop_min_scale: float = 0.7  # training-time random resized crop
