@@ -9,7 +9,8 @@ one thread (``--jobs`` runs side by side; 2 on this 2-core machine). ImageNet re
 EfficientNet-Lite0 weights from PyPI (configs/recipes/offline-imagenet.yaml): the hub is unreachable
 here. Writes bench/results/recipes/{table.md,table.json} and, per run, results.json, config.yaml,
 meta.json, metrics.jsonl and predictions.npz under bench/results/recipes/runs/. The SimCLR rows first run
-``ssl/pretrain.py`` once per (data set, seed) and start from that checkpoint (``model.weights=``).
+``ssl/pretrain.py`` once per (data set, seed) and start from that checkpoint (``model.weights=``). The
+ensemble rows (ENSEMBLES) run their member recipe's further seeds and average them with ``lowshot.ensemble``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lowshot.ensemble import MEMBERS, combine
 from lowshot.evaluation import mean_ci, paired_bootstrap
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +91,12 @@ PRETRAIN = {
 # The row the paired differences refer to: the recommended recipe (configs/recipes/lowshot-recommended.yaml
 # resolves to exactly this setting; tests/test_config.py checks it).
 REFERENCE = "densenet121-transfer (as Lite0)"
+# Deep ensembles (`lowshot ensemble`): row name -> (member recipe, members per ensemble, {data set: ensembles}).
+# Ensemble k averages the member recipe's seeds k*m ... k*m + m - 1, so the first is made of the reference
+# row's own seeds and every ensemble is paired with the reference seed k on the same test images.
+ENSEMBLES: dict[str, tuple[str, int, dict[str, int]]] = {
+    "recommended, ensemble of 5 seeds": (REFERENCE, 5, {"breastmnist": 5}),
+}
 DATASETS = {"breastmnist": ["data.source=breastmnist.npz"], "busi": ["--config", "configs/busi.yaml"]}
 METRICS = ("auroc", "balanced_accuracy", "accuracy")
 
@@ -185,7 +194,9 @@ def summarise(runs: Path, kept: dict) -> tuple[str, dict]:
             "|---|---|---|---|---|---|---|---|",
         ]
         preds: dict = {}
-        for name, (_, _, seeds) in RECIPES.items():
+        rows = {name: seeds for name, (_, _, seeds) in RECIPES.items()}
+        rows |= {name: n for name, (_, _, n) in ENSEMBLES.items()}
+        for name, seeds in rows.items():
             if data not in seeds:
                 continue
             res = []
@@ -287,6 +298,15 @@ def main() -> None:
         if args.data is None or data in args.data
         for s in range(n)
     ]
+    for name, (member, m, ensembles) in ENSEMBLES.items():  # the members' runs, then the ensembles below
+        if args.only is None or name in args.only:
+            jobs += [
+                (member, data, s)
+                for data, n in ensembles.items()
+                if args.data is None or data in args.data
+                for s in range(n * m)
+                if (member, data, s) not in jobs
+            ]
     todo = [(command(name, data, s, runs), runs / data / f"{slug(name)}-seed{s}") for name, data, s in jobs]
     # each SSL checkpoint once (a probe and a fine-tune share it), before the runs that start from it
     pretrain = {pretrain_dir(*j, runs): pretrain_command(*j, runs) for j in jobs if j[0] in PRETRAIN}
@@ -297,6 +317,22 @@ def main() -> None:
             sys.exit(f"failed pretraining (logs beside them): {[d.name for d, _, rc in pre if rc]}")
         done = list(pool.map(lambda job: run_one(*job), todo))
     failed = [d.name for d, _, rc in done if rc]
+    for name, (member, m, ensembles) in ENSEMBLES.items():
+        for data, n in ensembles.items():
+            if (args.only is not None and name not in args.only) or (
+                args.data is not None and data not in args.data
+            ):
+                continue
+            for k in range(n):
+                d = runs / data / f"{slug(name)}-seed{k}"
+                members = [runs / data / f"{slug(member)}-seed{s}" for s in range(k * m, (k + 1) * m)]
+                if not (d / "results.json").is_file() and all(
+                    (x / "results.json").is_file() for x in members
+                ):
+                    combine(
+                        members, d, shlex.join(["lowshot", "ensemble", *map(str, members), "--out", str(d)])
+                    )
+                    done.append((d, 0.0, 0))  # copied below with the runs; not counted as a run
     committed = OUT / "table.json"
     kept = json.loads(committed.read_text())["table"] if committed.is_file() else {}
     text, table = summarise(runs, kept)
@@ -306,7 +342,14 @@ def main() -> None:
         if rc == 0:
             dest = OUT / "runs" / d.parent.name / d.name
             dest.mkdir(parents=True, exist_ok=True)
-            for f in ("results.json", "config.yaml", "meta.json", "metrics.jsonl", "predictions.npz"):
+            for f in (
+                "results.json",
+                "config.yaml",
+                "meta.json",
+                "metrics.jsonl",
+                "predictions.npz",
+                MEMBERS,
+            ):
                 if (d / f).is_file() and f.endswith((".json", ".yaml")):  # no paths of this machine
                     body = (d / f).read_text().replace(str(REPO), "<repo>")
                     (dest / f).write_text(body.replace(os.environ.get("LOWSHOT_DATA_ROOT") or "\0", "<data>"))
@@ -331,6 +374,7 @@ def main() -> None:
                 "command": " ".join(sys.argv),
                 "recipes": {k: v[:2] for k, v in RECIPES.items()},
                 "pretrain": PRETRAIN,
+                "ensembles": ENSEMBLES,
                 "table": table,
             },
             indent=2,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,57 @@ def test_predict_refuses_what_is_not_a_train_run(runs: Path, tmp_path: Path) -> 
     p = lowshot("predict", str(tmp_path), str(tmp_path))
     assert p.returncode != 0 and "results.json does not exist" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_ensemble_averages_the_members_and_predicts_as_one_run(runs: Path, tmp_path: Path) -> None:
+    """`lowshot ensemble`: the members' stored probabilities averaged, an operating point chosen on the
+    averaged validation scores, and `lowshot predict` on the ensemble giving those averages from the files
+    (members with other input channels: one channel and three)."""
+    ens = tmp_path / "ens"
+    p = lowshot("ensemble", str(runs / "ft"), str(runs / "scratch"), "--out", str(ens))
+    assert p.returncode == 0, p.stderr
+    assert "ensemble of 2 runs" in p.stdout
+    a, b, e = (np.load(d / "predictions.npz") for d in (runs / "ft", runs / "scratch", ens))
+    for split in ("val", "test"):
+        np.testing.assert_allclose(
+            e[f"{split}_prob"], (a[f"{split}_prob"] + b[f"{split}_prob"]) / 2, atol=1e-7
+        )
+        assert (e[f"{split}_path"] == a[f"{split}_path"]).all()
+    res = json.loads((ens / "results.json").read_text())
+    assert res["job"] == "ensemble" and res["members"] == [str(runs / "ft"), str(runs / "scratch")]
+    assert "lowshot ensemble" in json.loads((ens / "meta.json").read_text())["command"]
+    point = op.load(ens)  # chosen on the averaged validation probabilities, not copied from a member
+    assert point == op.from_config(
+        inference.load(runs / "ft").cfg.eval,
+        res["classes"],
+        np.repeat(np.arange(len(res["classes"])), res["counts"]["train"]),
+        False,
+        e["val_y"],
+        e["val_prob"],
+    )
+    out = tmp_path / "val.csv"
+    paths = [str(x) for x in e["val_path"]]
+    p = lowshot("predict", str(ens), *paths, "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    rows = read_csv(out)
+    raw = np.array([[float(r[f"p_raw_{c}"]) for c in res["classes"]] for r in rows])
+    np.testing.assert_allclose(raw, e["val_prob"], atol=2e-4)
+    c = lowshot("compare", str(runs / "ft"), str(ens))  # an ensemble is a run to compare with
+    assert c.returncode == 0 and "auroc" in c.stdout, c.stdout + c.stderr
+
+
+def test_ensemble_refuses_members_of_other_splits(runs: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(runs / "ft", other)
+    z = dict(np.load(other / "predictions.npz"))
+    z["val_path"] = z["val_path"][::-1]  # the same labels could hide other images: paths are compared
+    z["val_y"] = z["val_y"][::-1]
+    np.savez(other / "predictions.npz", **z)
+    p = lowshot("ensemble", str(runs / "ft"), str(other), "--out", str(tmp_path / "ens"))
+    assert p.returncode != 0 and "different val images" in p.stderr and "Traceback" not in p.stderr
+    p = lowshot("ensemble", str(runs / "ft"), "--out", str(tmp_path / "ens"))
+    assert p.returncode != 0 and "at least two runs" in p.stderr
+    assert not (tmp_path / "ens" / "results.json").exists()
 
 
 def test_probe_folds_into_one_linear_layer() -> None:

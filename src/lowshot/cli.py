@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -167,6 +168,11 @@ def show(run_dirs: list[Path]) -> None:
         if f"{split}_at_point" in res:  # the decisions a clinic acts on, at the point chosen on validation
             print(format_point(res[f"{split}_at_point"], res["operating_point"], split.upper()))
         sel = res["selected"]
+        if "members" in sel:  # an ensemble (lowshot ensemble): each member selected its own epoch
+            print(
+                f"  ensemble of {sel['members']} runs (their selected val AUROC, mean: {sel['val_auroc']:.3f})\n"
+            )
+            continue
         what = f"C={sel['C']:g}" if "C" in sel else f"epoch {sel['epoch']}"
         print(f"  selected on validation: {what} (val AUROC {sel['val_auroc']:.3f})\n")
 
@@ -290,17 +296,22 @@ def predict(run_dir: Path, inputs: list[str], out: Path | None, flag_at: float, 
     """Score image files (folders, files, CSV manifests) with a run's selected model: one CSV row per file."""
     import torch
 
-    from . import inference
+    from . import ensemble, inference
 
-    run = inference.load(run_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    members = ensemble.is_ensemble(run_dir)
+    run = inference.load(json.loads((run_dir / ensemble.MEMBERS).read_text())[0] if members else run_dir)
     files, labels = inference.expand_inputs(list(inputs))
     if not files:
         raise DataError(
             f"no image files in {' '.join(map(str, inputs))} ({'/'.join(sorted(IMAGE_SUFFIXES))})"
         )
-    run.model.to("cuda" if torch.cuda.is_available() else "cpu")
     images, kept, bad = inference.read_images(files, run.prep)
-    scores = inference.score(run, images, batch_size)
+    if members:  # every member scores the images; the ensemble's averaged probabilities decide
+        run, scores = ensemble.score(run_dir, images, batch_size, device)
+    else:
+        run.model.to(device)
+        scores = inference.score(run, images, batch_size)
     rows = inference.predictions_table(run, files, labels, scores, kept, bad, flag_at)
     out = out or Path(run_dir) / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.csv"
     inference.write_csv(rows, out)
@@ -367,6 +378,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     s = sub.add_parser("show", help="print the test report of finished runs")
     s.add_argument("run_dirs", nargs="+", type=Path)
+    e = sub.add_parser(
+        "ensemble",
+        help="average the probabilities of finished train runs (seeds of one recipe) into one ensemble run",
+    )
+    e.add_argument("run_dirs", nargs="+", type=Path)
+    e.add_argument("--out", type=Path, required=True, help="the ensemble's run folder to write")
     c = sub.add_parser("curves", help="one label-efficiency figure from several fewshot/evaluate.py runs")
     c.add_argument("run_dirs", nargs="+", type=Path)
     c.add_argument("--out", type=Path, required=True, help="PNG to write")
@@ -422,6 +439,11 @@ def main(argv: list[str] | None = None) -> None:
                     f"{parity['inputs']}: max |logit diff| {parity['max_abs_logit_diff']:.2e}, "
                     f"max |prob diff| {parity['max_abs_prob_diff']:.2e}"
                 )
+            elif args.cmd == "ensemble":
+                from .ensemble import combine
+
+                combine(args.run_dirs, args.out, shlex.join(["lowshot", *argv]))
+                show([args.out])
             elif args.cmd == "predict":
                 predict(args.run_dir, args.inputs, args.out, args.flag_percentile, args.batch_size)
             elif args.cmd in ("report", "compare"):

@@ -260,7 +260,8 @@ def believe(run: dict[str, Any]) -> list[str]:
     if k > 1:
         warn = " **Warning:**" if val["n"] < 300 else ""
         notes.append(
-            f"Selection:{warn} the model is the best of {k} {what} on those {val['n']} validation images, so its "
+            f"Selection:{warn} {'each member' if 'members' in sel else 'the model'} is the best of {k} {what} on "
+            f"those {val['n']} validation images, so its "
             f"validation AUROC ({sel['val_auroc']:.3f}) is optimistic by construction; report the test number."
         )
     gap = sel["val_auroc"] - a["value"]
