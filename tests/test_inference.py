@@ -152,6 +152,8 @@ def test_ensemble_averages_the_members_and_predicts_as_one_run(runs: Path, tmp_p
     np.testing.assert_allclose(raw, e["val_prob"], atol=2e-4)
     c = lowshot("compare", str(runs / "ft"), str(ens))  # an ensemble is a run to compare with
     assert c.returncode == 0 and "auroc" in c.stdout, c.stdout + c.stderr
+    x = lowshot("export", str(ens))  # one ONNX graph is one model: export takes a member
+    assert x.returncode != 0 and "is an ensemble" in x.stderr and "Traceback" not in x.stderr
 
 
 def test_ensemble_refuses_members_of_other_splits(runs: Path, tmp_path: Path) -> None:

@@ -205,6 +205,11 @@ def load(run_dir: str | Path) -> Loaded:
     if not res_file.is_file():
         raise DataError(f"{res_file} does not exist: RUN_DIR must be a finished finetune/train.py run")
     results = json.loads(res_file.read_text())
+    if results.get("job") == "ensemble":  # lowshot.ensemble: predict scores with it, the rest take members
+        raise DataError(
+            f"{d} is an ensemble (lowshot ensemble): `lowshot predict` scores with it; `lowshot export` and "
+            f"`lowshot evaluate` take one finetune/train.py run, e.g. a member: {results['members'][0]}"
+        )
     if results.get("job") not in ("probe", "finetune"):
         raise DataError(
             f"{d} is a {results.get('job')} run; predict, evaluate and export take a finetune/train.py run"
