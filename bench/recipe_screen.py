@@ -12,6 +12,8 @@ epoch's: optimistic by the same selection for every row) and the validation accu
 CI over the seeds, and the number of seeds whose image-bootstrap 95% CI (78 validation images) excludes 0.
 A candidate earns a test run only if its paired difference is > 0 with the t-CI excluding 0; the test
 run is then a row of bench/recipes.py (5 seeds), so it is paired with the recommended recipe there.
+The ensemble column averages a candidate's seeds (``lowshot ensemble``) and compares that with each
+single seed of the recommended recipe: what averaging seeds, rather than a setting, is worth.
 """
 
 from __future__ import annotations
