@@ -299,8 +299,8 @@ def predict(run_dir: Path, inputs: list[str], out: Path | None, flag_at: float, 
     from . import ensemble, inference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    members = ensemble.is_ensemble(run_dir)
-    run = inference.load(json.loads((run_dir / ensemble.MEMBERS).read_text())[0] if members else run_dir)
+    members = ensemble.load_members(run_dir) if ensemble.is_ensemble(run_dir) else None
+    run = members[0] if members else inference.load(run_dir)
     files, labels = inference.expand_inputs(list(inputs))
     if not files:
         raise DataError(
@@ -308,7 +308,7 @@ def predict(run_dir: Path, inputs: list[str], out: Path | None, flag_at: float, 
         )
     images, kept, bad = inference.read_images(files, run.prep)
     if members:  # every member scores the images; the ensemble's averaged probabilities decide
-        run, scores = ensemble.score(run_dir, images, batch_size, device)
+        run, scores = ensemble.score(run_dir, members, images, batch_size, device)
     else:
         run.model.to(device)
         scores = inference.score(run, images, batch_size)

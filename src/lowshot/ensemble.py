@@ -27,8 +27,8 @@ from . import operating_point as op
 from .config import load_yaml
 from .data import DataError
 from .data.cache import write_atomic
-from .evaluation import final_reports, with_temperature
-from .inference import Loaded, load
+from .evaluation import final_reports
+from .inference import Loaded, decisions, load
 from .inference import score as score_one
 from .report import same_images
 from .tracking import git_sha
@@ -143,24 +143,33 @@ def is_ensemble(run_dir: Path) -> bool:
     return (Path(run_dir) / MEMBERS).is_file()
 
 
-def score(
-    run_dir: Path, images: np.ndarray, batch_size: int, device: str
-) -> tuple[Loaded, dict[str, np.ndarray]]:
-    """Score (N, S, S, C) uint8 images with an ensemble written by :func:`combine`: every member's raw
-    probabilities, averaged, then the ensemble's temperature and operating point (fitted on the averaged
-    validation probabilities). "Unlike the training data" is the first member's (the members of one recipe
-    share the starting backbone it is measured in). Returns the first member as a :class:`Loaded` carrying
-    the ensemble's decisions, and the scores as ``inference.score`` gives them."""
+def load_members(run_dir: Path) -> list[Loaded]:
+    """An ensemble's members (see :func:`combine`) ready to score, after checking that they decode a file
+    into the same stored image."""
     d = Path(run_dir)
-    results = json.loads((d / "results.json").read_text())
-    runs = [load(m) for m in json.loads((d / MEMBERS).read_text())]
+    names = json.loads((d / MEMBERS).read_text())
+    runs = [load(m) for m in names]
     decoding = {k: runs[0].prep.get(k) for k in STORE_KEYS}
-    for m, r in zip(results["members"][1:], runs[1:], strict=True):
+    for m, r in zip(names[1:], runs[1:], strict=True):
         if {k: r.prep.get(k) for k in STORE_KEYS} != decoding:  # one file must become one image for all
             raise DataError(
-                f"{m} decodes images otherwise than {results['members'][0]} (size, channels, colour, DICOM "
-                "window or classes differ): one set of decoded images cannot serve both"
+                f"{m} decodes images otherwise than {names[0]} (size, channels, colour, DICOM window or "
+                "classes differ): one set of decoded images cannot serve both"
             )
+    return runs
+
+
+def score(
+    run_dir: Path, runs: list[Loaded], images: np.ndarray, batch_size: int, device: str
+) -> tuple[Loaded, dict[str, np.ndarray]]:
+    """Score (N, S, S, C) uint8 images with an ensemble written by :func:`combine` whose members ``runs``
+    (:func:`load_members`) decoded them: every member's raw probabilities, averaged, then the ensemble's
+    temperature and operating point (fitted on the averaged validation probabilities). "Unlike the
+    training data" is the first member's (the members of one recipe share the starting backbone it is
+    measured in). Returns the first member as a :class:`Loaded` carrying the ensemble's decisions, and the
+    scores as ``inference.score`` gives them."""
+    d = Path(run_dir)
+    results = json.loads((d / "results.json").read_text())
     out: dict[str, np.ndarray] = {}
     raws = []
     for r in runs:
@@ -173,11 +182,4 @@ def score(
     first.temperature = float(results.get("calibration", {}).get("temperature", 1.0))
     first.point = op.load(d)
     first.classes = list(results["classes"])
-    raw = np.mean(raws, axis=0)
-    out |= {
-        "prob_raw": raw,
-        "prob": with_temperature(raw, first.temperature) if len(raw) else raw,
-        "decision": op.decide(raw, first.point["weights"]) if len(raw) else np.zeros(0, int),
-        "argmax": raw.argmax(1) if len(raw) else np.zeros(0, int),
-    }
-    return first, out
+    return first, out | decisions(first, np.mean(raws, axis=0))

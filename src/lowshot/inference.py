@@ -346,6 +346,17 @@ def percentile(distance: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return 100.0 * np.searchsorted(scale, distance, side="left") / max(1, len(scale))
 
 
+def decisions(run: Loaded, raw: np.ndarray) -> dict[str, np.ndarray]:
+    """From softmax probabilities ``raw`` (N, K): themselves, after the run's temperature, and the
+    decisions at its operating point and at argmax (N,)."""
+    return {
+        "prob_raw": raw,
+        "prob": with_temperature(raw, run.temperature) if len(raw) else raw,
+        "decision": op.decide(raw, run.point["weights"]) if len(raw) else np.zeros(0, int),
+        "argmax": raw.argmax(1) if len(raw) else np.zeros(0, int),
+    }
+
+
 @torch.no_grad()
 def score(run: Loaded, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
     """Scores of (N, S, S, C) uint8 images: ``prob_raw`` (N, K), ``prob`` (temperature-scaled), the
@@ -365,10 +376,7 @@ def score(run: Loaded, images: np.ndarray, batch_size: int = 64) -> dict[str, np
     raw = logit.softmax(1).numpy()
     dist = knn_distance(feat, run.reference, run.k)
     return {
-        "prob_raw": raw,
-        "prob": with_temperature(raw, run.temperature) if len(raw) else raw,
-        "decision": op.decide(raw, run.point["weights"]) if len(raw) else np.zeros(0, int),
-        "argmax": raw.argmax(1) if len(raw) else np.zeros(0, int),
+        **decisions(run, raw),
         "distance": dist,
         "percentile": percentile(dist, run.scale),
         "embedding": feat.numpy(),  # the starting backbone's (what the distance is of)
