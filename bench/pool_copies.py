@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw
 from lowshot.check import POOL_SAMPLE, POOL_VERIFY_MAX, pool_duplicates
 from lowshot.data import copies
 from lowshot.data.decode import dhash, pixel_digest
-from lowshot.data.duplicates import hamming_pairs
+from lowshot.data.duplicates import duplicate_pairs, hamming_pairs
 from lowshot.data.pool import thumbnail
 
 OUT = Path(__file__).resolve().parent / "results" / "pool_copies"
@@ -257,7 +257,8 @@ def scale(root: Path, n: int) -> dict:
             [np.load(root / "breastmnist.npz")["train_images"], z["train_images"].mean(-1).astype(np.uint8)]
         )
     )
-    src = base[rng.integers(0, len(base), n)]
+    origin = rng.integers(0, len(base), n)  # which real image each pool image is a crop of
+    src = base[origin]
     # random sub-crops + noise so that the pool is n distinct-looking images
     shift = rng.integers(-2, 3, (n, 2))
     pool = np.stack([np.roll(a, tuple(sh), (0, 1)) for a, sh in zip(src, shift, strict=True)])
@@ -269,6 +270,11 @@ def scale(root: Path, n: int) -> dict:
     floor = DEFAULT_NCC - copies.FINE_GAIN  # what find_copies does at the default threshold
     fast = copies.verify(q, pool, pairs, floor=floor)
     t2 = time.perf_counter()
+    cut = copies.Cut(
+        DEFAULT_NCC, DEFAULT_NCC
+    )  # both bands on, at the default (this pool's look-alikes allow it)
+    both_ok = copies.decide(q, pool, pairs, cut)[0]
+    t2b = time.perf_counter()
     bits = rng.random((n, 64)) < 0.5
     hamming_pairs(bits, bits, 4)
     t3 = time.perf_counter()
@@ -276,17 +282,50 @@ def scale(root: Path, n: int) -> dict:
     t4 = time.perf_counter()
     coarse = copies.verify(q, pool, pairs, floor=float("inf"))
     t5 = time.perf_counter()
-    copies.mirror_level(q, pool, DEFAULT_NCC)  # the calibration the pool guard adds: one more search
+    copies.mirror_levels(q, pool, DEFAULT_NCC)  # the calibration the pool guard adds: one more search
     t6 = time.perf_counter()
     # copies within the pool as the guard records them (results.json pool_duplicates): real dHash of
     # these look-alike crops (~60 of each base image), so the hash candidates are the worst case
     hashes = np.stack([dhash(a[..., None]) for a in pool])
     digests = np.array([pixel_digest(a) for a in pool])
     t7 = time.perf_counter()
-    within = pool_duplicates(hashes, digests, pool, 4, DEFAULT_NCC)
+    within = pool_duplicates(hashes, digests, pool, 4, cut)
     t8 = time.perf_counter()
+    # The same kind of sample with its truth: a hash candidate is a copy when both are crops of one real
+    # image (the real sets hold copies of their own, so a few 'false' pairs may be real copies)
+    rows = np.sort(np.random.default_rng(1).choice(n, POOL_SAMPLE, replace=False))
+    cands, _ = duplicate_pairs(hashes[rows], digests[rows], 4)
+    near = np.array([(i, j) for i, j, _, k in cands if k == "near"], np.int64).reshape(-1, 2)
+    near = near[np.sort(np.random.default_rng(2).choice(len(near), POOL_VERIFY_MAX, replace=False))]
+    src = np.stack([origin[rows[near[:, 0]]], origin[rows[near[:, 1]]]], 1)
+    same = src[:, 0] == src[:, 1]
+    # crops of two real images that are themselves copies (the detail band verifies the two originals,
+    # un-noised: the shared sets hold copies of their own) are copies too, not false pairs
+    related = ~same & (copies.verify(base, base, src) >= DEFAULT_NCC)
+    ok_detail = copies.verify(pool[rows], pool[rows], near) >= DEFAULT_NCC
+    ok_both = copies.decide(pool[rows], pool[rows], near, cut)[0]
+    # per modality: the pool mixes BreastMNIST and RetinaMNIST crops (hash candidates never mix them here),
+    # and the guard's calibration would turn the low band off on fundus photos (mirrored level 0.948)
+    n_breast = len(np.load(root / "breastmnist.npz")["train_images"])
+    truth: dict[str, dict] = {}
+    for mod, m in (("breastmnist", src.max(1) < n_breast), ("retinamnist", src.min(1) >= n_breast)):
+        truth[mod] = {
+            "candidates": int(m.sum()),
+            "same_image": int((same & m).sum()),
+            "originals_copies": int((related & m).sum()),
+            **{
+                k: {
+                    "recall": float(ok[same & m].mean()),
+                    "false_pairs": int((ok & m & ~same & ~related).sum()),
+                    "originals_copies": int((ok & m & related).sum()),
+                    "precision": float((same | related)[ok & m].mean()),
+                }
+                for k, ok in (("detail", ok_detail), ("both", ok_both))
+            },
+        }
     return {
         "within_pool": within,
+        "within_pool_truth": truth,
         "base_images": len(base),
         "within_pool_s": t8 - t7,
         "mirror_level_s": t6 - t5,
@@ -296,14 +335,176 @@ def scale(root: Path, n: int) -> dict:
         "fine_searched": int((coarse >= floor).sum()),
         "candidates_s": t1 - t0,
         "verify_s": t2 - t1,
+        # the detail band, then the band an octave lower for the pairs that fell short (copies.decide)
+        "decide_s": t2b - t2,
+        "verified_detail": int((fast >= DEFAULT_NCC).sum()),
+        "verified_both": int(both_ok.sum()),
         "verify_full_s": t4 - t3,
         "decisions_changed_by_cascade": int(((fast >= DEFAULT_NCC) != (full >= DEFAULT_NCC)).sum()),
-        "dhash_within_pool_s": t3 - t2,
+        "dhash_within_pool_s": t3 - t2b,
     }
 
 
 def _half(a: np.ndarray) -> np.ndarray:
     return TRANSFORMS["resize /2 then back"](a)
+
+
+def _noise(a: np.ndarray, amp: int) -> np.ndarray:  # uniform +-amp grey levels per pixel (a noisy re-export)
+    r = np.random.default_rng(0)
+    return np.clip(a.astype(np.int16) + r.integers(-amp, amp + 1, a.shape), 0, 255).astype(np.uint8)
+
+
+# What the band an octave lower is for: copies that lost the finest detail
+LOW_TRANSFORMS = TRANSFORMS | {"noise ±6": lambda a: _noise(a, 6), "noise ±12": lambda a: _noise(a, 12)}
+
+
+def _both(q: np.ndarray, p: np.ndarray, pairs: np.ndarray, case: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair's detail-band and low-band score, each without the cascade; records the low band's
+    largest sub-pixel gain among pairs ending >= 0.85 (the evidence that FINE_GAIN holds there too)."""
+    d = copies.verify(q, p, pairs)
+    low = copies.verify(q, p, pairs, low=True)
+    grid = copies.verify(q, p, pairs, floor=float("inf"), low=True)
+    hi = low >= 0.85
+    GAINS[f"{case} (low band)"] = float((low - grid)[hi].max()) if hi.any() else float("nan")
+    return d, low
+
+
+def _passes(d: np.ndarray, low: np.ndarray, cut: copies.Cut, with_low: bool) -> np.ndarray:
+    ok = d >= cut.detail
+    return ok | (low >= cut.low) if with_low and cut.low is not None else ok
+
+
+def calibration_cases(
+    r: np.lib.npyio.NpzFile, b: np.lib.npyio.NpzFile, busi: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
+    """The calibration cases, name: (query thumbnails, pool thumbnails, distinct: every verified pair is
+    false). 'Half res' (14 px and back) and JPEG q40 of every image make sets with less detail than any
+    shared one, standing in for the modalities that are not here (a chest X-ray at 28 px)."""
+
+    def split(z: np.lib.npyio.NpzFile, f=lambda a: a) -> tuple[np.ndarray, np.ndarray]:
+        ev = np.concatenate([z["val_images"], z["test_images"]])
+        return thumbs([f(a) for a in ev]), thumbs([f(a) for a in z["train_images"]])
+
+    return {
+        "RetinaMNIST val+test vs train": (*split(r), True),
+        "RetinaMNIST, half res": (*split(r, _half), True),
+        "RetinaMNIST, JPEG q40": (*split(r, TRANSFORMS["jpeg q40"]), True),
+        "BreastMNIST val+test vs RetinaMNIST": (split(b)[0], np.concatenate(split(r)), True),
+        "BreastMNIST val+test vs train (holds real copies)": (*split(b), False),
+        "BreastMNIST, half res (holds real copies)": (*split(b, _half), False),
+        "BreastMNIST val+test vs BUSI (every image has a copy)": (split(b)[0], busi, False),
+        "BUSI a quarter vs the rest (holds real copies)": (busi[::4], np.delete(busi, np.s_[::4], 0), False),
+    }
+
+
+def bands(root: Path) -> dict:
+    """The band an octave lower (copies.LOW_BAND): per calibration case the look-alike level in each band,
+    the Cut it gives and the false pairs with and without the low band; planted copies of every shared
+    set's test images (LOW_TRANSFORMS, noise added) in a pool of its other images, each case calibrated
+    on its own pool as the guard does: recall and precision with the detail band alone and with both."""
+    r, b = np.load(root / "retinamnist.npz"), np.load(root / "breastmnist.npz")
+    files = sorted((root / "busi").rglob("*.png"))
+    busi_imgs = [np.asarray(Image.open(f).convert("L")) for f in files]
+    busi = thumbs(busi_imgs)
+    b_eval = np.concatenate([b["val_images"], b["test_images"]])
+    y_b = np.concatenate([b["val_labels"][:, 0], b["test_labels"][:, 0]])  # 0 malignant, 1 normal/benign
+    y_busi = np.array([0 if f.parent.name == "malignant" else 1 for f in files])
+
+    cases = calibration_cases(r, b, busi)
+    out: dict[str, dict] = {}
+    for name, (q, p, distinct) in cases.items():
+        t0 = time.perf_counter()
+        (level, level_low), cut = copies.calibrate(q, p, DEFAULT_NCC, name)
+        took = time.perf_counter() - t0
+        pairs = copies.candidates(q, p)
+        d, low = _both(q, p, pairs, name)
+        counts, labels = {}, {}
+        for k, with_low in (("detail", False), ("both", True)):
+            ok = _passes(d, low, cut, with_low)
+            counts[k] = len(np.unique(pairs[ok, 0]))
+            if "vs BUSI" in name:  # pairs whose labels disagree: different scans, or BUSI's own conflicts
+                labels[k] = int((y_b[pairs[ok, 0]] != y_busi[pairs[ok, 1]]).sum())
+        if "vs BUSI" in name:  # the pairs only the low band accepts, weakest first: are they one scan?
+            added = np.flatnonzero(_passes(d, low, cut, True) & ~_passes(d, low, cut, False))
+            added = added[np.argsort(low[added])][:16]
+            sheet(
+                [
+                    (
+                        b_eval[pairs[k, 0]],
+                        np.asarray(Image.fromarray(busi_imgs[pairs[k, 1]]).resize((28, 28))),
+                        f"{d[k]:.2f}/{low[k]:.3f} {'ok' if y_b[pairs[k, 0]] == y_busi[pairs[k, 1]] else 'LABELS'}",
+                    )
+                    for k in added
+                ],
+                OUT / "low_band_busi_breastmnist.png",
+            )
+        out[name] = {
+            "n": len(q),
+            "pool": len(p),
+            "distinct": distinct,
+            "best_real": float(d.max()) if len(d) else -1.0,
+            "best_real_low": float(low.max()) if len(low) else -1.0,
+            "level": level,
+            "level_low": level_low,
+            "cut": list(cut),
+            "queries_verified": counts,
+            "pairs_with_disagreeing_labels": labels,
+            "calibration_s": took,
+        }
+        print(name, out[name], flush=True)
+    sets = {}
+    for name, z in (("breastmnist", b), ("retinamnist", r)):
+        sets[name] = (z["test_images"][:200], np.concatenate([z["train_images"], z["val_images"]]))
+    sets["busi (256 px)"] = (
+        np.stack(busi_imgs[::4][:150]),
+        np.stack([a for k, a in enumerate(busi_imgs) if k % 4]),
+    )
+    planted_out: dict[str, dict] = {}
+    false_rows: list[tuple[np.ndarray, np.ndarray, str]] = []
+    for name, (test, rest) in sets.items():
+        q, p = thumbs(test), thumbs(rest)
+        base = np.concatenate([p, q])
+        pairs0 = copies.candidates(q, base)
+        pairs0 = pairs0[pairs0[:, 1] != len(p) + pairs0[:, 0]]
+        d0, l0 = _both(q, base, pairs0, f"planted {name}: none")
+        for tname, f in LOW_TRANSFORMS.items():
+            moved = thumbs([f(a) for a in test])
+            pool = np.concatenate([p, moved])
+            _, cut = copies.calibrate(q, pool, DEFAULT_NCC, f"{name} + {tname}")
+            truth = np.arange(len(p), len(pool))
+            pairs = copies.candidates(q, pool)
+            d, low = _both(q, pool, pairs, f"planted {name}: {tname}")
+            hit = pairs[:, 1] == truth[pairs[:, 0]]
+            rpairs = copies.candidates(moved, base)
+            rd, rl = _both(moved, base, rpairs, f"planted {name}: {tname} (as query)")
+            own = rpairs[:, 1] == len(p) + rpairs[:, 0]
+            row: dict = {"cut": list(cut)}
+            for k, with_low in (("detail", False), ("both", True)):
+                found = np.zeros(len(q), bool)
+                found[pairs[hit & _passes(d, low, cut, with_low), 0]] = True
+                known = {(int(i), int(j)) for i, j in pairs0[_passes(d0, l0, cut, with_low)].tolist()}
+                ok = _passes(rd, rl, cut, with_low)
+                false = [k for k in np.flatnonzero(ok & ~own) if tuple(rpairs[k].tolist()) not in known]
+                fp = len(false)
+                if with_low:  # the copy, and the image it was wrongly paired with
+                    false_rows += [
+                        (moved[rpairs[k, 0]], base[rpairs[k, 1]], f"{tname[:12]} {rd[k]:.2f}/{rl[k]:.2f}")
+                        for k in false
+                    ]
+                tp = int((ok & own).sum())
+                row[k] = {
+                    "recall": float(found.mean()),
+                    "precision": tp / (tp + fp) if tp + fp else float("nan"),
+                    "false_pairs": int(fp),
+                }
+            planted_out.setdefault(tname, {})[name] = row
+            print(name, tname, row, flush=True)
+    sheet(false_rows[:24], OUT / "low_band_false_pairs.png")
+    return {
+        "cases": out,
+        "planted": planted_out,
+        "gains": {k: v for k, v in GAINS.items() if "low band" in k},
+    }
 
 
 def mirror(root: Path) -> dict:
@@ -317,20 +518,7 @@ def mirror(root: Path) -> dict:
     files = sorted((root / "busi").rglob("*.png"))
     busi = thumbs([np.asarray(Image.open(f).convert("L")) for f in files])
 
-    def split(z: np.lib.npyio.NpzFile, f=lambda a: a) -> tuple[np.ndarray, np.ndarray]:
-        ev = np.concatenate([z["val_images"], z["test_images"]])
-        return thumbs([f(a) for a in ev]), thumbs([f(a) for a in z["train_images"]])
-
-    cases = {
-        # name: (queries, pool, distinct: every verified pair is false)
-        "RetinaMNIST val+test vs train": (*split(r), True),
-        "RetinaMNIST, half res": (*split(r, _half), True),
-        "RetinaMNIST, JPEG q40": (*split(r, TRANSFORMS["jpeg q40"]), True),
-        "BreastMNIST val+test vs RetinaMNIST": (split(b)[0], np.concatenate(split(r)), True),
-        "BreastMNIST val+test vs train (holds real copies)": (*split(b), False),
-        "BreastMNIST, half res (holds real copies)": (*split(b, _half), False),
-        "BreastMNIST val+test vs BUSI (every image has a copy)": (split(b)[0], busi, False),
-    }
+    cases = calibration_cases(r, b, busi)
     out: dict[str, dict] = {}
     for name, (q, p, distinct) in cases.items():
         pairs = copies.candidates(q, p)
@@ -385,14 +573,17 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=100_000)
     ap.add_argument("--render", action="store_true", help="only rewrite table.md from table.json")
     ap.add_argument(
-        "--only", choices=["mirror", "scale"], help="run this section again, keep the others from table.json"
+        "--only",
+        choices=["mirror", "scale", "bands"],
+        help="run this section again, keep the others from table.json",
     )
     a = ap.parse_args()
     root = Path(os.environ.get("LOWSHOT_DATA_ROOT", "../shared/data"))
     if a.render or a.only:
         res = json.loads((OUT / "table.json").read_text(), object_hook=_float_keys)
         if a.only:
-            res[a.only] = mirror(root) if a.only == "mirror" else scale(root, a.scale)
+            run = {"mirror": mirror, "bands": bands, "scale": lambda r: scale(r, a.scale)}[a.only]
+            res[a.only] = run(root)
             (OUT / "table.json").write_text(json.dumps(res, indent=1, default=str))
     else:
         res = {
@@ -401,6 +592,7 @@ def main() -> None:
             "planted": planted(root),
             "scale": scale(root, a.scale),
             "mirror": mirror(root),
+            "bands": bands(root),
             "fine_gain": dict(GAINS),
         }
         OUT.mkdir(parents=True, exist_ok=True)
@@ -446,6 +638,82 @@ def render_mirror(m: dict) -> list[str]:
         f"| transformation | recall @{DEFAULT_NCC} | recall @ threshold used |",
         "|---|---|---|",
         *[f"| {t} | {v['default']:.3f} | {v['calibrated']:.3f} |" for t, v in ph["recall"].items()],
+    ]
+    return lines
+
+
+def _cut(c: list) -> str:
+    return f"{c[0]:.3f} · " + ("off" if c[1] is None else f"{c[1]:.3f}")
+
+
+def render_bands(bd: dict) -> list[str]:
+    lines = [
+        "",
+        "## The band an octave lower: copies that lost their detail (copies.LOW_BAND)",
+        "",
+        "A pair is verified when its detail NCC reaches the detail threshold, or its NCC in the band an octave "
+        "lower (thumbnails averaged to 16 px, then the same band-pass) reaches that band's threshold: max("
+        f"{DEFAULT_NCC}, the set's mirrored level there + {copies.MIRROR_GAP}), and the band is off where that "
+        f"passes {copies.MIRROR_COPY} (copies.calibrated_low). Levels and best real pairs: detail · low band. In "
+        "distinct cases every verified query is false.",
+        "",
+        "| case | queries x pool | best real pair | mirrored level | thresholds used (detail · low) | queries "
+        "verified, detail band only | with the low band | calibration time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in bd["cases"].items():
+        kind = " (false)" if c["distinct"] else ""
+        v = c["queries_verified"]
+        lines.append(
+            f"| {name} | {c['n']} x {c['pool']} | {c['best_real']:.3f} · {c['best_real_low']:.3f} | "
+            f"{c['level']:.3f} · {c['level_low']:.3f} | {_cut(c['cut'])} | {v['detail']}{kind} | {v['both']}{kind} | "
+            f"{c['calibration_s']:.1f} s |"
+        )
+    for name, c in bd["cases"].items():
+        if c.get("pairs_with_disagreeing_labels"):
+            lab = c["pairs_with_disagreeing_labels"]
+            lines += [
+                "",
+                f"{name}: pairs whose labels disagree (malignant vs benign/normal) {lab['detail']} with the detail "
+                f"band, {lab['both']} with the low band. Sheet of the pairs only the low band accepts, weakest "
+                "first (BreastMNIST left, the BUSI image at 28 px right; detail/low NCC): "
+                "low_band_busi_breastmnist.png.",
+            ]
+    names = list(next(iter(bd["planted"].values())))
+    lines += [
+        "",
+        "Planted copies of each set's test images among its other images (as in 'Planted copies' above), each "
+        "case calibrated on its own pool as the guard does: recall, then precision (false pairs), with the "
+        "detail band only → with the low band. Thresholds used are in table.json.",
+        "",
+        "| transformation | "
+        + " | ".join(f"{n} recall" for n in names)
+        + " | "
+        + " | ".join(f"{n} precision" for n in names)
+        + " |",
+        "|---" * (1 + 2 * len(names)) + "|",
+    ]
+    for tname, per in bd["planted"].items():
+        rec = [f"{per[n]['detail']['recall']:.3f} → {per[n]['both']['recall']:.3f}" for n in names]
+        prec = [
+            f"{per[n]['detail']['precision']:.3f} ({per[n]['detail']['false_pairs']}) → "
+            f"{per[n]['both']['precision']:.3f} ({per[n]['both']['false_pairs']})"
+            for n in names
+        ]
+        lines.append(f"| {tname} | " + " | ".join(rec + prec) + " |")
+    lines += [
+        "",
+        "The false pairs with the low band (the copy left, the image it was paired with right; detail/low NCC): "
+        "low_band_false_pairs.png.",
+        "",
+        "The low band's cascade margin (the largest sub-pixel gain among pairs ending >= 0.85 there): "
+        + "; ".join(
+            f"{k.replace(' (low band)', '')} {v:.3f}"
+            for k, v in sorted(bd["gains"].items(), key=lambda kv: -(kv[1] if kv[1] == kv[1] else -1))[:3]
+        )
+        + f"; at most {sorted(v for v in bd['gains'].values() if v == v)[-4]:.3f} in the other "
+        f"{len(bd['gains']) - 3} cases. Above FINE_GAIN ({copies.FINE_GAIN}) once, so the low band has no cascade "
+        "(copies.decide).",
     ]
     return lines
 
@@ -508,6 +776,8 @@ def render(res: dict) -> None:
         lines.append(f"| {tname} | " + " | ".join(cells) + " |")
     if "mirror" in res:
         lines += render_mirror(res["mirror"])
+    if "bands" in res:
+        lines += render_bands(res["bands"])
     sc = res["scale"]
     lines += [
         "",
@@ -532,6 +802,39 @@ def render(res: dict) -> None:
             f"the sample have a hash too vague to pair."
             if "within_pool" in sc
             else ""
+        ),
+        *(
+            [
+                "",
+                f"Both bands (copies.decide at {DEFAULT_NCC} · {DEFAULT_NCC}, what the pool guard runs on such a pool): "
+                f"{sc['decide_s']:.1f} s for the {sc['candidate_pairs']:,} candidate pairs "
+                f"({sc['verified_detail']:,} verified by the detail band, {sc['verified_both']:,} with the low band). "
+                "Hash candidates within a seeded sample of the pool, with their truth: a copy when both are crops of "
+                "one real image, or of two real images that are themselves copies (their un-noised originals pass "
+                "the detail band: the shared sets hold copies of their own); else false:",
+                "",
+                "| crops of | verification | candidates | same image | originals are copies | recall (same image) | "
+                "verified pairs of copied originals | false pairs | precision |",
+                "|---|---|---|---|---|---|---|---|---|",
+                *[
+                    f"| {mod} | {name} | {t['candidates']:,} | {t['same_image']:,} | {t['originals_copies']:,} | "
+                    f"{t[k]['recall']:.3f} | {t[k]['originals_copies']} | {t[k]['false_pairs']} | "
+                    f"{t[k]['precision']:.3f} |"
+                    for mod, t in sc["within_pool_truth"].items()
+                    for k, name in (
+                        ("detail", "detail band only"),
+                        ("both", f"with the low band at {DEFAULT_NCC}"),
+                    )
+                ],
+                "",
+                "Both thresholds are fixed at 0.88 here. The guard calibrates them on the labelled val/test "
+                "images against the mirrored pool, and the record of copies within the pool uses the same Cut: "
+                "with a fundus labelled set the low band is off (mirrored level 0.948, 'The band an octave lower' "
+                "above) and fundus crops get the detail band's row; a labelled set of another modality leaves it "
+                "on, and fundus images in its pool get the low band's row, with its false pairs.",
+            ]
+            if "within_pool_truth" in sc
+            else []
         ),
         "",
         "## The cascade's margin: how much the sub-pixel search raised a pair that ends at NCC >= 0.85",

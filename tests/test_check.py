@@ -134,9 +134,9 @@ def test_hash_lookalikes_are_not_duplicates_and_recropped_copies_are(tmp_path: P
     cfg = DataConfig(root=str(tmp_path), source="set", cache_dir=str(tmp_path / "cache"), size=64)
     store = load_store(cfg)
     name = {i: Path(p).name for i, p in enumerate(store.paths)}
-    pairs, _, thr = verified_pairs(store, cfg)
-    assert thr == cfg.duplicate_ncc  # mirrored scans do not look like these scans
-    kinds = {frozenset((name[i], name[j])): kind for i, j, _, kind, _ in pairs}
+    pairs, _, cut = verified_pairs(store, cfg)
+    assert cut.detail == cfg.duplicate_ncc  # mirrored scans do not look like these scans
+    kinds = {frozenset((name[i], name[j])): kind for i, j, _, kind, *_ in pairs}
     assert kinds[frozenset(("ramp0.png", "ramp1.png"))] == "lookalike"
     assert kinds[frozenset(("s2.png", "s2_recropped.png"))] == "copy"
     bits = store.fingerprints()[0]

@@ -99,7 +99,8 @@ def test_busi_folder_split_cache(busi: Path, cache_dir: Path, monkeypatch: pytes
     colour = (store.images[..., 0] != store.images[..., 1]).any(axis=(1, 2))
     assert 10 <= colour.sum() <= 20
     counts = store.counts()
-    assert [sum(counts[s]) for s in ("train", "val", "test")] == pytest.approx([507, 117, 156], abs=8)
+    # 65 / 15 / 20 %, within 10 images: duplicate groups (merged along verified copies) move whole groups
+    assert [sum(counts[s]) for s in ("train", "val", "test")] == pytest.approx([507, 117, 156], abs=10)
     for s in ("val", "test"):  # stratified: class proportions follow the whole set (437/210/133)
         frac = np.array(counts[s]) / sum(counts[s])
         assert np.allclose(frac, [437 / 780, 210 / 780, 133 / 780], atol=0.03)

@@ -38,7 +38,7 @@ from .data import (
     groups_across_splits,
     source_path,
 )
-from .data.copies import FINE_GAIN, calibrate, find_copies, verify
+from .data.copies import Cut, calibrate, decide, find_copies, rounded
 from .data.duplicates import VERIFIED, duplicate_pairs, hamming_pairs, store_thumbnails, verified_pairs
 from .data.pool import Pool
 
@@ -98,26 +98,28 @@ def check_store(
     content where dHash sees brightness gradients), verified the same way. Leakage, label conflicts and
     the exit status count verified pairs only; look-alikes are listed for a person to judge."""
     images = native_images(store, cfg)  # for the sheet and the sizes; fingerprints come with the store
-    pairs, vague, thr = verified_pairs(store, cfg)
-    found: list[tuple[int, int, int, str, float | None, float | None]] = [
-        (i, j, d, kind, v, None) for i, j, d, kind, v in pairs
+    pairs, vague, cut = verified_pairs(store, cfg)
+    found: list[tuple[int, int, int, str, float | None, float | None, float | None]] = [
+        (i, j, d, kind, v, w, None) for i, j, d, kind, v, w in pairs
     ]
     if feats is not None:
         seen = {(i, j) for i, j, *_ in found}
         emb = [(i, j, c) for i, j, c in embedding_pairs(feats, cosine) if (i, j) not in seen]
         thumbs = store_thumbnails(store, None if emb else np.arange(0))
         ij = np.array([(i, j) for i, j, _ in emb], np.int64).reshape(-1, 2)
-        for (i, j, c), v in zip(emb, verify(thumbs, thumbs, ij).tolist(), strict=True):
-            kind = "copy" if v >= thr else "lookalike"
-            found.append((i, j, -1, kind, round(v, 4), c))
+        ok, ncc, low = decide(thumbs, thumbs, ij, cut, cascade=False)
+        for (i, j, c), good, v, w in zip(emb, ok.tolist(), ncc.tolist(), low.tolist(), strict=True):
+            found.append((i, j, -1, "copy" if good else "lookalike", round(v, 4), rounded(w), c))
     rows = []
-    for i, j, d, kind, v, cos in found:
+    for i, j, d, kind, v, w, cos in found:
         rows.append(
             {
                 "kind": kind,
                 "found_by": _found_by(kind, d, cos),
                 "distance_bits": d,
                 "ncc": v,
+                # the band an octave lower, where the detail band fell short (None: not needed or off)
+                "ncc_low": w,
                 "cosine": cos,
                 "a": _describe(store, i),
                 "b": _describe(store, j),
@@ -137,8 +139,8 @@ def check_store(
         "skipped_files": [{"file": f, "why": w} for f, w in store.skipped],
         "hash_threshold_bits": cfg.duplicate_bits,
         "duplicate_ncc": cfg.duplicate_ncc,
-        # the threshold used: duplicate_ncc, or higher where mirrored images of the set reach it
-        "verified_at_ncc": thr,
+        # the thresholds used: duplicate_ncc, or higher where mirrored images of the set reach it
+        **cut.record(),
         "pairs": rows,
         "exact_pairs": sum(r["kind"] == "exact" for r in rows),
         "near_pairs": sum(r["kind"] == "near" for r in rows),
@@ -186,12 +188,14 @@ def ranked(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def closeness(row: dict[str, Any]) -> str:
-    """'identical', 'NCC 0.973 (3 bits)', 'NCC 0.912 (cos 0.985)' or 'NCC 0.941'."""
+    """'identical', 'NCC 0.973 (3 bits)', 'NCC 0.912 (cos 0.985)', 'NCC 0.941' or, where the band an
+    octave lower decided, 'NCC 0.812, low 0.953'."""
     if row["kind"] == "exact":
         return "identical"
     by = f" ({row['distance_bits']} bits)" if row["distance_bits"] >= 0 else ""
     by = f" (cos {row['cosine']:.3f})" if row.get("cosine") else by
-    return f"NCC {row['ncc']:.3f}{by}"
+    low = f", low {row['ncc_low']:.3f}" if row.get("ncc_low") is not None else ""
+    return f"NCC {row['ncc']:.3f}{low}{by}"
 
 
 def flags(row: dict[str, Any]) -> str:
@@ -204,13 +208,18 @@ def flags(row: dict[str, Any]) -> str:
 
 
 def raised(report: dict[str, Any]) -> str:
-    """', raised from data.duplicate_ncc=X: ...' where the set's mirrored look-alikes moved the threshold."""
-    if report["verified_at_ncc"] <= report["duplicate_ncc"]:
-        return ""
-    return (
-        f", raised from data.duplicate_ncc={report['duplicate_ncc']}: mirrored images of this set, never copies, "
-        "reach it"
-    )
+    """', raised from data.duplicate_ncc=X: ...' where the set's mirrored look-alikes moved the threshold;
+    then the low band's threshold, or that it is off."""
+    out = ""
+    if report["verified_at_ncc"] > report["duplicate_ncc"]:
+        out = (
+            f", raised from data.duplicate_ncc={report['duplicate_ncc']}: mirrored images of this set, never "
+            "copies, reach it"
+        )
+    low = report.get("verified_at_ncc_low")
+    if low is None:
+        return out + "; the band an octave lower is off: look-alikes reach copies' scores there"
+    return out + f"; or >= {low} an octave lower (copies that lost their detail)"
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -285,10 +294,10 @@ def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
     logged: a person judges them with ``lowshot check`` (look-alikes are not counted). Returns
     ``{"exact_across_splits", "near_across_splits", "dropped"}``.
     """
-    pairs, _, thr = verified_pairs(store, cfg.data)
+    pairs, _, cut = verified_pairs(store, cfg.data)
     rank = {s: i for i, s in enumerate(SPLITS)}
     cross = [
-        (i, j, kind) for i, j, _, kind, _ in pairs if kind in VERIFIED and store.split[i] != store.split[j]
+        (i, j, kind) for i, j, _, kind, *_ in pairs if kind in VERIFIED and store.split[i] != store.split[j]
     ]
     cross = [(i, j, k) for i, j, k in cross if store.split[i] in rank and store.split[j] in rank]
     exact = [(i, j) for i, j, k in cross if k == "exact"]
@@ -321,35 +330,36 @@ def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
             "look at them with `lowshot check`",
             store.name,
             out["near_across_splits"],
-            thr,
+            cut.detail,
         )
     return out
 
 
 def pool_copies(
     pool: Pool, store: Store, cfg: Config, splits: tuple[str, ...] = ("val", "test")
-) -> tuple[list[dict[str, Any]], float]:
+) -> tuple[list[dict[str, Any]], Cut]:
     """Pool images that are copies of the store's images in ``splits``, one row per (pool image, store
     image) pair with its strongest evidence: 'exact' (same decoded pixels), 'near' (dHash within
     data.duplicate_bits, verified) or 'copy' (a verified resized/re-cropped copy, lowshot.data.copies);
-    and the verification threshold: data.duplicate_ncc, calibrated on those images against the mirrored
-    pool (the look-alikes the pool offers them)."""
+    and the verification thresholds: data.duplicate_ncc, calibrated on those images against the mirrored
+    pool (the look-alikes the pool offers them), in the detail band and an octave lower."""
     rows = np.flatnonzero(np.isin(store.split, splits))
     hashes, digests = store.fingerprints()
-    found: dict[tuple[int, int], tuple[str, float]] = {}
+    found: dict[tuple[int, int], tuple[str, float, float | None]] = {}
     thumbs = store_thumbnails(store, rows)
-    _, thr = calibrate(thumbs, pool.thumbs, cfg.data.duplicate_ncc, f"{store.name} against the other source")
-    for q, j, ncc in find_copies(thumbs, pool.thumbs, thr):
-        found[(j, int(rows[q]))] = ("copy", ncc)
+    _, cut = calibrate(thumbs, pool.thumbs, cfg.data.duplicate_ncc, f"{store.name} against the other source")
+    for q, j, ncc, low in find_copies(thumbs, pool.thumbs, cut):
+        found[(j, int(rows[q]))] = ("copy", ncc, low)
     near = hamming_pairs(pool.hashes, hashes[rows], cfg.data.duplicate_bits)[:, :2]
     # hash candidates count only when verified, like the store's own near pairs (data.duplicates)
-    for (q, j), v in zip(near.tolist(), verify(thumbs, pool.thumbs, near).tolist(), strict=True):
-        if v >= thr:
-            found[(int(j), int(rows[q]))] = ("near", v)
+    ok, nccs, lows = decide(thumbs, pool.thumbs, near, cut, cascade=False)
+    for (q, j), good, v, w in zip(near.tolist(), ok.tolist(), nccs.tolist(), lows.tolist(), strict=True):
+        if good:
+            found[(int(j), int(rows[q]))] = ("near", v, rounded(w))
     where = {str(d): int(r) for r, d in zip(rows, digests[rows], strict=True)}
     for j, d in enumerate(pool.digests):
         if str(d) in where:
-            found[(j, where[str(d)])] = ("exact", 1.0)
+            found[(j, where[str(d)])] = ("exact", 1.0, None)
     out = [
         {
             "pool": str(pool.paths[j]),
@@ -357,19 +367,20 @@ def pool_copies(
             "image": str(store.paths[r]),
             "split": str(store.split[r]),
             "kind": kind,
-            # detail NCC at the best alignment ('exact': 1)
+            # detail NCC at the best alignment ('exact': 1); the band an octave lower where that decided
             "score": round(score, 4),
+            "score_low": None if low is None else round(low, 4),
         }
-        for (j, r), (kind, score) in found.items()
+        for (j, r), (kind, score, low) in found.items()
     ]
     order = {"exact": 0, "near": 1, "copy": 2}
-    return sorted(out, key=lambda o: (order[o["kind"]], -o["score"])), thr
+    return sorted(out, key=lambda o: (order[o["kind"]], -o["score"])), cut
 
 
 def against(other: Pool, store: Store, cfg: Config) -> dict[str, Any]:
     """``lowshot check check.against=SOURCE``: copies between a second source and every split of this
     one, JSON-ready (all pairs; the counts per split and kind)."""
-    pairs, thr = pool_copies(other, store, cfg, SPLITS)
+    pairs, cut = pool_copies(other, store, cfg, SPLITS)
     return {
         "source": other.sources,
         "images": len(other),
@@ -379,7 +390,7 @@ def against(other: Pool, store: Store, cfg: Config) -> dict[str, Any]:
         "images_with_a_copy": {s: len({p["image"] for p in pairs if p["split"] == s}) for s in SPLITS},
         "other_images_with_a_copy": len({p["pool"] for p in pairs}),
         "duplicate_ncc": cfg.data.duplicate_ncc,
-        "verified_at_ncc": thr,
+        **cut.record(),
     }
 
 
@@ -422,11 +433,11 @@ def pool_duplicates(
     digests: np.ndarray,
     thumbs: np.ndarray,
     bits: int,
-    threshold: float,
+    cut: Cut,
     max_neighbours: int = 8,
 ) -> dict[str, Any]:
     """Copies within the pool, for the record (they only weight those images more in pretraining):
-    identical pixels, and dHash candidates within ``bits`` verified at the detail NCC ``threshold`` like
+    identical pixels, and dHash candidates within ``bits`` verified at ``cut`` like
     the labelled set's (lowshot.data.duplicates). A hash candidate is not a duplicate: on fundus
     photographs at 28 px most images are within 4 bits of many others. Images with more than
     ``max_neighbours`` candidates have a hash that cannot tell them apart and are left out.
@@ -445,8 +456,7 @@ def pool_duplicates(
     sample = near
     if len(near) > POOL_VERIFY_MAX:
         sample = near[np.sort(rng.choice(len(near), POOL_VERIFY_MAX, replace=False))]
-    ncc = verify(thumbs, thumbs, sample, floor=threshold - FINE_GAIN)
-    verified = int((ncc >= threshold).sum())
+    verified = int(decide(thumbs, thumbs, sample, cut)[0].sum())
     return {
         "images_examined": len(rows),
         "exact_pairs": sum(kind == "exact" for *_, kind in cands),
@@ -462,7 +472,7 @@ def pool_guard(pool: Pool, store: Store, cfg: Config) -> tuple[Pool, dict[str, A
     (transductive; the representation has seen the test images). Copies of val/test images in the pool
     stop the run (check.pool_leakage=error, with the list and the fix), are dropped from the pool
     (drop), or are logged (warn). Returns the pool to train on and the finding for results.json."""
-    pairs, thr = pool_copies(pool, store, cfg)
+    pairs, cut = pool_copies(pool, store, cfg)
     flagged = sorted({p["pool_row"] for p in pairs})
     report: dict[str, Any] = {
         "pool_images": len(pool),
@@ -476,10 +486,10 @@ def pool_guard(pool: Pool, store: Store, cfg: Config) -> tuple[Pool, dict[str, A
             s: len({p["image"] for p in pairs if p["split"] == s}) for s in ("val", "test")
         },
         "pool_duplicates": pool_duplicates(
-            pool.hashes, pool.digests, pool.thumbs, cfg.data.duplicate_bits, thr
+            pool.hashes, pool.digests, pool.thumbs, cfg.data.duplicate_bits, cut
         ),
         "duplicate_ncc": cfg.data.duplicate_ncc,
-        "verified_at_ncc": thr,
+        **cut.record(),
         "action": cfg.check.pool_leakage,
         "examples": pairs[:20],
     }

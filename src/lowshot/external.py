@@ -140,8 +140,8 @@ def evaluate(
     try:
         own = load_store(run.cfg.data)
         own.images = to_channels(own.images, run.prep["store_channels"])
-        pairs, thr = pool_copies(as_pool(other), own, run.cfg, ("train", "val", "test"))
-        copy_check: dict[str, Any] = {"run": True, "verified_at_ncc": thr}
+        pairs, cut = pool_copies(as_pool(other), own, run.cfg, ("train", "val", "test"))
+        copy_check: dict[str, Any] = {"run": True, **cut.record()}
     except DataError as err:
         pairs, copy_check = [], {"run": False, "why": str(err)}
     seen = {p["pool_row"] for p in pairs if p["split"] in ("train", "val")}

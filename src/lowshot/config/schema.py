@@ -47,7 +47,11 @@ class DataConfig:
     # JPEG q70 copies at 28 px 0.97 found). The pool guard uses the same threshold. It is raised on a set
     # whose images correlate with *mirrored* images of the set (never copies) within 0.04 of it, up to
     # 0.96, and the run says so: at low resolution distinct images of some modalities look alike (the best
-    # distinct RetinaMNIST pair scores 0.883, its mirrored level 0.855, so 0.895 is used there).
+    # distinct RetinaMNIST pair scores 0.883, its mirrored level 0.855, so 0.895 is used there). A pair that
+    # fails gets a second chance an octave lower (the thumbnails averaged to 16 px), where copies that lost
+    # their finest detail (half size and back, JPEG q40, noise) still correlate: threshold duplicate_ncc,
+    # calibrated the same way, and off where the set's mirrored look-alikes come within 0.04 of 0.96 there
+    # (RetinaMNIST: 0.948, off).
     duplicate_ncc: float = 0.88
     # A CSV manifest (labelled, or an ssl.unlabelled pool's) reads only files below its own folder or
     # data.root (a path like ../../etc/... is refused, naming it); true lifts that.

@@ -18,6 +18,9 @@ images (``data.pool.thumbnail``) in two stages:
    are made once, and pairs too far below the threshold after the coarse grid skip the fine search
    (``FINE_GAIN``).
 
+A pair the detail band rejects gets a second chance an octave lower (LOW_BAND), with its own calibrated
+threshold: copies that lost their finest detail (resized to half and back, heavy JPEG, noise) keep that band.
+
 At 32 px two different images that look the same (a homogeneous modality at low resolution) can
 correlate as highly as a copy, so the threshold is calibrated on each set (``mirror_level``): the best
 score of its images against mirrored images of the set, which are never copies, plus a margin. Where
@@ -35,6 +38,7 @@ eyes): within all of RetinaMNIST the threshold becomes 0.928, 17 pairs are verif
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -83,6 +87,14 @@ def _crop(
 DETAIL_SIGMA = 1.0
 DETAIL_LO = 0.5
 CENTRE = 0.6
+# The same band-pass an octave lower (the thumbnail averaged to 16 px first) is a second chance for
+# a pair the detail band rejects. A copy that lost its finest detail at 28 px (resized to half and back,
+# JPEG q40, noise of +-12 grey levels) keeps this band: planted BreastMNIST copies found 0.02 / 0.42 / 0.62
+# -> 0.99 / 1.00 / 1.00 (bench/pool_copies.py, "The band an octave lower"). Distinct images look more
+# alike there (mirrored RetinaMNIST 0.948 against 0.855 in the detail band), so the band has its own
+# threshold, calibrated the same way, and is off where the set's look-alikes come within MIRROR_GAP of
+# MIRROR_COPY (calibrated_low): on fundus photos at 28 px it is off, and such copies stay unseen.
+LOW_BAND = 2  # the low band's averaging factor (32 px thumbnails to 16 px)
 
 
 def _detail(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -111,9 +123,12 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-3)
 
 
-def _detail_unit(x: torch.Tensor) -> torch.Tensor:
+def _detail_unit(x: torch.Tensor, low: bool = False) -> torch.Tensor:
     """(B, 1, 32, 32) → (B, D) unit rows of the band-pass detail in the central window (see DETAIL_SIGMA,
-    DETAIL_LO, CENTRE)."""
+    DETAIL_LO, CENTRE); ``low``: of the thumbnail averaged to 16 px first, the band an octave lower
+    (see LOW_BAND)."""
+    if low:
+        x = F.avg_pool2d(x, LOW_BAND)
     m = round(x.shape[-1] * (1 - CENTRE) / 2)
     # The window's detail depends only on pixels within the two blurs' reach (3 + 1 px) of it: blurring
     # just that region (28 of 32 px a side) gives the same numbers in 3/4 of the time.
@@ -162,6 +177,7 @@ def _score(
     refs: tuple[torch.Tensor, torch.Tensor],
     side: torch.Tensor,
     p: torch.Tensor,
+    low: bool,
 ) -> torch.Tensor:
     """(n,) detail NCC of each pair with the crop ``p`` (n, 4: sx, sy, tx, ty) of side 0 (the query, vs
     the whole pool image) or side 1 (the pool image, vs the whole query)."""
@@ -171,16 +187,16 @@ def _score(
         if m.any():
             sx, sy, tx, ty = p[m].unbind(1)
             crop = _crop(pair[k][m], sx, sy, tx, ty, out=pair[k].shape[-1])
-            s[m] = (_detail_unit(crop) * refs[k][m]).sum(1)
+            s[m] = (_detail_unit(crop, low) * refs[k][m]).sum(1)
     return s
 
 
-def _centred_crops(x: torch.Tensor) -> torch.Tensor:
+def _centred_crops(x: torch.Tensor, low: bool) -> torch.Tensor:
     """(n, 1, 32, 32) → (n, len(SCALES)**2, D) detail-unit rows of every centred crop of the coarse grid;
     crop 0 is the whole image (scale 1, 1)."""
     n, zero = len(x), torch.zeros(len(x))
     rows = [
-        _detail_unit(_crop(x, torch.full((n,), sx), torch.full((n,), sy), zero, zero, x.shape[-1]))
+        _detail_unit(_crop(x, torch.full((n,), sx), torch.full((n,), sy), zero, zero, x.shape[-1]), low)
         for sx in SCALES
         for sy in SCALES
     ]
@@ -191,10 +207,15 @@ GRID = [(sx, sy) for sx in SCALES for sy in SCALES]  # the coarse grid, in _cent
 
 
 def _fine(
-    a: torch.Tensor, b: torch.Tensor, best: torch.Tensor, side: torch.Tensor, params: torch.Tensor
+    a: torch.Tensor,
+    b: torch.Tensor,
+    best: torch.Tensor,
+    side: torch.Tensor,
+    params: torch.Tensor,
+    low: bool,
 ) -> torch.Tensor:
     """(n,) best detail NCC after a pattern search from the coarse optimum (``side``, ``params`` n x 4)."""
-    pair, refs = (a, b), (_detail_unit(b), _detail_unit(a))
+    pair, refs = (a, b), (_detail_unit(b, low), _detail_unit(a, low))
     step = torch.tensor(STEPS)
     for _ in range(ROUNDS):  # pattern search on the best side
         for d in range(4):
@@ -202,7 +223,7 @@ def _fine(
                 p = params.clone()
                 p[:, d] += sign * step[d]
                 p[:, :2] = p[:, :2].clamp(0.5, 1.0)
-                s = _score(pair, refs, side, p)
+                s = _score(pair, refs, side, p, low)
                 better = s > best
                 best = torch.where(better, s, best)
                 params[better] = p[better]
@@ -220,13 +241,19 @@ FINE_GAIN = 0.75
 
 @torch.no_grad()
 def verify(
-    query: np.ndarray, pool: np.ndarray, pairs: np.ndarray, floor: float | None = None, chunk: int = 4096
+    query: np.ndarray,
+    pool: np.ndarray,
+    pairs: np.ndarray,
+    floor: float | None = None,
+    chunk: int = 4096,
+    low: bool = False,
 ) -> np.ndarray:
     """(P,) detail NCC of each (query row, pool row) pair at its best alignment: a coarse grid of
     centred crops of either thumbnail (``SCALES`` per axis; each image's crops made once, the pairs'
     scores are dot products), then a pattern search over width, height and centre (steps halved
     ``ROUNDS`` times) to sub-pixel alignment, which the detail needs. Pairs whose coarse score is below
-    ``floor`` keep it (a lower bound) and skip the pattern search."""
+    ``floor`` keep it (a lower bound) and skip the pattern search. ``low``: in the band an octave lower
+    (LOW_BAND)."""
     out = np.zeros(len(pairs), np.float32)
     grid = torch.tensor(GRID)
     # in pool-row order, so that a chunk makes each of its pool images' crops once (memory: one chunk's)
@@ -236,7 +263,8 @@ def verify(
         pr = pairs[at]
         uq, a = np.unique(pr[:, 0], return_inverse=True)
         up, b = np.unique(pr[:, 1], return_inverse=True)
-        crops_q, crops_p = _centred_crops(_as_tensor(query[uq])), _centred_crops(_as_tensor(pool[up]))
+        crops_q = _centred_crops(_as_tensor(query[uq]), low)
+        crops_p = _centred_crops(_as_tensor(pool[up]), low)
         ta, tb = torch.from_numpy(a.reshape(-1)), torch.from_numpy(b.reshape(-1))
         # side 0: crops of the query against the whole pool image; side 1: the other way round
         s0 = torch.einsum("ngd,nd->ng", crops_q[ta], crops_p[tb, 0])
@@ -248,7 +276,12 @@ def verify(
         if go.any():
             rows = pr[go.numpy()]
             best[go] = _fine(
-                _as_tensor(query[rows[:, 0]]), _as_tensor(pool[rows[:, 1]]), best[go], side[go], params[go]
+                _as_tensor(query[rows[:, 0]]),
+                _as_tensor(pool[rows[:, 1]]),
+                best[go],
+                side[go],
+                params[go],
+                low,
             )
         out[at] = best.numpy()
     return out
@@ -271,22 +304,48 @@ MIRROR_COPY = 0.96
 LOOKALIKE_GAIN = 0.4
 
 
-def mirror_level(
+class Cut(NamedTuple):
+    """Where a pair becomes a verified copy: detail NCC >= ``detail`` in the detail band, or >= ``low`` in
+    the band an octave lower (LOW_BAND; None: off on this set, whose look-alikes reach copies' scores there)."""
+
+    detail: float
+    low: float | None = None
+
+    def record(self) -> dict[str, float | None]:
+        """The thresholds used, for results.json and reports."""
+        return {"verified_at_ncc": self.detail, "verified_at_ncc_low": self.low}
+
+
+def mirror_levels(
     query: np.ndarray, pool: np.ndarray, threshold: float, own: np.ndarray | None = None
-) -> float:
-    """The best detail NCC of any query thumbnail with a mirrored pool thumbnail below MIRROR_COPY (-1 when
-    there is none; a lower bound where it stays below ``threshold - MIRROR_GAP``, where it changes
-    nothing). ``own`` (one per query): the pool row that is the query itself (-1: none), which is not
-    compared with its own mirror. Candidates and verification as for copies: one more search of that size."""
+) -> tuple[float, float]:
+    """The best detail NCC of any query thumbnail with a mirrored pool thumbnail, in the detail band and in
+    the low band (-1 where there is none; a lower bound where it stays below ``threshold - MIRROR_GAP``,
+    where it changes nothing). Pairs whose detail-band score reaches MIRROR_COPY are mirrored copies (a
+    set that holds flipped images) and count in neither band. ``own`` (one per query): the pool row that
+    is the query itself (-1: none), which is not compared with its own mirror. Candidates and verification
+    as for copies: one more search of that size, verified in both bands."""
     if not len(query) or not len(pool):
-        return -1.0
+        return -1.0, -1.0
     flipped = np.ascontiguousarray(pool[:, :, ::-1])
     pairs = candidates(query, flipped)
     if own is not None:
         pairs = pairs[pairs[:, 1] != own[pairs[:, 0]]]
-    s = verify(query, flipped, pairs, floor=threshold - MIRROR_GAP - LOOKALIKE_GAIN)
-    s = s[s < MIRROR_COPY]
-    return float(s.max()) if len(s) else -1.0
+    floor = threshold - MIRROR_GAP - LOOKALIKE_GAIN
+    s = verify(query, flipped, pairs, floor=floor)
+    s_low = verify(query, flipped, pairs, floor=floor, low=True)
+    look = s < MIRROR_COPY
+    return (
+        float(s[look].max()) if look.any() else -1.0,
+        float(s_low[look].max()) if look.any() else -1.0,
+    )
+
+
+def mirror_level(
+    query: np.ndarray, pool: np.ndarray, threshold: float, own: np.ndarray | None = None
+) -> float:
+    """The detail band's look-alike level (``mirror_levels``' first)."""
+    return mirror_levels(query, pool, threshold, own)[0]
 
 
 def calibrated(threshold: float, level: float) -> float:
@@ -295,32 +354,77 @@ def calibrated(threshold: float, level: float) -> float:
     return round(min(max(threshold, level + MIRROR_GAP), max(threshold, MIRROR_COPY)), 4)
 
 
+def calibrated_low(threshold: float, level: float) -> float | None:
+    """The low band's threshold: ``data.duplicate_ncc`` or the set's low-band look-alike level +
+    MIRROR_GAP, whichever is higher; None (the band is off) where that passes MIRROR_COPY, since copies
+    with less detail score ~0.96-0.99 there (LOW_BAND) and look-alikes that close cannot be told apart."""
+    t = round(max(threshold, level + MIRROR_GAP), 4)
+    return t if t <= MIRROR_COPY else None
+
+
 def calibrate(
     query: np.ndarray, pool: np.ndarray, threshold: float, what: str, own: np.ndarray | None = None
-) -> tuple[float, float]:
-    """(look-alike level, threshold to use): ``mirror_level`` and ``calibrated``, with a warning naming
-    ``what`` (the set, or the two sources) where the threshold rises, since the user's pairs change."""
-    level = mirror_level(query, pool, threshold, own)
-    thr = calibrated(threshold, level)
-    if thr > threshold:
+) -> tuple[tuple[float, float], Cut]:
+    """((detail, low) look-alike levels, the Cut to use): ``mirror_levels``, ``calibrated`` and
+    ``calibrated_low``, with a warning naming ``what`` (the set, or the two sources) where the detail
+    threshold rises, since the user's pairs change, and a note where the low band is off."""
+    level, level_low = mirror_levels(query, pool, threshold, own)
+    cut = Cut(calibrated(threshold, level), calibrated_low(threshold, level_low))
+    if cut.detail > threshold:
         log.warning(
             "%s: mirrored images (never copies) reach a detail NCC of %.3f, so distinct images look alike "
             "at this resolution: pairs are verified at %.3f here instead of data.duplicate_ncc=%.2f (look at "
             "the sheet of `lowshot check`)",
             what,
             level,
-            thr,
+            cut.detail,
             threshold,
         )
-    return level, thr
+    if cut.low is None:
+        log.info(
+            "%s: an octave below the detail, mirrored images reach %.3f, so copies that lost their detail "
+            "(downsized, heavy JPEG, noise) cannot be told from look-alikes here and are not searched for",
+            what,
+            level_low,
+        )
+    return (level, level_low), cut
+
+
+def decide(
+    query: np.ndarray, pool: np.ndarray, pairs: np.ndarray, cut: Cut, cascade: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each (query row, pool row) pair verified against ``cut``: (P,) bool verified, (P,) detail-band NCC,
+    (P,) low-band NCC (NaN where not needed: the detail band passed, or the low band is off). With
+    ``cascade`` pairs too far below the detail threshold after the coarse grid skip that band's sub-pixel
+    search (FINE_GAIN); their detail scores are lower bounds."""
+    detail = verify(query, pool, pairs, floor=cut.detail - FINE_GAIN if cascade else None)
+    ok = detail >= cut.detail
+    low = np.full(len(pairs), np.nan, np.float32)
+    rest = np.flatnonzero(~ok)
+    if cut.low is not None and len(rest):
+        # no cascade here: the sub-pixel search raised a low-band score by up to 0.88 (a planted 80 % crop
+        # of BreastMNIST against a real copy at another crop), more than FINE_GAIN; at 100,000 pool images
+        # the whole low band adds ~9 s (bench/pool_copies.py, scale)
+        low[rest] = verify(query, pool, pairs[rest], low=True)
+        ok[rest] = low[rest] >= cut.low
+    return ok, detail, low
+
+
+def rounded(v: float) -> float | None:
+    """A low-band score for the record: None where it was not needed (NaN), else 4 decimals."""
+    return None if np.isnan(v) else round(v, 4)
 
 
 def find_copies(
-    query: np.ndarray, pool: np.ndarray, threshold: float, k: int = 8
-) -> list[tuple[int, int, float]]:
-    """(query row, pool row, NCC) for every verified copy at ``threshold`` (already calibrated), best first."""
+    query: np.ndarray, pool: np.ndarray, cut: Cut, k: int = 8
+) -> list[tuple[int, int, float, float | None]]:
+    """(query row, pool row, detail NCC, low-band NCC or None) for every verified copy at ``cut`` (already
+    calibrated), highest detail NCC first."""
     pairs = candidates(query, pool, k)
-    scores = verify(query, pool, pairs, floor=threshold - FINE_GAIN)
-    keep = np.flatnonzero(scores >= threshold)
-    order = keep[np.argsort(-scores[keep], kind="stable")]
-    return [(int(pairs[i, 0]), int(pairs[i, 1]), float(scores[i])) for i in order]
+    ok, detail, low = decide(query, pool, pairs, cut)
+    keep = np.flatnonzero(ok)
+    order = keep[np.argsort(-detail[keep], kind="stable")]
+    return [
+        (int(pairs[i, 0]), int(pairs[i, 1]), float(detail[i]), None if np.isnan(low[i]) else float(low[i]))
+        for i in order
+    ]

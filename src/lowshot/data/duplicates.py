@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import DataConfig
 from .cache import cache_root, write_atomic
-from .copies import FINE_GAIN, THUMB, calibrate, candidates, thumbnail, verify
+from .copies import THUMB, Cut, calibrate, candidates, decide, rounded, thumbnail
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,8 @@ def duplicate_pairs(
     return pairs + [(i, j, d, "near") for i, j, d in near if not (vague[i] or vague[j])], vague
 
 
-# A verified pair: (i, j, dHash bits or -1, kind, detail NCC or None), i < j.
-Pair = tuple[int, int, int, str, float | None]
+# A verified pair: (i, j, dHash bits or -1, kind, detail NCC or None, low-band NCC or None), i < j.
+Pair = tuple[int, int, int, str, float | None, float | None]
 VERIFIED = ("exact", "near", "copy")  # the kinds that are the same image; "lookalike" is not
 # Above this many images the crop-tolerant search within the store (an exact inner-product search of
 # 3N descriptors against 3N) is skipped; hash candidates are still verified.
@@ -98,60 +98,62 @@ def store_thumbnails(store: Store, rows: np.ndarray | None = None) -> np.ndarray
 
 def _cache_file(digests: np.ndarray, cfg: DataConfig) -> Path:
     # the thumbnails are of the data.size store images, so the size is part of the key
-    h = hashlib.sha1(f"v3|{cfg.size}|{cfg.duplicate_bits}|{cfg.duplicate_ncc}|".encode())
+    h = hashlib.sha1(f"v4|{cfg.size}|{cfg.duplicate_bits}|{cfg.duplicate_ncc}|".encode())
     h.update("\n".join(map(str, digests)).encode())
     return cache_root(cfg) / "duplicates" / f"{h.hexdigest()[:20]}.json"
 
 
-def verified_pairs(store: Store, cfg: DataConfig) -> tuple[list[Pair], np.ndarray, float]:
+def verified_pairs(store: Store, cfg: DataConfig) -> tuple[list[Pair], np.ndarray, Cut]:
     """Every duplicate pair of the store, verified; the (N,) mask of images whose hash does not
     discriminate (their hash candidates are not verified; the crop-tolerant search still sees them); and
-    the verification threshold used: ``data.duplicate_ncc`` calibrated on the store's mirrored images
-    (lowshot.data.copies.calibrated; higher where the set's look-alikes reach it).
+    the verification thresholds used: ``data.duplicate_ncc`` calibrated on the store's mirrored images
+    (lowshot.data.copies.calibrate; higher where the set's look-alikes reach it), in the detail band and
+    the band an octave lower.
 
-    Kinds: 'exact' (same decoded pixels); 'near' (dHash within ``data.duplicate_bits``, detail NCC >= the
-    threshold); 'copy' (a resized or re-cropped copy the hash missed, found by the descriptor search and
-    verified); 'lookalike' (a hash candidate that failed verification). Cached by the images' pixel
-    digests and the two settings (verification of a few thousand images takes seconds; every training
-    script asks)."""
+    Kinds: 'exact' (same decoded pixels); 'near' (dHash within ``data.duplicate_bits``, verified); 'copy'
+    (a resized or re-cropped copy the hash missed, found by the descriptor search and verified);
+    'lookalike' (a hash candidate that failed verification). Cached by the images' pixel digests and the
+    two settings (verification of a few thousand images takes seconds; every training script asks)."""
     bits, digests = store.fingerprints()
     cache = _cache_file(digests, cfg)
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        return [tuple(p) for p in saved["pairs"]], np.asarray(saved["vague"], dtype=bool), saved["threshold"]
+        pairs = [tuple(p) for p in saved["pairs"]]
+        return pairs, np.asarray(saved["vague"], dtype=bool), Cut(*saved["threshold"])
     cands, vague = duplicate_pairs(bits, digests, cfg.duplicate_bits)
     thumbs = store_thumbnails(store)
     # the look-alike level: every image (at most COPY_SEARCH_MAX, a seeded sample) against the mirrored set
     rows = np.arange(len(thumbs))
     if len(rows) > COPY_SEARCH_MAX:
         rows = np.sort(np.random.default_rng(0).choice(rows, COPY_SEARCH_MAX, replace=False))
-    level, thr = calibrate(thumbs[rows], thumbs, cfg.duplicate_ncc, store.name, own=rows)
+    levels, cut = calibrate(thumbs[rows], thumbs, cfg.duplicate_ncc, store.name, own=rows)
     near = np.array([(i, j) for i, j, _, k in cands if k == "near"], np.int64).reshape(-1, 2)
-    ncc = verify(thumbs, thumbs, near)
-    out: list[Pair] = [(i, j, 0, "exact", None) for i, j, _, k in cands if k == "exact"]
+    ok, ncc, low = decide(thumbs, thumbs, near, cut, cascade=False)
+    out: list[Pair] = [(i, j, 0, "exact", None, None) for i, j, _, k in cands if k == "exact"]
     dist = {(i, j): d for i, j, d, k in cands if k == "near"}
-    for (i, j), v in zip(near.tolist(), ncc.tolist(), strict=True):
-        out.append((i, j, dist[(i, j)], "near" if v >= thr else "lookalike", round(v, 4)))
+    for (i, j), good, v, w in zip(near.tolist(), ok.tolist(), ncc.tolist(), low.tolist(), strict=True):
+        out.append((i, j, dist[(i, j)], "near" if good else "lookalike", round(v, 4), rounded(w)))
     if 1 < len(thumbs) <= COPY_SEARCH_MAX:
         seen = {(i, j) for i, j, *_ in out}
         found = candidates(thumbs, thumbs)
         found = np.unique(np.sort(found[found[:, 0] != found[:, 1]], axis=1), axis=0)
         found = np.array([p for p in found.tolist() if tuple(p) not in seen], np.int64).reshape(-1, 2)
-        score = verify(thumbs, thumbs, found, floor=thr - FINE_GAIN)
+        ok, ncc, low = decide(thumbs, thumbs, found, cut)
         out += [
-            (i, j, -1, "copy", round(v, 4))
-            for (i, j), v in zip(found.tolist(), score.tolist(), strict=True)
-            if v >= thr
+            (i, j, -1, "copy", round(v, 4), rounded(w))
+            for (i, j), good, v, w in zip(
+                found.tolist(), ok.tolist(), ncc.tolist(), low.tolist(), strict=True
+            )
+            if good
         ]
     elif len(thumbs) > COPY_SEARCH_MAX:
         log.info(
             "%s: %d images: the crop-tolerant copy search within the set is skipped", store.name, len(thumbs)
         )
     out.sort()
-    write_atomic(
-        cache, json.dumps({"pairs": out, "vague": vague.tolist(), "threshold": thr, "mirror_level": level})
-    )
-    return out, vague, thr
+    record = {"pairs": out, "vague": vague.tolist(), "threshold": list(cut), "mirror_levels": levels}
+    write_atomic(cache, json.dumps(record))
+    return out, vague, cut
 
 
 def duplicate_groups(store: Store, cfg: DataConfig) -> np.ndarray:
