@@ -255,3 +255,31 @@ def test_two_cpu_processes_killed_and_continued_are_bit_identical(data_root: Pat
     assert one.returncode != 0 and "was saved by 2 process(es); continue it with 2, not 1" in out, out[-2000:]
     _finish(_start("ssl/pretrain.py", [*args, "name=cut", "resume=auto"], 2, tmp_path))
     _same(tmp_path / "ref", run)
+
+
+def test_predictions_are_saved_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """predictions.npz (what report, compare and ensemble read) goes through a temporary file and a
+    rename: a save that dies half-way leaves the previous file readable, and a finished one leaves no
+    temporary behind."""
+    from lowshot.data.cache import save_npz_atomic
+
+    path = tmp_path / "run" / "predictions.npz"
+    save_npz_atomic(path, val_prob=np.ones((3, 2)), val_y=np.arange(3))
+    real = np.savez_compressed
+
+    def dies_half_way(file: str | Path, *args: object, **kwargs: object) -> None:
+        Path(file).write_bytes(b"PK\x03\x04 half a zip")  # what a kill mid-write leaves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_npz_atomic(path, val_prob=np.zeros((3, 2)), val_y=np.arange(3))
+    with np.load(path) as z:
+        assert np.array_equal(z["val_prob"], np.ones((3, 2)))
+    monkeypatch.setattr(np, "savez_compressed", real)
+    for leftover in tmp_path.glob("run/.*.tmp.npz"):
+        leftover.unlink()  # the killed writer's temporary: hidden, never read
+    save_npz_atomic(path, val_prob=np.zeros((3, 2)), val_y=np.arange(3))
+    with np.load(path) as z:
+        assert np.array_equal(z["val_prob"], np.zeros((3, 2)))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["predictions.npz"]

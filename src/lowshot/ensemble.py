@@ -26,7 +26,7 @@ import numpy as np
 from . import operating_point as op
 from .config import load_yaml
 from .data import DataError
-from .data.cache import write_atomic
+from .data.cache import save_npz_atomic, write_atomic
 from .evaluation import final_reports
 from .inference import Loaded, decisions, load
 from .inference import score as score_one
@@ -50,7 +50,13 @@ def _member(d: Path) -> dict[str, Any]:
         raise DataError(f"{d} is a {results.get('job')} run; an ensemble is made of finetune/train.py runs")
     with np.load(d / "predictions.npz", allow_pickle=False) as z:
         pred = dict(z)
-    return {"dir": d, "results": results, "pred": pred, "point": op.load(d)}
+    return {
+        "dir": d,
+        "results": results,
+        "pred": pred,
+        "point": op.load(d),
+        "cfg": load_yaml(d / "config.yaml"),
+    }
 
 
 def combine(run_dirs: list[Path], out: Path, command: str = "") -> dict[str, Any]:
@@ -78,7 +84,7 @@ def combine(run_dirs: list[Path], out: Path, command: str = "") -> dict[str, Any
             )
     prob = {s: np.mean([m["pred"][f"{s}_prob"] for m in members], axis=0) for s in splits}
     y = {s: first["pred"][f"{s}_y"].astype(int) for s in splits}
-    cfg = load_yaml(first["dir"] / "config.yaml")
+    cfg = first["cfg"]
     e = cfg.eval
     k = len(classes)
     positive = op.positive_index(e.positive_class, classes, np.bincount(y["val"], minlength=k))
@@ -119,9 +125,7 @@ def combine(run_dirs: list[Path], out: Path, command: str = "") -> dict[str, Any
         if f"{s}_{a}" in first["pred"]
     }
     arrays |= {f"{s}_prob": prob[s] for s in splits}
-    tmp = out / "predictions.tmp.npz"
-    np.savez_compressed(tmp, allow_pickle=False, **arrays)
-    tmp.replace(out / "predictions.npz")
+    save_npz_atomic(out / "predictions.npz", **arrays)
     op.save(point, out)
     write_atomic(out / MEMBERS, json.dumps([str(m["dir"].resolve()) for m in members], indent=2))
     write_atomic(out / "config.yaml", (first["dir"] / "config.yaml").read_text())
@@ -131,7 +135,7 @@ def combine(run_dirs: list[Path], out: Path, command: str = "") -> dict[str, Any
         "git_sha": git_sha(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "members": results["members"],
-        "seed": [m["results"].get("seed", load_yaml(m["dir"] / "config.yaml").seed) for m in members],
+        "seed": [m["results"].get("seed", m["cfg"].seed) for m in members],
         "status": "finished",
     }
     write_atomic(out / "meta.json", json.dumps(meta, indent=2))

@@ -34,7 +34,7 @@ from . import inference
 from .check import pool_copies
 from .config import Config, parse_args, to_yaml
 from .data import DataError, Store, load_store
-from .data.cache import write_atomic
+from .data.cache import save_npz_atomic, write_atomic
 from .data.decode import to_channels
 from .data.duplicates import store_thumbnails
 from .data.pool import Pool
@@ -212,7 +212,7 @@ def evaluate(
     }
     write_atomic(out / "results.json", json.dumps(results, indent=2))
     saved = np.load(Path(run_dir) / "predictions.npz")
-    np.savez_compressed(
+    save_npz_atomic(
         out / "predictions.npz",
         val_prob=saved["val_prob"] @ merge,
         val_y=label_of_model(saved["val_y"], merge),
@@ -221,7 +221,7 @@ def evaluate(
         test_path=other.paths.astype(str),
         test_distance_percentile=scores["percentile"],
     )
-    (out / "config.yaml").write_text((Path(run_dir) / "config.yaml").read_text())
+    write_atomic(out / "config.yaml", (Path(run_dir) / "config.yaml").read_text())
     from .report import run_figures
 
     run_figures(out)

@@ -37,7 +37,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 
 from .config import Config, ConfigError, DataConfig, flatten, setting_key, to_dict, to_yaml
 from .data import Store, cache_root
-from .data.cache import write_atomic
+from .data.cache import save_npz_atomic, write_atomic
 from .models import check_weights_exist, reachable, weights_kind
 
 log = logging.getLogger(__name__)
@@ -441,7 +441,7 @@ class Run:
         """``predictions.npz`` (e.g. val_prob, val_y, test_prob, test_y, test_path): what `lowshot report`
         and `lowshot compare` read; two runs compare only on the same test images."""
         if self.accelerator.is_main_process:
-            np.savez_compressed(self.dir / "predictions.npz", allow_pickle=False, **arrays)
+            save_npz_atomic(self.dir / "predictions.npz", **arrays)
 
     def finish(self, results: dict[str, Any]) -> None:
         """Write ``results.json``, draw the run's report figures (learning curves, ROC, confusion matrix,

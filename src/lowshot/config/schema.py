@@ -32,7 +32,10 @@ class DataConfig:
     # Used only when the source has no split of its own; stratified by label, grouped by `group`.
     val_fraction: float = 0.15
     test_fraction: float = 0.2  # share of the images in the test split (sources without a split)
-    split_seed: int = 0  # seed of the splits lowshot makes and of data.limit / data.train_per_class draws
+    # seed of the splits lowshot makes (groups dealt by a hash of it and their image digests: the same
+    # split wherever the data lies; a changed group moves only itself) and of data.limit /
+    # data.train_per_class draws
+    split_seed: int = 0
     # k-fold cross-validation: folds > 1 re-splits train+val (never test) into `folds` stratified,
     # grouped folds and validates on fold `fold`; repeat with other split_seed values.
     folds: int = 0

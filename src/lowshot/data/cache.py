@@ -6,6 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
+
 from ..config import DataConfig
 
 
@@ -43,5 +45,15 @@ def write_atomic(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def save_npz_atomic(path: Path, **arrays: np.ndarray) -> Path:
+    """``np.savez_compressed`` (no pickles) through a temporary file and a rename, like ``write_atomic``:
+    a run killed while saving its predictions leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")  # savez adds .npz to other names
+    np.savez_compressed(tmp, allow_pickle=False, **arrays)
     os.replace(tmp, path)
     return path
