@@ -14,7 +14,7 @@
 4. Scale: ``--scale`` synthetic pool images (crops of real ones) against 1,000 queries: time of the
    candidate search, of the verification (with the cascade find_copies uses, and without), and of the
    dHash multi-index search within the pool.
-5. The threshold's calibration (copies.mirror_level): the look-alike level of each case measured on
+5. The threshold's calibration (copies.mirror_levels): the look-alike level of each case measured on
    mirrored images, the threshold it gives, the false pairs at 0.88 and at that threshold, on the shared
    sets and on versions of them with less detail (half resolution, JPEG q40), and the recall it costs.
 6. The cascade's margin: in every case above, the most the sub-pixel search raised a pair's coarse
@@ -508,7 +508,7 @@ def bands(root: Path) -> dict:
 
 
 def mirror(root: Path) -> dict:
-    """The threshold's calibration (copies.mirror_level): per case, the best score of the queries against
+    """The threshold's calibration (copies.mirror_levels): per case, the best score of the queries against
     the *mirrored* pool (never a copy), the calibrated threshold, and the queries with a verified pair at
     0.88 and at the calibrated threshold. Distinct cases count false pairs; 'half res' (14 px and back)
     and JPEG q40 of every image make sets with less detail than any shared one, standing in for the
@@ -526,7 +526,7 @@ def mirror(root: Path) -> dict:
         best = np.full(len(q), -1.0)
         np.maximum.at(best, pairs[:, 0], s)
         t0 = time.perf_counter()
-        level = copies.mirror_level(q, p, DEFAULT_NCC)
+        level = copies.mirror_levels(q, p, DEFAULT_NCC)[0]
         took = time.perf_counter() - t0
         # the evidence for copies.LOOKALIKE_GAIN: how far the sub-pixel search raises mirrored pairs
         flipped = np.ascontiguousarray(p[:, :, ::-1])
@@ -551,7 +551,7 @@ def mirror(root: Path) -> dict:
     test = np.stack([_half(a) for a in r["test_images"][:200]])
     rest = thumbs([_half(a) for a in np.concatenate([r["train_images"], r["val_images"]])])
     qt = thumbs(test)
-    thr = copies.calibrated(DEFAULT_NCC, copies.mirror_level(qt, rest, DEFAULT_NCC))
+    thr = copies.calibrated(DEFAULT_NCC, copies.mirror_levels(qt, rest, DEFAULT_NCC)[0])
     recall = {}
     for tname in ("resize x4", "jpeg q70", "brightness +20% contrast", "gamma 0.8", "crop 95%"):
         moved = thumbs([TRANSFORMS[tname](a) for a in test])

@@ -22,7 +22,7 @@ A pair the detail band rejects gets a second chance an octave lower (LOW_BAND), 
 threshold: copies that lost their finest detail (resized to half and back, heavy JPEG, noise) keep that band.
 
 At 32 px two different images that look the same (a homogeneous modality at low resolution) can
-correlate as highly as a copy, so the threshold is calibrated on each set (``mirror_level``): the best
+correlate as highly as a copy, so the threshold is calibrated on each set (``mirror_levels``): the best
 score of its images against mirrored images of the set, which are never copies, plus a margin. Where
 the set's look-alikes come within MIRROR_GAP of it the threshold rises, and the run says so.
 
@@ -339,13 +339,6 @@ def mirror_levels(
         float(s[look].max()) if look.any() else -1.0,
         float(s_low[look].max()) if look.any() else -1.0,
     )
-
-
-def mirror_level(
-    query: np.ndarray, pool: np.ndarray, threshold: float, own: np.ndarray | None = None
-) -> float:
-    """The detail band's look-alike level (``mirror_levels``' first)."""
-    return mirror_levels(query, pool, threshold, own)[0]
 
 
 def calibrated(threshold: float, level: float) -> float:
