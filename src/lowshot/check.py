@@ -326,11 +326,12 @@ def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
             log.warning("%s Training anyway (check.leakage=warn).", msg)
     if out["near_across_splits"]:
         log.warning(
-            "%s: %d verified near-duplicate or re-cropped copy pair(s) across splits (detail NCC >= %.2f); "
+            "%s: %d verified near-duplicate or re-cropped copy pair(s) across splits (detail NCC >= %.2f%s); "
             "look at them with `lowshot check`",
             store.name,
             out["near_across_splits"],
             cut.detail,
+            "" if cut.low is None else f", or >= {cut.low:.2f} an octave lower",
         )
     return out
 
