@@ -370,7 +370,7 @@ def pool_copies(
             "kind": kind,
             # detail NCC at the best alignment ('exact': 1); the band an octave lower where that decided
             "score": round(score, 4),
-            "score_low": None if low is None else round(low, 4),
+            "score_low": low,
         }
         for (j, r), (kind, score, low) in found.items()
     ]

@@ -411,13 +411,10 @@ def rounded(v: float) -> float | None:
 def find_copies(
     query: np.ndarray, pool: np.ndarray, cut: Cut, k: int = 8
 ) -> list[tuple[int, int, float, float | None]]:
-    """(query row, pool row, detail NCC, low-band NCC or None) for every verified copy at ``cut`` (already
-    calibrated), highest detail NCC first."""
+    """(query row, pool row, detail NCC, low-band NCC (``rounded``) or None) for every verified copy at
+    ``cut`` (already calibrated), highest detail NCC first."""
     pairs = candidates(query, pool, k)
     ok, detail, low = decide(query, pool, pairs, cut)
     keep = np.flatnonzero(ok)
     order = keep[np.argsort(-detail[keep], kind="stable")]
-    return [
-        (int(pairs[i, 0]), int(pairs[i, 1]), float(detail[i]), None if np.isnan(low[i]) else float(low[i]))
-        for i in order
-    ]
+    return [(int(pairs[i, 0]), int(pairs[i, 1]), float(detail[i]), rounded(float(low[i]))) for i in order]
