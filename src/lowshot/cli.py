@@ -296,22 +296,17 @@ def predict(run_dir: Path, inputs: list[str], out: Path | None, flag_at: float, 
     """Score image files (folders, files, CSV manifests) with a run's selected model: one CSV row per file."""
     import torch
 
-    from . import ensemble, inference
+    from . import inference
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    members = ensemble.load_members(run_dir) if ensemble.is_ensemble(run_dir) else None
-    run = members[0] if members else inference.load(run_dir)
+    run = inference.load(run_dir)  # an ensemble loads as one module: its members averaged
     files, labels = inference.expand_inputs(list(inputs))
     if not files:
         raise DataError(
             f"no image files in {' '.join(map(str, inputs))} ({'/'.join(sorted(IMAGE_SUFFIXES))})"
         )
     images, kept, bad = inference.read_images(files, run.prep)
-    if members:  # every member scores the images; the ensemble's averaged probabilities decide
-        run, scores = ensemble.score(run_dir, members, images, batch_size, device)
-    else:
-        run.model.to(device)
-        scores = inference.score(run, images, batch_size)
+    run.model.to("cuda" if torch.cuda.is_available() else "cpu")
+    scores = inference.score(run, images, batch_size)
     rows = inference.predictions_table(run, files, labels, scores, kept, bad, flag_at)
     out = out or Path(run_dir) / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.csv"
     inference.write_csv(rows, out)

@@ -17,19 +17,23 @@ without a test report, so choosing to ensemble can be done on validation with th
 from __future__ import annotations
 
 import json
+import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from . import operating_point as op
 from .config import load_yaml
 from .data import DataError
 from .data.cache import save_npz_atomic, write_atomic
 from .evaluation import final_reports
-from .inference import Loaded, decisions, load
-from .inference import score as score_one
+from .inference import Loaded
+from .inference import load as load_run
 from .report import same_images
 from .tracking import git_sha
 
@@ -147,43 +151,73 @@ def is_ensemble(run_dir: Path) -> bool:
     return (Path(run_dir) / MEMBERS).is_file()
 
 
-def load_members(run_dir: Path) -> list[Loaded]:
-    """An ensemble's members (see :func:`combine`) ready to score, after checking that they decode a file
-    into the same stored image."""
+def member_dirs(run_dir: Path) -> list[Path]:
+    """The members' run folders, as :func:`combine` recorded them (resolved paths)."""
+    return [Path(m) for m in json.loads((Path(run_dir) / MEMBERS).read_text())]
+
+
+class Averaged(nn.Module):
+    """The members as one module with a single run's interface: image (B, C, H, W), normalised as the
+    *first* member's ``preprocessing.json`` says → (logits (B, K), embedding (B, D)).
+
+    ``logits`` = log of the members' averaged softmax probabilities (a log-sum-exp of their log-softmax,
+    minus log M), so softmax(logits) is the ensemble's probability and the temperature (softmax(log p / T),
+    ``evaluation.with_temperature``) and operating point apply to it as to one run's logits. Each member
+    gets the input in its own normalisation: undone to [0, 1] with the first member's mean/std, gray
+    replicated to 3 channels or the one gray channel taken back, then (x - mean_i) / std_i. ``embedding``
+    is the first member's (what "unlike the training data" is measured with)."""
+
+    def __init__(self, members: list[nn.Module], preps: list[dict[str, Any]]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.channels = [int(p["in_chans"]) for p in preps]
+
+        def stat(p: dict[str, Any], k: str) -> torch.Tensor:  # (1, C, 1, 1)
+            return torch.tensor(p[k], dtype=torch.float32).view(1, -1, 1, 1)
+
+        for i, p in enumerate(preps):  # member 0's are also the input's
+            self.register_buffer(f"mean{i}", stat(p, "mean"))
+            self.register_buffer(f"std{i}", stat(p, "std"))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, C_0, H, W) in [0, 1]: the stored image / 255
+        unit = x * self.get_buffer("std0") + self.get_buffer("mean0")
+        logps, first = [], None
+        for i, member in enumerate(self.members):
+            u = unit
+            if self.channels[i] != u.shape[1]:  # 1 ↔ 3: only a gray store is fed to both (STORE_KEYS)
+                u = u.expand(-1, 3, -1, -1) if self.channels[i] == 3 else u[:, :1]
+            logits, emb = member((u - self.get_buffer(f"mean{i}")) / self.get_buffer(f"std{i}"))
+            logps.append(logits.float().log_softmax(1))
+            first = emb if first is None else first
+        assert first is not None
+        return torch.logsumexp(torch.stack(logps), 0) - math.log(len(logps)), first
+
+
+def load(run_dir: Path) -> Loaded:
+    """An ensemble written by :func:`combine` as one :class:`~lowshot.inference.Loaded` run: the
+    members (each checked as ``inference.load`` checks a run, and all decoding a file into the same
+    stored image) in one :class:`Averaged` module, the ensemble's own temperature and operating point
+    (fitted on the averaged validation probabilities), and the first member's preprocessing, starting
+    backbone and reference embeddings for "unlike the training data" (the members of one recipe share
+    the starting backbone it is measured in). ``predict``, ``evaluate`` and ``export`` take it as a run."""
     d = Path(run_dir)
-    names = json.loads((d / MEMBERS).read_text())
-    runs = [load(m) for m in names]
-    decoding = {k: runs[0].prep.get(k) for k in STORE_KEYS}
+    names = member_dirs(d)
+    runs = [load_run(m) for m in names]
+    first = runs[0]
+    decoding = {k: first.prep.get(k) for k in STORE_KEYS}
     for m, r in zip(names[1:], runs[1:], strict=True):
         if {k: r.prep.get(k) for k in STORE_KEYS} != decoding:  # one file must become one image for all
             raise DataError(
                 f"{m} decodes images otherwise than {names[0]} (size, channels, colour, DICOM window or "
                 "classes differ): one set of decoded images cannot serve both"
             )
-    return runs
-
-
-def score(
-    run_dir: Path, runs: list[Loaded], images: np.ndarray, batch_size: int, device: str
-) -> tuple[Loaded, dict[str, np.ndarray]]:
-    """Score (N, S, S, C) uint8 images with an ensemble written by :func:`combine` whose members ``runs``
-    (:func:`load_members`) decoded them: every member's raw probabilities, averaged, then the ensemble's
-    temperature and operating point (fitted on the averaged validation probabilities). "Unlike the
-    training data" is the first member's (the members of one recipe share the starting backbone it is
-    measured in). Returns the first member as a :class:`Loaded` carrying the ensemble's decisions, and the
-    scores as ``inference.score`` gives them."""
-    d = Path(run_dir)
     results = json.loads((d / "results.json").read_text())
-    out: dict[str, np.ndarray] = {}
-    raws = []
-    for r in runs:
-        r.model.to(device)
-        one = score_one(r, images, batch_size)
-        raws.append(one["prob_raw"])
-        out = out or one
-        r.model.to("cpu")
-    first = runs[0]
-    first.temperature = float(results.get("calibration", {}).get("temperature", 1.0))
-    first.point = op.load(d)
-    first.classes = list(results["classes"])
-    return first, out | decisions(first, np.mean(raws, axis=0))
+    return replace(
+        first,
+        model=Averaged([r.model for r in runs], [r.prep for r in runs]).eval(),
+        classes=list(results["classes"]),
+        temperature=float(results.get("calibration", {}).get("temperature", 1.0)),
+        point=op.load(d),
+        results=results,
+    )

@@ -12,6 +12,10 @@ training data" score) and a ``parity.json`` that states how far the exported mod
 - ``timm``: ``model.safetensors`` + ``config.json`` in timm's layout, so that
   ``timm.create_model(architecture, num_classes=K, in_chans=C, **model_args)`` and ``load_state_dict``
   give the classifier (a probe's standardise + logistic regression folded into timm's classifier layer).
+
+An ensemble (``lowshot ensemble``) exports as one ONNX graph with the same input and outputs as one run
+(``ensemble.Averaged``: ``logits`` = log of the members' averaged probabilities), the first member's
+preprocessing, reference and starting backbone, and the ensemble's own temperature and operating point.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import inference
+from . import ensemble, inference
 from . import operating_point as op
 from .data import DataError, load_store
 from .data.cache import write_atomic
@@ -101,6 +105,11 @@ def differences(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:
 def to_timm(run: inference.Loaded, out: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """timm's own model with the run's classifier in its classifier layer, and timm's config.json."""
     mc = run.cfg.model
+    if not isinstance(run.model, inference.Deployed):
+        raise WeightsError(
+            "an ensemble is several timm models, not one: export it with --format onnx (one graph that "
+            "averages the members), or each member with --format timm"
+        )
     if mc.small_input_stem or mc.name.startswith("lowshot_"):
         raise WeightsError(
             f"{mc.name}{' with model.small_input_stem' if mc.small_input_stem else ''} is not a plain timm "
@@ -174,14 +183,21 @@ def export(run_dir: Path, fmt: str, out: Path | None = None) -> tuple[Path, dict
         full, _ = to_timm(run, out)
         with torch.no_grad():
             diff = differences(full(x), logits)
+    members = ensemble.member_dirs(run_dir) if ensemble.is_ensemble(run_dir) else []
     parity: dict[str, Any] = {
         "format": fmt,
         "inputs": what,
         **diff,
-        "reference": "lowshot.inference.Deployed (torch, fp32)",
+        "reference": f"lowshot.{type(run.model).__module__.split('.')[-1]}.{type(run.model).__name__} "
+        "(torch, fp32)",
     }
-    for name in (inference.PREPROCESSING, inference.REFERENCE, op.FILE):
-        shutil.copyfile(Path(run_dir) / name, out / name)
+    if members:
+        parity["members"] = [str(m) for m in members]
+    # an ensemble's input and "unlike the training data" reference are its first member's
+    home = members[0] if members else Path(run_dir)
+    for name in (inference.PREPROCESSING, inference.REFERENCE):
+        shutil.copyfile(home / name, out / name)
+    shutil.copyfile(Path(run_dir) / op.FILE, out / op.FILE)
     write_atomic(out / "calibration.json", json.dumps({"temperature": run.temperature}, indent=2))
     write_atomic(out / "parity.json", json.dumps(parity, indent=2))
     return out, parity

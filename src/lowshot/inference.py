@@ -21,7 +21,8 @@ images a new image is.
   named by ``model.weights``, checked by content) or ``checkpoint/`` (the fine-tuned backbone and head).
 
 ``load`` rebuilds any of them as one ``Deployed`` module, image (B, C, H, W) → (logits (B, K),
-embedding (B, D)); ``predict`` scores image files with the run's temperature (fitted on validation)
+embedding (B, D)), and an ensemble (``lowshot ensemble``) as one module with the same inputs and outputs
+(``ensemble.Averaged``); ``predict`` scores image files with the run's temperature (fitted on validation)
 and operating point (chosen on validation), and ``lowshot export`` writes the same module to ONNX.
 """
 
@@ -182,7 +183,7 @@ def probe_as_linear(arrays: dict[str, torch.Tensor]) -> nn.Linear:
 class Loaded:
     """A run ready to score images: the module, its preprocessing and the decisions fitted on validation."""
 
-    model: Deployed
+    model: nn.Module  # Deployed; an ensemble's: ensemble.Averaged (the same inputs and outputs)
     prep: dict[str, Any]
     classes: list[str]
     temperature: float  # 1.0 when the run fitted none
@@ -196,8 +197,8 @@ class Loaded:
 
 
 def load(run_dir: str | Path) -> Loaded:
-    """A finished finetune/train.py run (probe or fine-tune) as a :class:`Loaded`; a clear error names
-    the missing file and the fix."""
+    """A finished finetune/train.py run (probe or fine-tune), or an ensemble of them, as a
+    :class:`Loaded`; a clear error names the missing file and the fix."""
     from .models import WeightsError, create_backbone, weights_fingerprint
 
     d = Path(run_dir)
@@ -205,14 +206,14 @@ def load(run_dir: str | Path) -> Loaded:
     if not res_file.is_file():
         raise DataError(f"{res_file} does not exist: RUN_DIR must be a finished finetune/train.py run")
     results = json.loads(res_file.read_text())
-    if results.get("job") == "ensemble":  # lowshot.ensemble: predict scores with it, the rest take members
-        raise DataError(
-            f"{d} is an ensemble (lowshot ensemble): `lowshot predict` scores with it; `lowshot export` and "
-            f"`lowshot evaluate` take one finetune/train.py run, e.g. a member: {results['members'][0]}"
-        )
+    if results.get("job") == "ensemble":  # lowshot ensemble: its members averaged in one module
+        from .ensemble import load as load_ensemble
+
+        return load_ensemble(d)
     if results.get("job") not in ("probe", "finetune"):
         raise DataError(
-            f"{d} is a {results.get('job')} run; predict, evaluate and export take a finetune/train.py run"
+            f"{d} is a {results.get('job')} run; predict, evaluate and export take a finetune/train.py run "
+            "or a `lowshot ensemble` of them"
         )
     for name in (PREPROCESSING, REFERENCE, op.FILE):
         if not (d / name).is_file():
