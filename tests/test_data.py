@@ -10,6 +10,8 @@ from PIL import Image
 from lowshot import data as data_mod
 from lowshot.config import DataConfig
 from lowshot.data import decode_image, load_store, make_splits
+from lowshot.data.splits import assign_fold
+from lowshot.data.store import Store
 
 
 def cfg(root: Path, source: str, cache: Path, **kw) -> DataConfig:
@@ -189,6 +191,44 @@ def test_the_deal_moves_only_what_changed() -> None:
     for g in np.unique(merged):
         assert len(np.unique(again[merged == g])) == 1
     assert 0 < (again != split).sum() <= 20, (again != split).sum()
+
+
+def test_folds_are_stratified_grouped_and_move_only_what_changed() -> None:
+    """k-fold deals like the hold-outs: every group in one fold, each class spread evenly over the folds,
+    and merging 5 pairs of groups moves a few images between folds, not most of them."""
+    rng = np.random.default_rng(1)
+    groups = rng.integers(0, 300, 600)
+    labels = (rng.random(300) < 0.3).astype(int)[groups]
+
+    def folds(g: np.ndarray) -> np.ndarray:
+        store = Store(
+            name="toy",
+            images=np.zeros((600, 1, 1, 1), np.uint8),
+            labels=labels,
+            split=np.full(600, "train", dtype="<U5"),
+            groups=g.astype(str),
+            classes=["a", "b"],
+            paths=np.arange(600).astype(str),
+        )
+        store.hashes, store.digests = np.zeros((600, 64), bool), np.array([f"{d:040x}" for d in range(600)])
+        out = np.zeros(600, int)
+        for j in range(5):
+            assign_fold(store, DataConfig(folds=5, fold=j))
+            out[store.split == "val"] = j
+            store.split[:] = "train"
+        return out
+
+    fold = folds(groups)
+    for g in np.unique(groups):
+        assert len(np.unique(fold[groups == g])) == 1
+    for c in (0, 1):
+        sizes = np.bincount(fold[labels == c], minlength=5)
+        assert sizes.max() - sizes.min() <= 2 * np.bincount(groups).max(), sizes  # within a group's size
+    merged = groups.copy()
+    for a, b in rng.choice(300, (5, 2), replace=False):
+        merged[merged == b] = a
+    moved = (folds(merged) != fold).sum()
+    assert 0 < moved <= 60, moved  # StratifiedGroupKFold(shuffle, seed 0) moved 422 of the 600 here
 
 
 def test_limit_keeps_stratified_subset(data_root: Path, cache_dir: Path) -> None:

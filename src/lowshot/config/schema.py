@@ -37,7 +37,8 @@ class DataConfig:
     # data.train_per_class draws
     split_seed: int = 0
     # k-fold cross-validation: folds > 1 re-splits train+val (never test) into `folds` stratified,
-    # grouped folds and validates on fold `fold`; repeat with other split_seed values.
+    # grouped folds (dealt by hash as the hold-outs) and validates on fold `fold`; repeat with other
+    # split_seed values.
     folds: int = 0
     fold: int = 0  # which of the `folds` validates (0-based)
     # Images that are identical, near-identical (dHash within `duplicate_bits` of 64 bits: a candidate) or

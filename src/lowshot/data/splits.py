@@ -6,7 +6,7 @@ import hashlib
 import logging
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import train_test_split
 
 from ..config import DataConfig
 from .store import SPLITS, DataError, Store
@@ -22,21 +22,20 @@ def group_order(keys: np.ndarray, seed: int) -> np.ndarray:
     )
 
 
-def group_holdout(
-    labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int, keys: np.ndarray | None = None
-) -> np.ndarray:
-    """Indices of a held-out part of about ``fraction`` of the images, grouped (no group inside and outside
-    it) and stratified by label: per class (a group's most common label), the groups first in the
-    ``group_order`` deal are held out until the class's fraction is reached (a group whose middle image
-    falls before it). Its key is the smallest of its images' ``keys`` (the pixel digests, so the deal does
-    not depend on where the data lies or what the files are called; default: the group names).
+def deal(
+    labels: np.ndarray, groups: np.ndarray, seed: int, keys: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's group code (N,) and each group's place (G,) in [0, 1) in the deal of its class: per
+    class (a group's most common label) the groups in ``group_order``, a group's place being the share of
+    the class's images dealt before its middle image. A group's key is the smallest of its images'
+    ``keys`` (the pixel digests, so the deal does not depend on where the data lies or what the files are
+    called; default: the group names). A hold-out of fraction f is the groups placed below f; fold j of
+    k the groups placed in [j/k, (j+1)/k).
 
     Stable by design: scikit-learn's StratifiedGroupKFold re-deals every group when one changes, so 10 more
     verified copies in BUSI moved 385 of its 780 images between splits; here a change moves the groups it
-    merges and at most the groups at the edge of each class's cut (tests/test_data.py)."""
+    merges and at most the groups at the edge of each cut of each class (tests/test_data.py)."""
     names, codes = np.unique(groups, return_inverse=True)
-    if len(names) < 2:
-        raise DataError(f"only {len(names)} group(s): too few to hold out {fraction:.0%} by group")
     if keys is None:
         key = names.astype(str)
     else:
@@ -49,13 +48,23 @@ def group_holdout(
     np.add.at(votes, (codes, labels), 1)
     major = votes.argmax(1)
     order = group_order(key, seed)
-    held = np.zeros(len(names), dtype=bool)
+    place = np.zeros(len(names))
     for c in np.unique(major):
         gs = np.flatnonzero(major == c)
         gs = gs[np.argsort(order[gs], kind="stable")]
-        before = np.cumsum(size[gs]) - size[gs] / 2  # images dealt before each group's middle
-        held[gs[before < fraction * size[gs].sum()]] = True
-    return np.flatnonzero(held[codes])
+        place[gs] = (np.cumsum(size[gs]) - size[gs] / 2) / size[gs].sum()  # images before the middle
+    return codes, place
+
+
+def group_holdout(
+    labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int, keys: np.ndarray | None = None
+) -> np.ndarray:
+    """Indices of a held-out part of about ``fraction`` of the images, grouped (no group inside and outside
+    it) and stratified by label: the groups the :func:`deal` places below ``fraction``."""
+    codes, place = deal(labels, groups, seed, keys)
+    if len(place) < 2:
+        raise DataError(f"only {len(place)} group(s): too few to hold out {fraction:.0%} by group")
+    return np.flatnonzero((place < fraction)[codes])
 
 
 def make_splits(
@@ -100,16 +109,22 @@ def fill_splits(store: Store, cfg: DataConfig, missing: list[str]) -> None:
 
 
 def assign_fold(store: Store, cfg: DataConfig) -> None:
-    """k-fold cross-validation: train+val become k stratified, grouped folds (seeded by
-    ``split_seed``); fold ``cfg.fold`` is 'val', the others 'train'. The test split is untouched."""
+    """k-fold cross-validation: train+val become k stratified, grouped folds, dealt like the hold-outs
+    (:func:`deal`, seeded by ``split_seed``, keyed by the images' pixel digests, so a change to the data
+    or the duplicate groups moves only the groups it touches and those at the folds' edges); fold
+    ``cfg.fold`` is 'val', the others 'train'. The test split is untouched."""
     pool = np.flatnonzero(np.isin(store.split, ("train", "val")))
-    _, codes = np.unique(store.groups[pool], return_inverse=True)
-    if len(np.unique(codes)) < cfg.folds:
-        raise DataError(f"{store.name}: {len(np.unique(codes))} groups cannot fill {cfg.folds} folds")
-    kfold = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.split_seed)
-    _, held = list(kfold.split(np.zeros(len(pool)), store.labels[pool], codes))[cfg.fold]
+    codes, place = deal(store.labels[pool], store.groups[pool], cfg.split_seed, store.fingerprints()[1][pool])
+    if len(place) < cfg.folds:
+        raise DataError(f"{store.name}: {len(place)} groups cannot fill {cfg.folds} folds")
+    fold = np.minimum((place * cfg.folds).astype(int), cfg.folds - 1)[codes]
+    if not (fold == cfg.fold).any():  # groups so unequal that one spans more than a fold's share
+        raise DataError(
+            f"{store.name}: fold {cfg.fold} of {cfg.folds} holds no group (the largest groups are bigger "
+            "than a fold's share); use fewer data.folds"
+        )
     store.split[pool] = "train"
-    store.split[pool[held]] = "val"
+    store.split[pool[fold == cfg.fold]] = "val"
 
 
 def groups_across_splits(store: Store) -> list[str]:
