@@ -76,7 +76,8 @@ optimizer = make_optimizer(model, cfg.ssl.optimizer, cfg.ssl.lr, cfg.ssl.weight_
 model, optimizer, bank_loader, val_loader = accelerator.prepare(model, optimizer, bank_loader, val_loader)
 loader = loader.prepare(accelerator)  # shards the chunks over processes (the device loader: itself)
 steps_per_epoch = len(loader)  # per process, after sharding
-total_steps = cfg.ssl.epochs * steps_per_epoch
+total_steps = cfg.ssl.steps or cfg.ssl.epochs * steps_per_epoch
+epochs = -(-total_steps // steps_per_epoch)  # ssl.steps: the last epoch stops at the budget
 scheduler = warmup_cosine(
     optimizer, cfg.ssl.warmup_epochs * steps_per_epoch, total_steps, cfg.ssl.min_lr_ratio
 )
@@ -84,7 +85,7 @@ global_batch = batch_size * accelerator.num_processes
 accelerator.print(
     f"{cfg.ssl.method}: {cfg.model.name} ({sum(p.numel() for p in backbone.parameters()) / 1e6:.2f} M params, {in_chans} ch, "
     f"{cfg.data.size} px) | {accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision} | "
-    f"global batch {global_batch} → {negatives_per_anchor(cfg, global_batch)} negatives per anchor | {steps_per_epoch} steps/epoch | "
+    f"global batch {global_batch} → {negatives_per_anchor(cfg, global_batch)} negatives per anchor | {steps_per_epoch} steps/epoch, {total_steps} steps in {epochs} epochs | "
     f"views: {'batched on ' + str(accelerator.device) if batched else 'per image (PIL) in the DataLoader'}"
 )
 
@@ -112,7 +113,7 @@ states.extra = {"knn": {}, "start_norm": weight_norm(model)}  # the guard compar
 if run.plan.state is not None:
     states.restore(run.plan.state)
 knn, start_norm = states.extra["knn"], states.extra["start_norm"]
-for epoch in range(states.epoch, cfg.ssl.epochs):
+for epoch in range(states.epoch, epochs):
     model.train()
     sums = states.sums or {"total": torch.zeros((), device=accelerator.device), "count": 0, "skipped": 0}
     total, count, skipped, done = (
@@ -125,8 +126,8 @@ for epoch in range(states.epoch, cfg.ssl.epochs):
     t_data = time.perf_counter()
     for (x0, x1), _ in tqdm(
         states.batches(epoch),
-        desc=f"epoch {epoch + 1}/{cfg.ssl.epochs}",
-        total=len(loader),
+        desc=f"epoch {epoch + 1}/{epochs}",
+        total=min(len(loader), total_steps - epoch * steps_per_epoch),
         initial=done,
         disable=not accelerator.is_local_main_process,
         leave=False,
@@ -147,6 +148,8 @@ for epoch in range(states.epoch, cfg.ssl.epochs):
             {"total": total, "count": count, "skipped": skipped}
         )  # saves on state.every_steps or a signal
         t_data = time.perf_counter()
+        if states.step >= total_steps:  # ssl.steps reached inside the last epoch
+            break
     epoch_time = time.perf_counter() - t0
     metrics = {
         "epoch": epoch + 1,
@@ -156,9 +159,9 @@ for epoch in range(states.epoch, cfg.ssl.epochs):
         "pairs_per_s": global_batch * (count - done) / epoch_time,
         "data_time_frac": data_time / epoch_time,
     }
-    where = f"pretraining epoch {epoch + 1}/{cfg.ssl.epochs}"
+    where = f"pretraining epoch {epoch + 1}/{epochs}"
     check_epoch(metrics["train/loss"], model, start_norm, where, metrics["lr"], "ssl.lr")
-    if cfg.ssl.knn_every and ((epoch + 1) % cfg.ssl.knn_every == 0 or epoch + 1 == cfg.ssl.epochs):
+    if cfg.ssl.knn_every and ((epoch + 1) % cfg.ssl.knn_every == 0 or epoch + 1 == epochs):
         knn = knn_monitor()
         metrics.update(knn)
     run.log(metrics, step=states.step)
@@ -166,7 +169,7 @@ for epoch in range(states.epoch, cfg.ssl.epochs):
         " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
     )
     states.extra |= {"knn": knn, "metrics": metrics}
-    states.end_epoch(cfg.ssl.epochs)
+    states.end_epoch(epochs)
 
 # ---- save ----------------------------------------------------------------------------------------------
 metrics = states.extra["metrics"]  # the last epoch's (also when a continued run had no epoch left)
@@ -179,7 +182,8 @@ if accelerator.is_main_process:
         cfg,
         {
             "in_chans": in_chans,
-            "epochs": cfg.ssl.epochs,
+            "epochs": epochs,
+            "steps": total_steps,
             "method": cfg.ssl.method,
             # where pretraining started (continued pretraining from ImageNet or a checkpoint, or scratch)
             "started_from": {
@@ -206,6 +210,8 @@ run.finish(
         "final_loss": metrics["train/loss"],
         "world_size": accelerator.num_processes,
         "global_batch": global_batch,
+        "steps": total_steps,  # optimizer steps per process (ssl.steps, or ssl.epochs x steps_per_epoch)
+        "steps_per_epoch": steps_per_epoch,
         "negatives_per_anchor": negatives_per_anchor(cfg, global_batch),
         "augment_path": "batched" if batched else "per_image",
         **knn,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lowshot.config import load_yaml
+from lowshot.config import SSLConfig, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -106,13 +106,18 @@ def check_wandb_offline(run: Path, job: str, uses: str = "") -> None:
 
 def test_breastmnist_pretrain_probe_finetune(data_root: Path, cache_dir: Path, tmp_path: Path) -> None:
     args = [*common(data_root, cache_dir, tmp_path, "breastmnist.npz"), "data.limit=160", "track.group=e2e"]
-    ok(launch("ssl/pretrain.py", [*args, "name=pre", "ssl.epochs=2"], tmp_path, launcher=[]))
+    # a length in optimizer steps (ssl.steps) that ends inside an epoch: 160 images, batches of 64
+    ok(launch("ssl/pretrain.py", [*args, "name=pre", "ssl.steps=5"], tmp_path, launcher=[]))
     ckpt = tmp_path / "pre" / "checkpoint"
     assert {p.name for p in ckpt.iterdir()} >= {"backbone.safetensors", "config.yaml"}
     pre = json.loads((tmp_path / "pre" / "results.json").read_text())
     assert 0.0 <= pre["knn/val_accuracy"] <= 1.0 and pre["world_size"] == 1
     epochs = [json.loads(line) for line in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in epochs] == [1, 2] and all("knn/val_accuracy" in e for e in epochs)
+    per = pre["steps_per_epoch"]
+    assert pre["steps"] == 5 and 5 % per and [e["epoch"] for e in epochs] == [1, 2, 3][: -(-5 // per)]
+    assert all("knn/val_accuracy" in e for e in epochs) and epochs[-1]["lr"] == pytest.approx(
+        2e-3 * SSLConfig().min_lr_ratio, rel=1e-3
+    )  # the cosine schedule spans the 5 steps, not whole epochs
     check_wandb_offline(tmp_path / "pre", "pretrain")
 
     p = ok(launch("finetune/train.py", ["--probe", *args, "name=probe", f"model.weights={ckpt}"], tmp_path))

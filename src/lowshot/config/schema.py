@@ -150,6 +150,10 @@ class SSLConfig:
     unlabelled: list[str] = field(default_factory=list)
     use_train: bool = True  # also pretrain on the labelled training split (False: the pool alone)
     epochs: int = 50  # pretraining epochs
+    # Length in optimizer steps instead (0: ssl.epochs): the same compute whatever the pool's size, for
+    # comparing pools or methods at equal cost; the last epoch stops at the budget, the lr and momentum
+    # schedules span it. ssl.warmup_epochs still counts epochs of the pretraining images.
+    steps: int = 0
     batch_size: int = 128  # per process; NT-Xent negatives are gathered from every process
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 2e-3  # peak lr after warmup, then cosine to lr * min_lr_ratio
@@ -180,6 +184,10 @@ class SSLConfig:
             "ssl", memory_bank=self.memory_bank, wide_dim=self.wide_dim, dino_prototypes=self.dino_prototypes
         )
         _positive("ssl", epochs=self.epochs, batch_size=self.batch_size)
+        if self.steps < 0:
+            raise ConfigError(
+                f"ssl.steps={self.steps}: give a number of optimizer steps, or 0 for ssl.epochs"
+            )
 
 
 @dataclass
