@@ -1,8 +1,9 @@
 """The fine-tuning recipes of configs/recipes/ on BreastMNIST (official split) and BUSI (lowshot's grouped
-split), several seeds each: runs what is missing, then prints and writes the results table.
+split), several seeds each, and the recommended recipe, the ImageNet probe and seed ensembles on
+RetinaMNIST (official split): runs what is missing, then prints and writes the results table.
 
     LOWSHOT_DATA_ROOT=../shared/data python bench/recipes.py [--runs DIR] [--jobs 2] [--only NAME ...]
-        [--data breastmnist|busi ...]
+        [--data breastmnist|busi|retinamnist ...]
 
 Each run is ``accelerate launch --cpu --num_processes 1 finetune/train.py --config <recipe> seed=S`` on
 one thread (``--jobs`` runs side by side; 2 on this 2-core machine). ImageNet recipes run with the
@@ -41,10 +42,14 @@ RECIPES: dict[str, tuple[list[str], list[str], dict[str, int]]] = {  # run in th
     "densenet121-transfer (as Lite0)": (  # the same settings as lowshot-recommended.yaml
         [R + "densenet121-transfer.yaml", *OFFLINE],
         [],
-        {"breastmnist": 5, "busi": 3},
+        {"breastmnist": 5, "busi": 3, "retinamnist": 5},
     ),
     "gradual-llrd": ([R + "gradual-llrd.yaml"], [], {"breastmnist": 5, "busi": 3}),
-    "Lite0 linear probe (cached)": ([*OFFLINE], ["--probe", "data.size=64"], {"breastmnist": 3, "busi": 3}),
+    "Lite0 linear probe (cached)": (
+        [*OFFLINE],
+        ["--probe", "data.size=64"],
+        {"breastmnist": 3, "busi": 3, "retinamnist": 3},
+    ),
     "resnext50-sgd-steplr (as Lite0)": (
         [R + "resnext50-sgd-steplr.yaml", *OFFLINE],
         [],
@@ -95,9 +100,15 @@ REFERENCE = "densenet121-transfer (as Lite0)"
 # Ensemble k averages the member recipe's seeds k*m ... k*m + m - 1, so the first is made of the reference
 # row's own seeds and every ensemble is paired with the reference seed k on the same test images.
 ENSEMBLES: dict[str, tuple[str, int, dict[str, int]]] = {
-    "recommended, ensemble of 5 seeds": (REFERENCE, 5, {"breastmnist": 5}),
+    "recommended, ensemble of 5 seeds": (REFERENCE, 5, {"breastmnist": 5, "retinamnist": 3}),
 }
-DATASETS = {"breastmnist": ["data.source=breastmnist.npz"], "busi": ["--config", "configs/busi.yaml"]}
+DATASETS = {
+    "breastmnist": ["data.source=breastmnist.npz"],
+    "busi": ["--config", "configs/busi.yaml"],
+    # RGB fundus photographs, 5 grades (AUROC: one-vs-rest macro), official split: the recommended recipe,
+    # the ImageNet probe and seed ensembles only
+    "retinamnist": ["--config", "configs/retinamnist.yaml"],
+}
 METRICS = ("auroc", "balanced_accuracy", "accuracy")
 
 
