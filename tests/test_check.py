@@ -8,7 +8,8 @@ from PIL import Image
 from lowshot.check import check_store
 from lowshot.cli import check
 from lowshot.config import DataConfig
-from lowshot.data import dhash, duplicate_pairs, fingerprints, load_store, near_pairs
+from lowshot.data import dhash, duplicate_pairs, fingerprints, load_store
+from lowshot.data.duplicates import hamming_pairs
 
 
 def _scan(rng: np.random.Generator) -> np.ndarray:
@@ -55,7 +56,7 @@ def test_dhash_distance_is_small_for_copies_and_large_for_different_images() -> 
     rng = np.random.default_rng(1)
     a, b = _scan(rng)[..., None], _scan(rng)[..., None]
     bits = np.stack([dhash(a), dhash(np.clip(a.astype(int) + 1, 0, 255).astype(np.uint8)), dhash(b)])
-    pairs = near_pairs(bits, threshold=4)
+    pairs = {(int(a), int(b), int(d)) for a, b, d in hamming_pairs(bits, bits, 4) if a < b}
     assert (0, 1, 0) in pairs and all(j != 2 for _, j, _ in pairs)
 
 

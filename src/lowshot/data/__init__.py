@@ -35,7 +35,7 @@ from .decode import (
     pixel_digest,
     square_resize,
 )
-from .duplicates import duplicate_groups, duplicate_pairs, near_pairs
+from .duplicates import duplicate_groups, duplicate_pairs
 from .loaders import (
     Rebatch,
     StoreDataset,
@@ -78,7 +78,6 @@ __all__ = [
     "load_store",
     "make_loader",
     "make_splits",
-    "near_pairs",
     "normalisation",
     "pixel_digest",
     "resolve_workers",

@@ -45,19 +45,6 @@ def hamming_pairs(index_bits: np.ndarray, query_bits: np.ndarray, threshold: int
     return np.stack([rows, found.astype(np.int64), dist.astype(np.int64)], 1)
 
 
-def near_pairs(bits: np.ndarray, threshold: int, chunk: int = 2048) -> list[tuple[int, int, int]]:
-    """(i, j, distance) with i < j and Hamming distance <= threshold, for (N, 64) bool hashes."""
-    x = np.packbits(bits.astype(bool), axis=1).view(">u8")[:, 0]  # (N,) one 64-bit word per hash
-    pairs = []
-    for lo in range(0, len(x), chunk):
-        d = np.bitwise_count(x[lo : lo + chunk, None] ^ x[None, :])  # (chunk, N) differing bits
-        for a, b in zip(*np.nonzero(d <= threshold), strict=True):
-            i = lo + int(a)
-            if i < int(b):
-                pairs.append((i, int(b), int(d[a, b])))
-    return pairs
-
-
 def duplicate_pairs(
     bits: np.ndarray, digests: np.ndarray, threshold: int, max_neighbours: int = 8
 ) -> tuple[list[tuple[int, int, int, str]], np.ndarray]:
