@@ -6,9 +6,10 @@ recommended recipe, sd 0.029 over 5 seeds); averaging the members' probabilities
 variance instead of betting on one draw. ``combine`` reads each member's ``predictions.npz`` (the scores
 of its selected model), checks that all scored the same validation (and test) images with the same labels
 and were trained on one class prior, and writes an ensemble run directory that ``lowshot show``,
-``compare``, ``report`` and ``predict`` read like any run: ``results.json`` (the validation and test
-reports with bootstrap CIs, a temperature and an operating point chosen on the averaged *validation*
-probabilities), ``predictions.npz``, ``operating_point.json`` and ``members.json``.
+``compare`` and ``report`` read like any run: ``results.json`` (the validation and test reports with
+bootstrap CIs, a temperature and an operating point chosen on the averaged *validation* probabilities),
+``predictions.npz``, ``operating_point.json`` and ``members.json``. :func:`load` gives it to ``predict``,
+``evaluate`` and ``export`` as one model (:class:`Averaged`).
 
 No test image is scored anew: a member without test predictions (``eval.test=false``) gives an ensemble
 without a test report, so choosing to ensemble can be done on validation with the test split sealed.
