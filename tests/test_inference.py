@@ -196,6 +196,42 @@ def test_ensemble_exports_as_one_onnx_graph_and_evaluates_as_one_run(
     assert res["operating_point"]["weights"] == op.load(ens)["weights"]  # the ensemble's, not a member's
 
 
+def test_ensemble_of_selection_only_members_opens_the_test_split_once(runs: Path, tmp_path: Path) -> None:
+    """Members chosen with the test split sealed (eval.test=false: no test scores) make an ensemble
+    without a test report; `--open-test` scores the test images with every member, once, and records the
+    opening in the lockbox ledger. The scores equal what the members gave those images when they opened
+    the test themselves."""
+    sealed = []
+    for name in ("ft", "scratch"):
+        d = tmp_path / name
+        shutil.copytree(runs / name, d)
+        res = json.loads((d / "results.json").read_text())
+        (d / "results.json").write_text(
+            json.dumps({k: v for k, v in res.items() if not k.startswith("test")})
+        )
+        z = dict(np.load(d / "predictions.npz"))
+        np.savez(d / "predictions.npz", **{k: v for k, v in z.items() if not k.startswith("test_")})
+        sealed.append(str(d))
+    p = lowshot("ensemble", *sealed, "--out", str(tmp_path / "val-only"))
+    assert p.returncode == 0, p.stderr
+    assert "test" not in json.loads((tmp_path / "val-only" / "results.json").read_text())
+    ens = tmp_path / "ens"
+    p = lowshot("ensemble", *sealed, "--out", str(ens), "--open-test")
+    assert p.returncode == 0, p.stderr
+    res, e = json.loads((ens / "results.json").read_text()), np.load(ens / "predictions.npz")
+    a, b = (np.load(runs / m / "predictions.npz") for m in ("ft", "scratch"))
+    assert (e["test_path"] == a["test_path"]).all() and (e["test_y"] == a["test_y"]).all()
+    np.testing.assert_allclose(e["test_prob"], (a["test_prob"] + b["test_prob"]) / 2, atol=2e-4)
+    assert res["test"]["n"] == len(a["test_y"])
+    lockbox = json.loads((ens / "meta.json").read_text())["lockbox"]
+    ledger = [json.loads(x) for x in Path(lockbox["ledger"]).read_text().splitlines()]
+    assert ledger[-1]["run"] == str(ens.resolve()) and ledger[-1]["job"] == "ensemble"
+    again = lowshot(
+        "ensemble", str(runs / "ft"), str(runs / "scratch"), "--out", str(tmp_path / "x"), "--open-test"
+    )
+    assert again.returncode != 0 and "already scored the test split" in again.stderr
+
+
 def test_ensemble_refuses_members_of_other_splits(runs: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     shutil.copytree(runs / "ft", other)

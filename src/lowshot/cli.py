@@ -391,6 +391,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     e.add_argument("run_dirs", nargs="+", type=Path)
     e.add_argument("--out", type=Path, required=True, help="the ensemble's run folder to write")
+    e.add_argument(
+        "--open-test",
+        action="store_true",
+        help="members trained with eval.test=false: open the test split once for the ensemble (lockbox ledger)",
+    )
     c = sub.add_parser("curves", help="one label-efficiency figure from several fewshot/evaluate.py runs")
     c.add_argument("run_dirs", nargs="+", type=Path)
     c.add_argument("--out", type=Path, required=True, help="PNG to write")
@@ -449,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
             elif args.cmd == "ensemble":
                 from .ensemble import combine
 
-                combine(args.run_dirs, args.out, shlex.join(["lowshot", *argv]))
+                combine(args.run_dirs, args.out, shlex.join(["lowshot", *argv]), args.open_test)
                 show([args.out])
             elif args.cmd == "predict":
                 predict(args.run_dir, args.inputs, args.out, args.flag_percentile, args.batch_size)

@@ -64,15 +64,24 @@ def _member(d: Path) -> dict[str, Any]:
     }
 
 
-def combine(run_dirs: list[Path], out: Path, command: str = "") -> dict[str, Any]:
+def combine(run_dirs: list[Path], out: Path, command: str = "", open_test: bool = False) -> dict[str, Any]:
     """Average the members' probabilities; write and return the ensemble's results (see the module).
-    ``command`` (the command line that made it) goes into ``meta.json`` with the git sha and the members."""
+    ``command`` (the command line that made it) goes into ``meta.json`` with the git sha and the members.
+
+    ``open_test``: members chosen with the test split sealed (``eval.test=false``) have no test scores;
+    the ensemble then opens it once itself (:func:`score_test`), recorded in the lockbox ledger."""
     if len(run_dirs) < 2:
         raise DataError("an ensemble needs at least two runs")
     members = [_member(Path(d)) for d in run_dirs]
     first = members[0]
     classes = list(first["results"]["classes"])
-    splits = ["val"] + ["test"] * all("test_prob" in m["pred"] for m in members)
+    tested = sum("test_prob" in m["pred"] for m in members)
+    if open_test and tested:
+        raise DataError(
+            f"{tested} of the {len(members)} members already scored the test split: their ensemble averages "
+            "those scores; leave out --open-test (it is for members trained with eval.test=false)"
+        )
+    splits = ["val"] + ["test"] * (tested == len(members))
     for m in members[1:]:
         if list(m["results"]["classes"]) != classes:
             raise DataError(f"{m['dir']} has classes {m['results']['classes']}, {first['dir']} has {classes}")
@@ -89,6 +98,11 @@ def combine(run_dirs: list[Path], out: Path, command: str = "") -> dict[str, Any
             )
     prob = {s: np.mean([m["pred"][f"{s}_prob"] for m in members], axis=0) for s in splits}
     y = {s: first["pred"][f"{s}_y"].astype(int) for s in splits}
+    paths = {s: first["pred"][f"{s}_path"] for s in splits if f"{s}_path" in first["pred"]}
+    lockbox = None
+    if open_test:
+        y["test"], prob["test"], paths["test"], lockbox = score_test(members, out)
+        splits.append("test")
     cfg = first["cfg"]
     e = cfg.eval
     k = len(classes)
@@ -123,12 +137,7 @@ def combine(run_dirs: list[Path], out: Path, command: str = "") -> dict[str, Any
     }
     results |= final_reports((y["val"], prob["val"]), test, classes, e, cfg.seed, point)
     out.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        f"{s}_{a}": first["pred"][f"{s}_{a}"]
-        for s in splits
-        for a in ("y", "path")
-        if f"{s}_{a}" in first["pred"]
-    }
+    arrays = {f"{s}_y": y[s] for s in splits} | {f"{s}_path": paths[s] for s in paths}
     arrays |= {f"{s}_prob": prob[s] for s in splits}
     save_npz_atomic(out / "predictions.npz", **arrays)
     op.save(point, out)
@@ -143,9 +152,48 @@ def combine(run_dirs: list[Path], out: Path, command: str = "") -> dict[str, Any
         "seed": [m["results"].get("seed", m["cfg"].seed) for m in members],
         "status": "finished",
     }
+    if lockbox is not None:
+        meta["lockbox"] = lockbox
     write_atomic(out / "meta.json", json.dumps(meta, indent=2))
     write_atomic(out / "results.json", json.dumps(results, indent=2))
     return results
+
+
+def score_test(
+    members: list[dict[str, Any]], out: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Open the test split for an ensemble of selection-only members, once: the first member's data
+    loaded as it trained on it (checked: the same validation images), the test images scored by every
+    member (:class:`Averaged`), the opening recorded in the split's lockbox ledger. Returns the test
+    labels, averaged probabilities, paths and the ledger record."""
+    from .config import setting_key, to_dict
+    from .data import load_store
+    from .data.decode import to_channels
+    from .inference import to_input
+    from .tracking import record_opening
+
+    runs = [load_run(m["dir"]) for m in members]
+    cfg = members[0]["cfg"]
+    store = load_store(cfg.data)
+    val = store.paths[store.indices("val")].astype(str)
+    if list(val) != list(members[0]["pred"]["val_path"].astype(str)):
+        raise DataError(
+            f"{members[0]['dir']}: its data ({cfg.data.source}) no longer splits into the validation images it "
+            "was chosen on; the test split it would open is not the members' own"
+        )
+    rows = store.unseal()
+    setting = setting_key(to_dict(cfg))
+    ledger = record_opening(
+        cfg.data,
+        f"{store.name}-{store.test_digest()}",
+        {"run": str(Path(out).resolve()), "job": "ensemble", "setting": setting},
+    )
+    model = Averaged([r.model for r in runs], [r.prep for r in runs]).eval()
+    images = to_channels(store.images[rows], runs[0].prep["store_channels"])
+    with torch.no_grad():
+        logits = [model(to_input(images[i : i + 64], runs[0].prep))[0] for i in range(0, len(rows), 64)]
+    prob = torch.cat(logits).softmax(1).numpy() if logits else np.zeros((0, len(store.classes)))
+    return store.labels[rows].astype(int), prob, store.paths[rows].astype(str), ledger
 
 
 def is_ensemble(run_dir: Path) -> bool:
