@@ -12,7 +12,8 @@ bootstrap CIs, a temperature and an operating point chosen on the averaged *vali
 ``evaluate`` and ``export`` as one model (:class:`Averaged`).
 
 No test image is scored anew: a member without test predictions (``eval.test=false``) gives an ensemble
-without a test report, so choosing to ensemble can be done on validation with the test split sealed.
+without a test report, so choosing to ensemble can be done on validation with the test split sealed; then
+``combine(..., open_test=True)`` (``lowshot ensemble --open-test``) opens it once for the ensemble.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def score_test(
     from .inference import to_input
     from .tracking import record_opening
 
-    runs = [load_run(m["dir"]) for m in members]
+    runs, model = averaged([m["dir"] for m in members])
     cfg = members[0]["cfg"]
     store = load_store(cfg.data)
     val = store.paths[store.indices("val")].astype(str)
@@ -188,7 +189,6 @@ def score_test(
         f"{store.name}-{store.test_digest()}",
         {"run": str(Path(out).resolve()), "job": "ensemble", "setting": setting},
     )
-    model = Averaged([r.model for r in runs], [r.prep for r in runs]).eval()
     images = to_channels(store.images[rows], runs[0].prep["store_channels"])
     with torch.no_grad():
         logits = [model(to_input(images[i : i + 64], runs[0].prep))[0] for i in range(0, len(rows), 64)]
@@ -243,6 +243,20 @@ class Averaged(nn.Module):
         return torch.logsumexp(torch.stack(logps), 0) - math.log(len(logps)), first
 
 
+def averaged(names: list[Path]) -> tuple[list[Loaded], Averaged]:
+    """The member runs (``inference.load``, each checked as a run), after checking that they decode a
+    file into the same stored image, and their :class:`Averaged` module."""
+    runs = [load_run(m) for m in names]
+    decoding = {k: runs[0].prep.get(k) for k in STORE_KEYS}
+    for m, r in zip(names[1:], runs[1:], strict=True):
+        if {k: r.prep.get(k) for k in STORE_KEYS} != decoding:  # one file must become one image for all
+            raise DataError(
+                f"{m} decodes images otherwise than {names[0]} (size, channels, colour, DICOM window or "
+                "classes differ): one set of decoded images cannot serve both"
+            )
+    return runs, Averaged([r.model for r in runs], [r.prep for r in runs]).eval()
+
+
 def load(run_dir: Path) -> Loaded:
     """An ensemble written by :func:`combine` as one :class:`~lowshot.inference.Loaded` run: the
     members (each checked as ``inference.load`` checks a run, and all decoding a file into the same
@@ -251,20 +265,11 @@ def load(run_dir: Path) -> Loaded:
     backbone and reference embeddings for "unlike the training data" (the members of one recipe share
     the starting backbone it is measured in). ``predict``, ``evaluate`` and ``export`` take it as a run."""
     d = Path(run_dir)
-    names = member_dirs(d)
-    runs = [load_run(m) for m in names]
-    first = runs[0]
-    decoding = {k: first.prep.get(k) for k in STORE_KEYS}
-    for m, r in zip(names[1:], runs[1:], strict=True):
-        if {k: r.prep.get(k) for k in STORE_KEYS} != decoding:  # one file must become one image for all
-            raise DataError(
-                f"{m} decodes images otherwise than {names[0]} (size, channels, colour, DICOM window or "
-                "classes differ): one set of decoded images cannot serve both"
-            )
+    runs, model = averaged(member_dirs(d))
     results = json.loads((d / "results.json").read_text())
     return replace(
-        first,
-        model=Averaged([r.model for r in runs], [r.prep for r in runs]).eval(),
+        runs[0],
+        model=model,
         classes=list(results["classes"]),
         temperature=float(results.get("calibration", {}).get("temperature", 1.0)),
         point=op.load(d),
