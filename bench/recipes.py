@@ -255,7 +255,9 @@ def summarise(runs: Path, kept: dict) -> tuple[str, dict]:
         # another split (BUSI: the verified-duplicate grouping changed lowshot's split), or the same split
         # and other numbers (another processor or package versions; meta.json of the runs says which).
         ref_new, ref_old = table.get(data, {}).get(REFERENCE, {}), kept.get(data, {}).get(REFERENCE, {})
-        stale = bool(ref_new) and not ref_new.get("kept") and ref_old.get("test") != ref_new["test"]
+        stale = (
+            bool(ref_new and ref_old) and not ref_new.get("kept") and ref_old.get("test") != ref_new["test"]
+        )
         why = "the reference's split was not recorded then"
         if stale and ref_new.get("splits") and ref_old.get("splits"):
             why = (
