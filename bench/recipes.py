@@ -266,8 +266,12 @@ def summarise(runs: Path, kept: dict) -> tuple[str, dict]:
                 else "the same split (equal split digests): another processor or package versions"
             )
         for name, row in list(table.get(data, {}).items()):
-            if row.pop("kept", False) and stale:
+            kept_row = row.pop("kept", False)
+            # a kept row whose recorded split is not the reference's (an earlier call ran the reference again)
+            other = bool(row.get("splits") and ref_new.get("splits") and row["splits"] != ref_new["splits"])
+            if kept_row and (stale or other):
                 row = table[data][name] = {**row, "other_split": True}
+                stale, why = True, "another split (its split digests differ)" if other else why
         for name, row in table.get(data, {}).items():
             a, b, acc = (row["test"][m] for m in METRICS)
             boot = row["bootstrap_mean"]["auroc"]
@@ -287,8 +291,8 @@ def summarise(runs: Path, kept: dict) -> tuple[str, dict]:
             )
         if stale:
             lines.append(
-                f"\n† Not run again: the committed row of {data}; the reference, run again, no longer reproduces "
-                f"its committed numbers ({why}), so these rows are not paired with the rows above."
+                f"\n† Not run again: the committed row of {data}; the reference's runs above are not those it was "
+                f"paired with ({why}), so these rows are not paired with the rows above."
             )
     return "\n".join(lines) + "\n", table
 
