@@ -167,11 +167,10 @@ def score_test(
     loaded as it trained on it (checked: the same validation images), the test images scored by every
     member (:class:`Averaged`), the opening recorded in the split's lockbox ledger. Returns the test
     labels, averaged probabilities, paths and the ledger record."""
-    from .config import setting_key, to_dict
     from .data import load_store
     from .data.decode import to_channels
     from .inference import to_input
-    from .tracking import record_opening
+    from .tracking import open_lockbox
 
     runs, model = averaged([m["dir"] for m in members])
     cfg = members[0]["cfg"]
@@ -182,13 +181,7 @@ def score_test(
             f"{members[0]['dir']}: its data ({cfg.data.source}) no longer splits into the validation images it "
             "was chosen on; the test split it would open is not the members' own"
         )
-    rows = store.unseal()
-    setting = setting_key(to_dict(cfg))
-    ledger = record_opening(
-        cfg.data,
-        f"{store.name}-{store.test_digest()}",
-        {"run": str(Path(out).resolve()), "job": "ensemble", "setting": setting},
-    )
+    rows, ledger = open_lockbox(store, cfg, out, "ensemble")
     images = to_channels(store.images[rows], runs[0].prep["store_channels"])
     with torch.no_grad():
         logits = [model(to_input(images[i : i + 64], runs[0].prep))[0] for i in range(0, len(rows), 64)]

@@ -426,15 +426,11 @@ class Run:
     def open_test(self, store: Store) -> np.ndarray:
         """Unseal the store's test split for the final evaluation and record it in the lockbox ledger;
         returns the test rows. How often that test split was opened before goes into meta.json."""
-        rows = store.unseal()
-        if self.accelerator.is_main_process:
-            setting = setting_key(to_dict(self.cfg))
-            entry = {"run": str(self.dir.resolve()), "job": self.job_type, "setting": setting}
-            self.meta["lockbox"] = {
-                **record_opening(self.cfg.data, f"{store.name}-{store.test_digest()}", entry),
-                "reads_this_run": store.test_reads,
-            }
-            self._write_meta()
+        if not self.accelerator.is_main_process:
+            return store.unseal()
+        rows, opened = open_lockbox(store, self.cfg, self.dir, self.job_type)
+        self.meta["lockbox"] = {**opened, "reads_this_run": store.test_reads}
+        self._write_meta()
         return rows
 
     def save_predictions(self, **arrays: np.ndarray) -> None:
@@ -509,6 +505,14 @@ def source_artifact(weights: str) -> dict[str, str]:
     meta = Path(weights).expanduser() / "meta.json"
     info = json.loads(meta.read_text()).get("wandb_artifact") if meta.is_file() else None
     return dict(info) if info else {}
+
+
+def open_lockbox(store: Store, cfg: Config, run_dir: Path, job: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Unseal the store's test split and record the opening (run, job, setting) in its ledger; returns
+    the test rows and :func:`record_opening`'s record."""
+    rows = store.unseal()
+    entry = {"run": str(Path(run_dir).resolve()), "job": job, "setting": setting_key(to_dict(cfg))}
+    return rows, record_opening(cfg.data, f"{store.name}-{store.test_digest()}", entry)
 
 
 def record_opening(data: DataConfig, ledger_name: str, entry: dict[str, Any]) -> dict[str, Any]:
