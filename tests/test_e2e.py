@@ -353,6 +353,26 @@ def test_quickstart_command(data_root: Path, cache_dir: Path, tmp_path: Path) ->
     report = (tmp_path / "qs" / "report" / "report.md").read_text()  # the three runs, compared, with figures
     assert "Paired comparisons" in report and (tmp_path / "qs" / "report" / "finetune" / "roc.png").is_file()
     assert choice["text"] in report  # the verdict is in the report a user shares
+    # The model to keep, as the advice says: the chosen start's fine-tune with 2 seeds (5 by default), each
+    # trained with the test split sealed, then averaged, the ensemble opening the test split once.
+    keep = tmp_path / "qs" / "keep.sh"
+    assert f"bash {keep} [SEEDS]" in p.stdout
+    k = subprocess.run(["bash", str(keep), "2"], capture_output=True, text=True, env=env, timeout=900)
+    assert k.returncode == 0, k.stdout[-3000:] + k.stderr[-3000:]
+    for s in (0, 1):
+        member = json.loads((tmp_path / "qs" / "keep" / f"seed{s}" / "results.json").read_text())
+        assert "test" not in member and "val" in member
+        cfg = load_yaml(tmp_path / "qs" / "keep" / f"seed{s}" / "config.yaml")
+        ssl_start = str((tmp_path / "qs" / "pretrain" / "checkpoint").resolve())
+        assert cfg.seed == s and cfg.model.weights == (
+            ssl_start if choice["verdict"] == "ssl" else "efficientnet-lite0"
+        )
+    ens = json.loads((tmp_path / "qs" / "keep" / "ensemble-2" / "results.json").read_text())
+    assert ens["selected"]["members"] == 2 and "auroc" in ens["test"]["metrics"] and "TEST" in k.stdout
+    again = subprocess.run(["bash", str(keep), "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert (
+        again.returncode == 0 and "ensemble of 2 runs" in again.stdout
+    )  # finished: shown, nothing retrained
     bad = subprocess.run(
         [sys.executable, "-m", "lowshot.cli", "quickstart", "ssl.epoch=3"],
         capture_output=True,

@@ -56,7 +56,7 @@ def repo_root() -> Path:
     )
 
 
-def _launch(script: str, args: list[str]) -> None:
+def _launch_flags() -> list[str]:
     import torch
 
     # Explicit launcher settings: no accelerate config file is needed, and none is half-applied.
@@ -67,6 +67,11 @@ def _launch(script: str, args: list[str]) -> None:
     # Without --cpu, accelerate launch pins a CPU run to OMP_NUM_THREADS=1: ~1.7x slower on 2 cores.
     if n == 0:
         flags.append("--cpu")
+    return flags
+
+
+def _launch(script: str, args: list[str]) -> None:
+    flags = _launch_flags()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, str(repo_root() / script), *args]
     print("\n$ accelerate launch " + " ".join([*flags, script, *args]), flush=True)
     done = subprocess.run(cmd)
@@ -109,9 +114,64 @@ def quickstart(extra: list[str]) -> Path:
         md, md.read_text() + "\n## SSL or ImageNet? (chosen on validation)\n\n" + choice["text"] + "\n"
     )
     print(choice["text"])
+    keep = write_keep_script(base, group, common, choice["verdict"], ckpt)
+    print(
+        f"\nthe model to keep: bash {keep} [SEEDS]  (the chosen start's fine-tune with SEEDS seeds, 5 unless "
+        "given, the test split sealed; then their average opens it once: about SEEDS times the fine-tune above)"
+    )
     print(f"\nall four runs: {base}/  (config.yaml, metrics.jsonl, results.json, checkpoint/, wandb/)")
     print(f"report (figures, paired comparisons, how much to believe the numbers): {md}")
     return base
+
+
+def write_keep_script(base: Path, group: str, common: list[str], verdict: str, ckpt: Path) -> Path:
+    """``base/keep.sh [SEEDS]``: the ENSEMBLE_ADVICE as commands. The start validation chose (the SSL
+    checkpoint's fine-tune if ``verdict`` is "ssl", else the recommended ImageNet recipe) is fine-tuned
+    with seeds 0..SEEDS-1 and ``eval.test=false``, so choosing the members spends no test read; then
+    ``lowshot ensemble --open-test`` averages them and opens the test split once, in the lockbox ledger.
+    Finished members are skipped, so a stopped script resumes by running it again."""
+    if verdict == "ssl":
+        recipe = [*common, f"model.weights={ckpt.resolve()}"]
+    else:  # ImageNet ahead, or a tie: with every label lowshot's measurements favour this recipe
+        config = repo_root() / "configs" / "recipes" / "lowshot-recommended.yaml"
+        recipe = ["--config", str(config), *common, "model.small_input_stem=false"]
+    launch = shlex.join(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *_launch_flags(),
+            str(repo_root() / "finetune/train.py"),
+        ]
+    )
+    keep = base / "keep"
+    root = os.environ.get("LOWSHOT_DATA_ROOT")
+    text = "\n".join(
+        [
+            "#!/usr/bin/env bash",
+            f"# Written by lowshot quickstart (verdict: {verdict}): the model to keep, SEEDS fine-tunes (default 5)",
+            "# averaged. Members are trained with the test split sealed; the ensemble opens it once.",
+            "set -euo pipefail",
+            f"cd {shlex.quote(str(Path.cwd()))}",  # the quickstart's own relative paths (--config, out_dir)
+            *([f"export LOWSHOT_DATA_ROOT=${{LOWSHOT_DATA_ROOT:-{shlex.quote(root)}}}"] if root else []),
+            "seeds=${1:-5}",
+            "members=()",
+            "for s in $(seq 0 $((seeds - 1))); do",
+            f"  d={shlex.quote(str(keep.resolve()))}/seed$s",
+            f'  [ -f "$d/results.json" ] || {launch} {shlex.join(recipe)} seed=$s eval.test=false '
+            f"name={shlex.quote(group)}/keep/seed$s",
+            '  members+=("$d")',
+            "done",
+            f"out={shlex.quote(str(keep.resolve()))}/ensemble-$seeds",
+            f'lowshot() {{ {shlex.quote(sys.executable)} -m lowshot.cli "$@"; }}',
+            'if [ -f "$out/results.json" ]; then lowshot show "$out"',
+            'else lowshot ensemble "${members[@]}" --out "$out" --open-test; fi',
+            "",
+        ]
+    )
+    write_atomic(base / "keep.sh", text)
+    (base / "keep.sh").chmod(0o755)
+    return base / "keep.sh"
 
 
 # What the quickstart says about the model to keep, whichever start wins (docs/recipes.md).
