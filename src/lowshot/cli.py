@@ -85,13 +85,21 @@ def quickstart(extra: list[str]) -> Path:
 
     ``extra`` overrides apply to all four jobs (e.g. ``data.source=busi``, ``--config FILE``). Identical
     images across the source's own split are dropped from train/val (check.leakage=drop; BreastMNIST's
-    official split holds one), unless ``extra`` says otherwise."""
+    official split holds one), and copies of the val/test images in an ``ssl.unlabelled`` pool are left
+    out of pretraining (check.pool_leakage=drop; a user's unlabelled export usually holds the labelled
+    images too), each recorded in results.json, unless ``extra`` says otherwise."""
     cfg, _ = parse_args(extra)  # fail early on a bad override, before any training
     group = cfg.name or f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
     base = Path(cfg.out_dir) / group
     ckpt = base / "pretrain" / "checkpoint"
     told = any(a.lstrip("-").startswith("check.leakage") or a == "--warn-only" for a in extra)
-    common = [*([] if told else ["check.leakage=drop"]), *extra, f"track.group={group}"]
+    told_pool = any(a.lstrip("-").startswith("check.pool_leakage") for a in extra)
+    common = [
+        *([] if told else ["check.leakage=drop"]),
+        *([] if told_pool else ["check.pool_leakage=drop"]),
+        *extra,
+        f"track.group={group}",
+    ]
     _launch("ssl/pretrain.py", [*common, f"name={group}/pretrain"])
     _launch("finetune/train.py", ["--probe", *common, f"name={group}/probe", f"model.weights={ckpt}"])
     # The question the user has: does pretraining beat ImageNet here? The same probe on ImageNet
