@@ -198,3 +198,35 @@ def test_ssl_or_imagenet_chooses_on_validation_only_when_the_paired_interval_say
     # The same labels on other images (another split seed, say) are not a pairing either.
     with pytest.raises(ValueError, match="different val images"):
         ssl_or_imagenet(ssl_good, run("e", good, y, paths[::-1]), n_boot=100)
+
+
+@pytest.mark.parametrize("verdict", ["ssl", "imagenet", "unresolved"])
+def test_keep_script_trains_the_chosen_start_with_the_test_sealed(
+    verdict: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """keep.sh's member command resolves, with the quickstart's own overrides, to the start the verdict
+    chose: the SSL checkpoint's fine-tune, else the recommended ImageNet recipe; every member has its seed
+    and a sealed test split, and the ensemble line opens the test split once."""
+    import shlex
+
+    from lowshot.cli import repo_root, write_keep_script
+    from lowshot.config import parse_args
+
+    monkeypatch.chdir(repo_root())  # the user's --config paths are relative to where they ran it
+    common = ["check.leakage=drop", "--config", "configs/busi.yaml", "data.size=96", "track.group=qs"]
+    ckpt = tmp_path / "qs" / "pretrain" / "checkpoint"
+    text = write_keep_script(tmp_path / "qs", "qs", common, verdict, ckpt).read_text()
+    line = next(x for x in text.splitlines() if "finetune/train.py" in x)
+    args = shlex.split(line.split("finetune/train.py", 1)[1].replace("$s", "3"))
+    cfg, _ = parse_args(args)
+    assert cfg.seed == 3 and cfg.eval.test is False and cfg.name == "qs/keep/seed3"
+    assert cfg.data.source == "busi" and cfg.data.size == 96  # the user's overrides win over the recipe
+    if verdict == "ssl":
+        assert cfg.model.weights == str(ckpt.resolve()) and "lowshot-recommended" not in line
+    else:
+        assert (cfg.model.name, cfg.model.weights, cfg.train.lr) == (
+            "tf_efficientnet_lite0",
+            "efficientnet-lite0",
+            0.001,
+        )
+    assert 'ensemble "${members[@]}" --out "$out" --open-test' in text and f"verdict: {verdict}" in text
