@@ -219,7 +219,7 @@ def test_keep_script_trains_the_chosen_start_with_the_test_sealed(
     line = next(x for x in text.splitlines() if "finetune/train.py" in x)
     args = shlex.split(line.split("finetune/train.py", 1)[1].replace("$s", "3"))
     cfg, _ = parse_args(args)
-    assert cfg.seed == 3 and cfg.eval.test is False and cfg.name == "qs/keep/seed3"
+    assert cfg.seed == 3 and cfg.eval.test is False and cfg.name == "qs/keep/seed3" and cfg.resume == "auto"
     assert cfg.data.source == "busi" and cfg.data.size == 96  # the user's overrides win over the recipe
     if verdict == "ssl":
         assert cfg.model.weights == str(ckpt.resolve()) and "lowshot-recommended" not in line

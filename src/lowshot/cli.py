@@ -137,7 +137,8 @@ def write_keep_script(base: Path, group: str, common: list[str], verdict: str, c
     checkpoint's fine-tune if ``verdict`` is "ssl", else the recommended ImageNet recipe) is fine-tuned
     with seeds 0..SEEDS-1 and ``eval.test=false``, so choosing the members spends no test read; then
     ``lowshot ensemble --open-test`` averages them and opens the test split once, in the lockbox ledger.
-    Finished members are skipped, so a stopped script resumes by running it again."""
+    Finished members are skipped and a killed one continues (resume=auto), so a stopped script resumes
+    by running it again."""
     if verdict == "ssl":
         recipe = [*common, f"model.weights={ckpt.resolve()}"]
     else:  # ImageNet ahead, or a tie: with every label lowshot's measurements favour this recipe
@@ -166,8 +167,9 @@ def write_keep_script(base: Path, group: str, common: list[str], verdict: str, c
             "members=()",
             "for s in $(seq 0 $((seeds - 1))); do",
             f"  d={shlex.quote(str(keep.resolve()))}/seed$s",
+            # resume=auto: a member killed midway continues from its newest training state
             f'  [ -f "$d/results.json" ] || {launch} {shlex.join(recipe)} seed=$s eval.test=false '
-            f"name={shlex.quote(group)}/keep/seed$s",
+            f"name={shlex.quote(group)}/keep/seed$s resume=auto",
             '  members+=("$d")',
             "done",
             f"out={shlex.quote(str(keep.resolve()))}/ensemble-$seeds",
