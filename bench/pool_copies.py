@@ -602,7 +602,9 @@ def main() -> None:
             "scale": scale(root, a.scale),
             "mirror": mirror(root),
             "bands": bands(root),
-            "fine_gain": dict(GAINS),
+            "fine_gain": {
+                k: v for k, v in GAINS.items() if "low band" not in k
+            },  # the detail band's (FINE_GAIN)
         }
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "table.json").write_text(json.dumps(res, indent=1, default=str))
@@ -825,6 +827,10 @@ def render(res: dict) -> None:
                 f"Both bands (copies.decide at {DEFAULT_NCC} · {DEFAULT_NCC}, what the pool guard runs on such a pool): "
                 f"{sc['decide_s']:.1f} s for the {sc['candidate_pairs']:,} candidate pairs "
                 f"({sc['verified_detail']:,} verified by the detail band, {sc['verified_both']:,} with the low band). "
+                # the guard's steps on a pool: candidates, both bands, the calibration, the record within the pool
+                f"The pool guard's check, all its steps: "
+                f"{sc['candidates_s'] + sc['decide_s'] + sc['mirror_level_s'] + sc['within_pool_s']:.1f} s "
+                "(candidates + both bands + calibration + copies within the pool; target < 60 s). "
                 "Hash candidates within a seeded sample of the pool, with their truth: a copy when both are crops of "
                 "one real image, or of two real images that are themselves copies (their un-noised originals pass "
                 "the detail band: the shared sets hold copies of their own); else false:",

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from lowshot.check import pool_copies, pool_duplicates, pool_guard
@@ -221,6 +223,45 @@ def test_planted_copies_are_found_also_where_they_lost_their_detail(data_root: P
         assert wrong == [], wrong
     lows = [p for p in pairs if p["score_low"] is not None]
     assert lows and all(p["score"] < cut.detail <= p["score_low"] for p in lows)
+
+
+def _blur_reference(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The reference: a separable Gaussian blur (radius max(1, int(3 sigma)) px, replicate padding) of
+    (B, 1, H, W) as weighted shifted sums, the way lowshot computed the detail before ``copies._band``."""
+    r = max(1, int(3 * sigma))
+    g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
+    k = (g / g.sum()).tolist()
+    h, w = x.shape[-2:]
+    p = F.pad(x, (r, r, 0, 0), mode="replicate")
+    blur = sum(k[i] * p[..., :, i : i + w] for i in range(2 * r + 1))
+    p = F.pad(blur, (0, 0, r, r), mode="replicate")
+    return sum(k[i] * p[..., i : i + h, :] for i in range(2 * r + 1))
+
+
+def test_band_pass_and_crop_equal_their_direct_definitions() -> None:
+    """The verification's fast forms equal what they stand for: the band-pass as two matrix products
+    (``_band``) equals blurring the (averaged) thumbnail and taking its central window; the crop's grid
+    built by broadcasting equals F.affine_grid's. Random images: every pixel counts."""
+    from lowshot.data import copies
+
+    x = torch.from_numpy(np.random.default_rng(0).random((64, 1, 32, 32)).astype(np.float32))
+    for low in (False, True):
+        y = F.avg_pool2d(x, copies.LOW_BAND) if low else x
+        lo = _blur_reference(y.double(), copies.DETAIL_LO)
+        band = lo - _blur_reference(lo, copies.DETAIL_SIGMA)
+        m = round(y.shape[-1] * (1 - copies.CENTRE) / 2)
+        ref = copies._unit(band[..., m:-m, m:-m])
+        got = copies._detail_unit(x, low)
+        assert got.shape == ref.shape == (64, (y.shape[-1] - 2 * m) ** 2)
+        assert torch.allclose(got, ref, atol=2e-6), (low, (got - ref).abs().max())
+    g = torch.Generator().manual_seed(0)
+    sx, sy = 0.5 + 0.5 * torch.rand(64, generator=g), 0.5 + 0.5 * torch.rand(64, generator=g)
+    tx, ty = 0.2 * torch.rand(64, generator=g) - 0.1, 0.2 * torch.rand(64, generator=g) - 0.1
+    zero = torch.zeros(64)
+    theta = torch.stack([torch.stack([sx, zero, 2 * tx], 1), torch.stack([zero, sy, 2 * ty], 1)], 1)
+    grid = F.affine_grid(theta, [64, 1, 32, 32], align_corners=False)
+    ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    assert torch.allclose(copies._crop(x, sx, sy, tx, ty, 32), ref, atol=1e-5)
 
 
 def test_verification_cascade_changes_no_decision(data_root: Path, busi: Path) -> None:

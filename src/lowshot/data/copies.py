@@ -23,7 +23,8 @@ threshold: copies that lost their finest detail (resized to half and back, heavy
 
 At 32 px two different images that look the same (a homogeneous modality at low resolution) can
 correlate as highly as a copy, so the threshold is calibrated on each set (``mirror_levels``): the best
-score of its images against mirrored images of the set, which are never copies, plus a margin. Where
+score of its images against left-right mirrored images of the set (MIRRORS), which are never copies,
+plus a margin. Where
 the set's look-alikes come within MIRROR_GAP of it the threshold rises, and the run says so.
 
 What it cannot see: copies rotated by more than a few degrees, flipped, cropped to less than ~70 % of
@@ -37,6 +38,7 @@ eyes): within all of RetinaMNIST the threshold becomes 0.928, 17 pairs are verif
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import NamedTuple
 
@@ -70,9 +72,13 @@ def _crop(
 ) -> torch.Tensor:
     """(B, 1, H, W) → (B, 1, out, out): the region of width sx, height sy (fractions) centred at
     (tx, ty) (fractions from the centre) of each image, resampled bilinearly."""
-    zero = torch.zeros_like(sx)
-    theta = torch.stack([torch.stack([sx, zero, 2 * tx], 1), torch.stack([zero, sy, 2 * ty], 1)], 1)
-    grid = F.affine_grid(theta, [len(x), 1, out, out], align_corners=False)
+    # The sampling grid in grid_sample's [-1, 1] coordinates (pixel centres, align_corners=False). A crop
+    # has no rotation, so x depends on the column only and y on the row only: built by broadcasting, what
+    # F.affine_grid computes as a (B, out*out, 3) x (3, 2) product, in a quarter of the time.
+    c = (2 * torch.arange(out, dtype=torch.float32) + 1) / out - 1  # (out,)
+    gx = (sx[:, None] * c + 2 * tx[:, None])[:, None, :].expand(-1, out, -1)  # (B, out rows, out cols)
+    gy = (sy[:, None] * c + 2 * ty[:, None])[:, :, None].expand(-1, -1, out)
+    grid = torch.stack([gx, gy], -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -97,23 +103,40 @@ CENTRE = 0.6
 LOW_BAND = 2  # the low band's averaging factor (32 px thumbnails to 16 px)
 
 
-def _detail(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, 1, H, W) minus its Gaussian blur (sigma px, replicate padding): the detail left once the shape
-    every image of a modality shares (a fundus disc, an ultrasound fan) is removed. The separable blur
-    is written as weighted shifted sums: 3x faster on CPU than a 1x7 conv2d on one channel (4096 thumbnails)."""
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) float64: the 1-D Gaussian blur (sigma px, radius max(1, int(3 sigma)) px, replicate padding)
+    of a side of n px, as a matrix acting on a column of pixels."""
     r = max(1, int(3 * sigma))
-    g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
-    k = (g / g.sum()).tolist()
-    h, w = x.shape[-2:]
-    p = F.pad(x, (r, r, 0, 0), mode="replicate")
-    blur = torch.zeros_like(x)
-    for i in range(2 * r + 1):
-        blur += k[i] * p[..., :, i : i + w]
-    p = F.pad(blur, (0, 0, r, r), mode="replicate")
-    blur = torch.zeros_like(x)
-    for i in range(2 * r + 1):
-        blur += k[i] * p[..., i : i + h, :]
-    return x - blur
+    g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    g /= g.sum()
+    m = np.zeros((n, n))
+    for i in range(n):
+        for t in range(-r, r + 1):
+            m[i, min(max(i + t, 0), n - 1)] += g[t + r]
+    return m
+
+
+@functools.lru_cache(maxsize=8)
+def _band(n: int, low: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The band-pass of ``_detail_unit`` on an (n, n) thumbnail as two (k, n) float32 matrices (a1, a2),
+    k the central window's side: window = a1 X a1^T - a2 X a2^T.
+
+    Every step is linear and separable per axis: the averaging to n / LOW_BAND px (``low``), the blur of
+    sigma DETAIL_LO (B_lo), the detail band-pass G_lo - B_s B_lo that removes the finest band and the shape
+    of sigma DETAIL_SIGMA (B_s), and the central window W (CENTRE). So a1 = W B_lo P and a2 = W B_s B_lo P,
+    and the band-pass of a batch is two matrix products (BLAS): 5x faster on 2 cores than blurring with
+    shifted sums (4,096 thumbnails, EXPERIMENTS.md), the same numbers to float32 rounding (tests/test_pool.py)."""
+    pool = np.eye(n)
+    if low:
+        pool = np.kron(np.eye(n // LOW_BAND), np.full((1, LOW_BAND), 1 / LOW_BAND))
+    side = len(pool)
+    b_lo = _blur_matrix(side, DETAIL_LO) @ pool
+    b_s = _blur_matrix(side, DETAIL_SIGMA) @ b_lo
+    m = round(side * (1 - CENTRE) / 2)
+    return (
+        torch.from_numpy(b_lo[m : side - m]).float(),
+        torch.from_numpy(b_s[m : side - m]).float(),
+    )
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -124,19 +147,16 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def _detail_unit(x: torch.Tensor, low: bool = False) -> torch.Tensor:
-    """(B, 1, 32, 32) → (B, D) unit rows of the band-pass detail in the central window (see DETAIL_SIGMA,
-    DETAIL_LO, CENTRE); ``low``: of the thumbnail averaged to 16 px first, the band an octave lower
-    (see LOW_BAND)."""
-    if low:
-        x = F.avg_pool2d(x, LOW_BAND)
-    m = round(x.shape[-1] * (1 - CENTRE) / 2)
-    # The window's detail depends only on pixels within the two blurs' reach (3 + 1 px) of it: blurring
-    # just that region (28 of 32 px a side) gives the same numbers in 3/4 of the time.
-    e = max(0, m - max(1, int(3 * DETAIL_SIGMA)) - max(1, int(3 * DETAIL_LO)))
-    x = x[..., e : x.shape[-2] - e, e : x.shape[-1] - e]
-    x = _detail(x - _detail(x, DETAIL_LO), DETAIL_SIGMA)
-    m -= e
-    return _unit(x[..., m : x.shape[-2] - m, m : x.shape[-1] - m])
+    """(B, 1, n, n) → (B, k*k) unit rows of the band-pass detail (sigma DETAIL_LO minus sigma DETAIL_SIGMA)
+    in the central window (CENTRE); ``low``: of the thumbnail averaged by LOW_BAND first, the band an octave
+    lower. Computed as ``_band``'s matrix products: (B*n, n) @ (n, 2k), then (B*k, 2n) @ (2n, k)."""
+    a1, a2 = _band(x.shape[-1], low)
+    k, n = a1.shape
+    y = x.reshape(-1, n, n) @ torch.cat([a1, a2]).T  # (B, n rows, 2k): each row filtered both ways
+    # (B, k cols, 2 filters, n rows): the rows to filter, then one product with [a1, -a2] over (filter, row)
+    y = y.view(-1, n, 2, k).permute(0, 3, 2, 1).reshape(-1, 2 * n)
+    out = (y @ torch.cat([a1, -a2], 1).T).view(-1, k, k)  # (B, k cols, k rows)
+    return _unit(out.transpose(1, 2))
 
 
 def _as_tensor(thumbs: np.ndarray) -> torch.Tensor:
@@ -234,8 +254,8 @@ def _fine(
 # How far the pattern search raised a pair's coarse-grid score, at most, among the pairs that ended at
 # NCC >= 0.85 on real and planted copies (bench/pool_copies.py, "the cascade's margin": 0.56 for BUSI
 # against BreastMNIST; 0.62 at most on planted copies, a 95 % crop of a BreastMNIST image). A pair whose coarse
-# score is more than FINE_GAIN below the threshold cannot become a copy and skips the fine search: at
-# 100,000 pool images x 1,000 queries that is what brings the verification under a minute on 2 cores.
+# score is more than FINE_GAIN below the threshold cannot become a copy and skips the fine search: 38 % of
+# the candidates of BUSI against BreastMNIST do (tests/test_pool.py), few of a pool of look-alike crops.
 FINE_GAIN = 0.75
 
 
@@ -302,6 +322,13 @@ MIRROR_COPY = 0.96
 # half-res and JPEG versions (bench/pool_copies.py, the calibration table). Pairs more than LOOKALIKE_GAIN
 # below the level that could raise the threshold skip the search.
 LOOKALIKE_GAIN = 0.4
+# The mirror of a (N, H, W) thumbnail stack the look-alike level is measured on: left-right (axis 2).
+# Up-down as well (the higher level of the two) was tried and not adopted (EXPERIMENTS.md, "The verification
+# as matrix products; the up-down mirror again"): it stops a distinct JPEG q40 RetinaMNIST pair, but a fundus
+# photo flipped up-down looks like itself (the vessel arcades above and below the disc), so where the pool
+# holds a copy of a query, the copy's mirror raises the level: planted copies of RetinaMNIST test images
+# calibrated to 0.89-0.96 instead of 0.89-0.90, and their recall fell (rotated 3 degrees: 0.995 -> 0.620).
+MIRRORS = (2,)
 
 
 class Cut(NamedTuple):
@@ -321,24 +348,26 @@ def mirror_levels(
 ) -> tuple[float, float]:
     """The best detail NCC of any query thumbnail with a mirrored pool thumbnail, in the detail band and in
     the low band (-1 where there is none; a lower bound where it stays below ``threshold - MIRROR_GAP``,
-    where it changes nothing). Pairs whose detail-band score reaches MIRROR_COPY are mirrored copies (a
-    set that holds flipped images) and count in neither band. ``own`` (one per query): the pool row that
-    is the query itself (-1: none), which is not compared with its own mirror. Candidates and verification
-    as for copies: one more search of that size, verified in both bands."""
+    where it changes nothing), over the MIRRORS. Pairs whose detail-band score reaches
+    MIRROR_COPY are mirrored copies (a set that holds flipped images) and count in neither band. ``own``
+    (one per query): the pool row that is the query itself (-1: none), which is not compared with its own
+    mirror. Candidates and verification as for copies: per mirror one more search of that size, verified
+    in both bands."""
     if not len(query) or not len(pool):
         return -1.0, -1.0
-    flipped = np.ascontiguousarray(pool[:, :, ::-1])
-    pairs = candidates(query, flipped)
-    if own is not None:
-        pairs = pairs[pairs[:, 1] != own[pairs[:, 0]]]
     floor = threshold - MIRROR_GAP - LOOKALIKE_GAIN
-    s = verify(query, flipped, pairs, floor=floor)
-    s_low = verify(query, flipped, pairs, floor=floor, low=True)
-    look = s < MIRROR_COPY
-    return (
-        float(s[look].max()) if look.any() else -1.0,
-        float(s_low[look].max()) if look.any() else -1.0,
-    )
+    level, level_low = -1.0, -1.0
+    for axis in MIRRORS:
+        flipped = np.ascontiguousarray(np.flip(pool, axis))
+        pairs = candidates(query, flipped)
+        if own is not None:
+            pairs = pairs[pairs[:, 1] != own[pairs[:, 0]]]
+        s = verify(query, flipped, pairs, floor=floor)
+        s_low = verify(query, flipped, pairs, floor=floor, low=True)
+        look = s < MIRROR_COPY
+        if look.any():
+            level, level_low = max(level, float(s[look].max())), max(level_low, float(s_low[look].max()))
+    return level, level_low
 
 
 def calibrated(threshold: float, level: float) -> float:
@@ -397,7 +426,7 @@ def decide(
     if cut.low is not None and len(rest):
         # no cascade here: the sub-pixel search raised a low-band score by up to 0.88 (a planted 80 % crop
         # of BreastMNIST against a real copy at another crop), more than FINE_GAIN; at 100,000 pool images
-        # the whole low band adds ~9 s (bench/pool_copies.py, scale)
+        # the whole low band adds ~4 s (bench/pool_copies.py, scale)
         low[rest] = verify(query, pool, pairs[rest], low=True)
         ok[rest] = low[rest] >= cut.low
     return ok, detail, low
