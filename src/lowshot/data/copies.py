@@ -24,8 +24,8 @@ threshold: copies that lost their finest detail (resized to half and back, heavy
 At 32 px two different images that look the same (a homogeneous modality at low resolution) can
 correlate as highly as a copy, so the threshold is calibrated on each set (``mirror_levels``): the best
 score of its images against left-right mirrored images of the set (MIRRORS), which are never copies,
-plus a margin. Where
-the set's look-alikes come within MIRROR_GAP of it the threshold rises, and the run says so.
+plus a margin. Where the set's look-alikes come within MIRROR_GAP of it the threshold rises, and the run
+says so.
 
 What it cannot see: copies rotated by more than a few degrees, flipped, cropped to less than ~70 % of
 the field of view per axis, or with heavy overlays; look-alike structure at fixed positions of the frame
@@ -122,7 +122,7 @@ def _band(n: int, low: bool) -> tuple[torch.Tensor, torch.Tensor]:
     k the central window's side: window = a1 X a1^T - a2 X a2^T.
 
     Every step is linear and separable per axis: the averaging to n / LOW_BAND px (``low``), the blur of
-    sigma DETAIL_LO (B_lo), the detail band-pass G_lo - B_s B_lo that removes the finest band and the shape
+    sigma DETAIL_LO (B_lo), the detail band-pass B_lo - B_s B_lo that removes the finest band and the shape
     of sigma DETAIL_SIGMA (B_s), and the central window W (CENTRE). So a1 = W B_lo P and a2 = W B_s B_lo P,
     and the band-pass of a batch is two matrix products (BLAS): 5x faster on 2 cores than blurring with
     shifted sums (4,096 thumbnails, EXPERIMENTS.md), the same numbers to float32 rounding (tests/test_pool.py)."""
