@@ -602,9 +602,8 @@ def main() -> None:
             "scale": scale(root, a.scale),
             "mirror": mirror(root),
             "bands": bands(root),
-            "fine_gain": {
-                k: v for k, v in GAINS.items() if "low band" not in k
-            },  # the detail band's (FINE_GAIN)
+            # the detail band's margins (FINE_GAIN); the low band's are in "bands"
+            "fine_gain": {k: v for k, v in GAINS.items() if "low band" not in k},
         }
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "table.json").write_text(json.dumps(res, indent=1, default=str))

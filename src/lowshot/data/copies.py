@@ -23,9 +23,8 @@ threshold: copies that lost their finest detail (resized to half and back, heavy
 
 At 32 px two different images that look the same (a homogeneous modality at low resolution) can
 correlate as highly as a copy, so the threshold is calibrated on each set (``mirror_levels``): the best
-score of its images against left-right mirrored images of the set (MIRRORS), which are never copies,
-plus a margin. Where the set's look-alikes come within MIRROR_GAP of it the threshold rises, and the run
-says so.
+score of its images against left-right mirrored images of the set, which are never copies, plus a
+margin. Where the set's look-alikes come within MIRROR_GAP of it the threshold rises, and the run says so.
 
 What it cannot see: copies rotated by more than a few degrees, flipped, cropped to less than ~70 % of
 the field of view per axis, or with heavy overlays; look-alike structure at fixed positions of the frame
@@ -118,8 +117,9 @@ def _blur_matrix(n: int, sigma: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _band(n: int, low: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The band-pass of ``_detail_unit`` on an (n, n) thumbnail as two (k, n) float32 matrices (a1, a2),
-    k the central window's side: window = a1 X a1^T - a2 X a2^T.
+    """The band-pass of ``_detail_unit`` on an (n, n) thumbnail, window = a1 X a1^T - a2 X a2^T with a1, a2
+    (k, n), k the central window's side, as the two float32 matrices its two products use: [a1; a2]
+    (2k, n), which filters the rows both ways, and [a1, -a2] (k, 2n), which filters the columns and subtracts.
 
     Every step is linear and separable per axis: the averaging to n / LOW_BAND px (``low``), the blur of
     sigma DETAIL_LO (B_lo), the detail band-pass B_lo - B_s B_lo that removes the finest band and the shape
@@ -133,10 +133,8 @@ def _band(n: int, low: bool) -> tuple[torch.Tensor, torch.Tensor]:
     b_lo = _blur_matrix(side, DETAIL_LO) @ pool
     b_s = _blur_matrix(side, DETAIL_SIGMA) @ b_lo
     m = round(side * (1 - CENTRE) / 2)
-    return (
-        torch.from_numpy(b_lo[m : side - m]).float(),
-        torch.from_numpy(b_s[m : side - m]).float(),
-    )
+    a1, a2 = b_lo[m : side - m], b_s[m : side - m]
+    return torch.from_numpy(np.vstack([a1, a2])).float(), torch.from_numpy(np.hstack([a1, -a2])).float()
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -150,12 +148,12 @@ def _detail_unit(x: torch.Tensor, low: bool = False) -> torch.Tensor:
     """(B, 1, n, n) → (B, k*k) unit rows of the band-pass detail (sigma DETAIL_LO minus sigma DETAIL_SIGMA)
     in the central window (CENTRE); ``low``: of the thumbnail averaged by LOW_BAND first, the band an octave
     lower. Computed as ``_band``'s matrix products: (B*n, n) @ (n, 2k), then (B*k, 2n) @ (2n, k)."""
-    a1, a2 = _band(x.shape[-1], low)
-    k, n = a1.shape
-    y = x.reshape(-1, n, n) @ torch.cat([a1, a2]).T  # (B, n rows, 2k): each row filtered both ways
+    rows, cols = _band(x.shape[-1], low)
+    k, n = cols.shape[0], rows.shape[1]
+    y = x.reshape(-1, n, n) @ rows.T  # (B, n rows, 2k): each row filtered both ways
     # (B, k cols, 2 filters, n rows): the rows to filter, then one product with [a1, -a2] over (filter, row)
     y = y.view(-1, n, 2, k).permute(0, 3, 2, 1).reshape(-1, 2 * n)
-    out = (y @ torch.cat([a1, -a2], 1).T).view(-1, k, k)  # (B, k cols, k rows)
+    out = (y @ cols.T).view(-1, k, k)  # (B, k cols, k rows)
     return _unit(out.transpose(1, 2))
 
 
@@ -322,13 +320,12 @@ MIRROR_COPY = 0.96
 # half-res and JPEG versions (bench/pool_copies.py, the calibration table). Pairs more than LOOKALIKE_GAIN
 # below the level that could raise the threshold skip the search.
 LOOKALIKE_GAIN = 0.4
-# The mirror of a (N, H, W) thumbnail stack the look-alike level is measured on: left-right (axis 2).
-# Up-down as well (the higher level of the two) was tried and not adopted (EXPERIMENTS.md, "The verification
-# as matrix products; the up-down mirror again"): it stops a distinct JPEG q40 RetinaMNIST pair, but a fundus
-# photo flipped up-down looks like itself (the vessel arcades above and below the disc), so where the pool
-# holds a copy of a query, the copy's mirror raises the level: planted copies of RetinaMNIST test images
-# calibrated to 0.89-0.96 instead of 0.89-0.90, and their recall fell (rotated 3 degrees: 0.995 -> 0.620).
-MIRRORS = (2,)
+# The mirror is left-right only. Up-down as well (the higher level of the two) was tried and not adopted
+# (EXPERIMENTS.md, "The verification as matrix products; the up-down mirror again"): it stops a distinct
+# JPEG q40 RetinaMNIST pair, but a fundus photo flipped up-down looks like itself (the vessel arcades above
+# and below the disc), so where the pool holds a copy of a query, the copy's mirror raises the level: planted
+# copies of RetinaMNIST test images calibrated to 0.89-0.96 instead of 0.89-0.90, and their recall fell
+# (rotated 3 degrees: 0.995 -> 0.620).
 
 
 class Cut(NamedTuple):
@@ -348,26 +345,24 @@ def mirror_levels(
 ) -> tuple[float, float]:
     """The best detail NCC of any query thumbnail with a mirrored pool thumbnail, in the detail band and in
     the low band (-1 where there is none; a lower bound where it stays below ``threshold - MIRROR_GAP``,
-    where it changes nothing), over the MIRRORS. Pairs whose detail-band score reaches
-    MIRROR_COPY are mirrored copies (a set that holds flipped images) and count in neither band. ``own``
-    (one per query): the pool row that is the query itself (-1: none), which is not compared with its own
-    mirror. Candidates and verification as for copies: per mirror one more search of that size, verified
-    in both bands."""
+    where it changes nothing). Pairs whose detail-band score reaches MIRROR_COPY are mirrored copies (a
+    set that holds flipped images) and count in neither band. ``own`` (one per query): the pool row that
+    is the query itself (-1: none), which is not compared with its own mirror. Candidates and verification
+    as for copies: one more search of that size, verified in both bands."""
     if not len(query) or not len(pool):
         return -1.0, -1.0
+    flipped = np.ascontiguousarray(pool[:, :, ::-1])
+    pairs = candidates(query, flipped)
+    if own is not None:
+        pairs = pairs[pairs[:, 1] != own[pairs[:, 0]]]
     floor = threshold - MIRROR_GAP - LOOKALIKE_GAIN
-    level, level_low = -1.0, -1.0
-    for axis in MIRRORS:
-        flipped = np.ascontiguousarray(np.flip(pool, axis))
-        pairs = candidates(query, flipped)
-        if own is not None:
-            pairs = pairs[pairs[:, 1] != own[pairs[:, 0]]]
-        s = verify(query, flipped, pairs, floor=floor)
-        s_low = verify(query, flipped, pairs, floor=floor, low=True)
-        look = s < MIRROR_COPY
-        if look.any():
-            level, level_low = max(level, float(s[look].max())), max(level_low, float(s_low[look].max()))
-    return level, level_low
+    s = verify(query, flipped, pairs, floor=floor)
+    s_low = verify(query, flipped, pairs, floor=floor, low=True)
+    look = s < MIRROR_COPY
+    return (
+        float(s[look].max()) if look.any() else -1.0,
+        float(s_low[look].max()) if look.any() else -1.0,
+    )
 
 
 def calibrated(threshold: float, level: float) -> float:
