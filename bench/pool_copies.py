@@ -178,6 +178,19 @@ def _marks(a: np.ndarray) -> np.ndarray:  # calipers and a text label, as ultras
     return np.asarray(im)
 
 
+# Real exports burn marks in at the scanner's resolution and are resized afterwards (BreastMNIST's 28 px
+# images are BUSI's, calipers included, resized). Drawn on a 28 px image, the same 1 px strokes and PIL's
+# ~11 px font cover a third of the frame at full contrast: an overlay, not a re-export.
+MARKS_AT = 224  # px: marks drawn at (at least) this side, then the image resized back
+
+
+def _marks_at_source(a: np.ndarray) -> np.ndarray:
+    h, w = a.shape[:2]
+    f = max(1, -(-MARKS_AT // w))  # ceil: 8x for 28 px, 1x for BUSI's 256 px (the row above)
+    big = np.asarray(Image.fromarray(a).resize((w * f, h * f), Image.Resampling.BICUBIC))
+    return np.asarray(Image.fromarray(_marks(big)).resize((w, h), Image.Resampling.BICUBIC))
+
+
 TRANSFORMS = {
     "resize x4": lambda a: np.asarray(
         Image.fromarray(a).resize((a.shape[1] * 4, a.shape[0] * 4), Image.Resampling.BICUBIC)
@@ -198,6 +211,7 @@ TRANSFORMS = {
     "rotate 5°": lambda a: np.asarray(Image.fromarray(a).rotate(5, Image.Resampling.BILINEAR)),
     "letterbox 10%": _pad,
     "caliper marks + text": _marks,
+    "marks drawn at 224 px, resized": _marks_at_source,
 }
 
 
@@ -773,6 +787,11 @@ def render(res: dict) -> None:
             f"| {tname} | " + " | ".join(f"{per[n][t]:.3f}" for n in names for t in PLANTED_AT) + " |"
         )
     lines += [
+        "",
+        "Marks: 'caliper marks + text' are drawn on the image at its own size (at 28 px the text covers the top "
+        "third of the frame at full contrast, an overlay); 'marks drawn at 224 px, resized' are the same marks "
+        "drawn on the image enlarged to >= 224 px (8x at 28 px, 1x for BUSI: the row above), then resized back, "
+        "as a scanner burns them in before a set is downsized (BreastMNIST is BUSI, calipers included, at 28 px).",
         "",
         "## Planted copies: precision (false pairs)",
         "",
