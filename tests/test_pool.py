@@ -225,6 +225,47 @@ def test_planted_copies_are_found_also_where_they_lost_their_detail(data_root: P
     assert lows and all(p["score"] < cut.detail <= p["score_low"] for p in lows)
 
 
+def test_fundus_copies_cropped_on_all_sides_are_found(data_root: Path, tmp_path: Path) -> None:
+    """RetinaMNIST: every image a bright disc on black, each with many look-alikes. Copies of 40 test images
+    cropped to 90 % and 80 % of the side and resized back (zoomed in) reached the candidate search for only
+    49 % and 18 % of the images while it compared whole images and one-axis crops; with the square crops in
+    ``copies.VARIANTS`` every one does (bench/pool_copies.py, calibrated: 0.46 -> 0.87 and 0.18 -> 1.00
+    verified on 200 images). Through the guard, at the threshold calibrated against this pool (0.883):
+    36 and 40 of the 40 found, where the three variants alone found 32 of the 80 % crops; no pair with
+    an image that is not a copy of the original."""
+    z = np.load(data_root / "retinamnist.npz")
+    test = z["test_images"][:40]
+
+    def crop(a: np.ndarray, f: float) -> Image.Image:
+        n = round(28 * f)
+        o = (28 - n) // 2
+        return Image.fromarray(a[o : o + n, o : o + n]).resize((28, 28), Image.Resampling.BICUBIC)
+
+    for name, f in (("crop90", 0.9), ("crop80", 0.8)):
+        (tmp_path / "pool" / name).mkdir(parents=True)
+        for i, a in enumerate(test):
+            crop(a, f).save(tmp_path / "pool" / name / f"{i}.png")
+    cfg = _cfg(data_root, tmp_path / "cache", data__source="retinamnist.npz")
+    store = load_store(cfg.data)
+    pool = load_pool([str(tmp_path / "pool")], cfg.data, channels=3)
+    pairs, cut = pool_copies(pool, store, cfg)
+    assert cut.detail > cfg.data.duplicate_ncc and cut.low is None  # fundus photos raise it, low band off
+    row = {str(p): i for i, p in enumerate(store.paths)}
+    # the set's own copies (test/21 is test/89, verified at 0.929): a pair with one of them is right too
+    known = {frozenset(p[:2]) for p in verified_pairs(store, cfg.data)[0] if p[3] in VERIFIED}
+    for name, need in (("crop90", 34), ("crop80", 39)):
+        mine = [p for p in pairs if f"/{name}/" in p["pool"]]
+        original = {id(p): f"retinamnist.npz:test/{Path(p['pool']).stem}" for p in mine}
+        right = [p for p in mine if p["image"] == original[id(p)]]
+        assert len(right) >= need, (name, len(right))
+        wrong = [
+            p
+            for p in mine
+            if p not in right and frozenset((row[original[id(p)]], row[p["image"]])) not in known
+        ]
+        assert wrong == [], wrong
+
+
 def _blur_reference(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """The reference: a separable Gaussian blur (radius max(1, int(3 sigma)) px, replicate padding) of
     (B, 1, H, W) as weighted shifted sums, the way lowshot computed the detail before ``copies._band``."""
@@ -267,7 +308,8 @@ def test_band_pass_and_crop_equal_their_direct_definitions() -> None:
 def test_verification_cascade_changes_no_decision(data_root: Path, busi: Path) -> None:
     """find_copies skips the sub-pixel search for pairs whose coarse score is more than FINE_GAIN below
     the threshold: on the real BUSI -> BreastMNIST case it finds exactly the copies the full search
-    finds, while over a third of the candidates skip the search."""
+    finds, while over a quarter of the candidates skip the search (29 %; 38 % with the candidate search
+    before its square crops)."""
     from lowshot.data import copies
     from lowshot.data.pool import thumbnail
 
@@ -282,7 +324,7 @@ def test_verification_cascade_changes_no_decision(data_root: Path, busi: Path) -
     assert np.all(coarse <= full + 1e-6)  # the search only improves on the coarse grid
     found = copies.find_copies(q, p, copies.Cut(0.88))
     assert {(i, j) for i, j, *_ in found} == {tuple(pr) for pr in pairs[full >= 0.88]}
-    assert len(found) > 300 and (coarse < 0.88 - copies.FINE_GAIN).mean() > 0.3  # 38 % skip it
+    assert len(found) > 300 and (coarse < 0.88 - copies.FINE_GAIN).mean() > 0.25  # 29 % skip it
 
 
 def test_threshold_is_calibrated_where_distinct_images_look_alike(data_root: Path, tmp_path: Path) -> None:
