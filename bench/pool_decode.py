@@ -66,11 +66,14 @@ def pretrain(tmp: str, n: int, size: int, steps: int, root: Path) -> None:
         f"images | {steps} steps of 128 | {m['pairs_per_s']:.1f} pairs/s | data wait {100 * m['data_time_frac']:.1f} % "
         f"of the epoch | {wall:.0f} s in all (start, pool guard, steps, save) |"
     )
-    if not OUT_PRETRAIN.exists():
-        OUT_PRETRAIN.write_text(
-            "| pool | machine | pretraining set | length | speed | data | run |\n|---|---|---|---|---|---|---|\n"
-        )
-    with open(OUT_PRETRAIN, "a") as f:
+    append(OUT_PRETRAIN, ["pool", "machine", "pretraining set", "length", "speed", "data", "run"], row)
+
+
+def append(path: Path, head: list[str], row: str) -> None:
+    """One row added to the markdown table at ``path`` (its header written first when it is new)."""
+    if not path.exists():
+        path.write_text("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
+    with open(path, "a") as f:
         f.write(row + "\n")
     print(row)
 
@@ -107,13 +110,7 @@ def main() -> None:
         f"| {a.n:,} PNGs at {a.size} px | {os.cpu_count()} cores | first run {first:.1f} s = "
         f"{a.n / first:,.0f} images/s | cached {second:.2f} s | {len(pool.skipped)} skipped |"
     )
-    if not OUT.exists():
-        OUT.write_text(
-            "| pool | machine | decode + fingerprints + thumbnails | second run (mapped) | |\n|---|---|---|---|---|\n"
-        )
-    with open(OUT, "a") as f:
-        f.write(row + "\n")
-    print(row)
+    append(OUT, ["pool", "machine", "decode + fingerprints + thumbnails", "second run (mapped)", ""], row)
 
 
 if __name__ == "__main__":
