@@ -253,15 +253,16 @@ def test_fundus_copies_cropped_on_all_sides_are_found(data_root: Path, tmp_path:
     row = {str(p): i for i, p in enumerate(store.paths)}
     # the set's own copies (test/21 is test/89, verified at 0.929): a pair with one of them is right too
     known = {frozenset(p[:2]) for p in verified_pairs(store, cfg.data)[0] if p[3] in VERIFIED}
+
+    def original(p: dict) -> str:  # the test image a planted copy was made of
+        return f"retinamnist.npz:test/{Path(p['pool']).stem}"
+
     for name, need in (("crop90", 34), ("crop80", 39)):
         mine = [p for p in pairs if f"/{name}/" in p["pool"]]
-        original = {id(p): f"retinamnist.npz:test/{Path(p['pool']).stem}" for p in mine}
-        right = [p for p in mine if p["image"] == original[id(p)]]
+        right = [p for p in mine if p["image"] == original(p)]
         assert len(right) >= need, (name, len(right))
         wrong = [
-            p
-            for p in mine
-            if p not in right and frozenset((row[original[id(p)]], row[p["image"]])) not in known
+            p for p in mine if p not in right and frozenset((row[original(p)], row[p["image"]])) not in known
         ]
         assert wrong == [], wrong
 

@@ -67,7 +67,7 @@ VARIANTS = ((1.0, 1.0), (0.8, 1.0), (1.0, 0.8), (0.9, 0.9), (0.8, 0.8))
 # Neighbours per query variant: K x len(VARIANTS) pool crops, 25 (24 with the three variants and k = 8
 # before), so the candidate pairs, and the verification's time, stay as they were (RetinaMNIST 35 a query
 # against 32; BreastMNIST 21 against 23) while the square crops add the recall above; at k = 8 the pairs
-# grew 1.7x and the pool guard's 100,000-image check took 49.5 s instead of 28.5 s.
+# grew 1.7x and the pool guard's 100,000-image check took 49.5 s (40.3 s at k = 5; bench/pool_copies.py).
 K = 5
 SCALES = (1.0, 0.9, 0.8, 0.7)  # crop fractions per axis of the verification's coarse grid
 # Pattern-search steps (width, height, centre x, centre y as fractions of the image), halved each round:
