@@ -258,9 +258,20 @@ def tuned(rec: dict, split: str = "") -> list[float]:
     return [r[key] for r in runs if key in r]
 
 
+def per_seed(rec: dict, k: int) -> list[float]:
+    """A row's probe AUROC at ``k`` labels per class (0: all), one per pretraining seed (mean over draws)."""
+    return [float(np.mean(draws(r, k))) for r in rec["runs"]]
+
+
 def per_seed_mean(rec: dict, k: int) -> float:
-    """A row's probe AUROC at ``k`` labels per class (0: all), mean over its pretraining seeds."""
-    return float(np.mean([np.mean(draws(r, k)) for r in rec["runs"]]))
+    """``per_seed``, averaged over the seeds."""
+    return float(np.mean(per_seed(rec, k)))
+
+
+def paired(rec: dict, base: dict, k: int) -> np.ndarray:
+    """A row's AUROC minus the ImageNet probe's on the same label draws, per (seed, draw)."""
+    b = np.array(draws(base["runs"][0], k))
+    return np.concatenate([np.array(draws(r, k)) - b for r in rec["runs"]])
 
 
 TARGET = 0.05  # issue 12: at 20 labels per class the best SSL route >= the ImageNet probe + 0.05 AUROC
@@ -276,16 +287,16 @@ def target_note(record: dict[str, dict]) -> str:
         return ""
     b20, b_all = per_seed_mean(base, 20), per_seed_mean(base, 0)
     best = max(ssl, key=lambda n: per_seed_mean(ssl[n], 20))
-    b = np.array(draws(base["runs"][0], 20))
-    d = mean_ci(list(np.concatenate([np.array(draws(r, 20)) - b for r in ssl[best]["runs"]])))
+    best20 = per_seed_mean(ssl[best], 20)
+    d = mean_ci(list(paired(ssl[best], base, 20)))
     goal = b20 + TARGET
     met = d["mean"] >= TARGET and d["low"] > 0
     top_all = max(record, key=lambda n: per_seed_mean(record[n], 0))
-    verdict = "met" if met else f"missed by {goal - per_seed_mean(ssl[best], 20):.3f}"
+    verdict = "met" if met else f"missed by {goal - best20:.3f}"
     ceiling = per_seed_mean(record[top_all], 0)
     return (
         f"\nTarget at 20 labels per class (the best SSL route >= the ImageNet probe + {TARGET}, interval above 0): "
-        f"{b20:.3f} + {TARGET} = {goal:.3f}. Best SSL row: {best}, {per_seed_mean(ssl[best], 20):.3f}, "
+        f"{b20:.3f} + {TARGET} = {goal:.3f}. Best SSL row: {best}, {best20:.3f}, "
         f"Δ {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]: {verdict}. The headroom the labels leave: every "
         f"training label instead of 20 per class gives the ImageNet probe {b_all - b20:+.3f} ({b_all:.3f}), and "
         f"the best all-label probe of any row is {ceiling:.3f} ({top_all}), {abs(goal - ceiling):.3f} "
@@ -302,22 +313,17 @@ def write_table(data: str, record: dict[str, dict], a: argparse.Namespace) -> No
     for name, rec in record.items():
         cells, deltas = [], []
         for k in BUDGETS:
-            per_seed = [float(np.mean(draws(r, k))) for r in rec["runs"]]
-            s = (
-                mean_ci(per_seed)
-                if len(per_seed) > 1
-                else {"mean": per_seed[0], "low": np.nan, "high": np.nan}
-            )
+            seeds = per_seed(rec, k)
+            s = mean_ci(seeds) if len(seeds) > 1 else {"mean": seeds[0], "low": np.nan, "high": np.nan}
             within = float(np.std(np.concatenate([draws(r, k) for r in rec["runs"]])))
             cells.append(
                 f"{s['mean']:.3f}"
-                + (f" [{s['low']:.3f}, {s['high']:.3f}]" if len(per_seed) > 1 else f" (draw sd {within:.3f})")
+                + (f" [{s['low']:.3f}, {s['high']:.3f}]" if len(seeds) > 1 else f" (draw sd {within:.3f})")
             )
             if base is None or name == "ImageNet Lite0":
                 deltas.append("–")
                 continue
-            b = np.array(draws(base["runs"][0], k))  # the same label draws: paired
-            d = np.concatenate([np.array(draws(r, k)) - b for r in rec["runs"]])
+            d = paired(rec, base, k)  # the same label draws
             if len(d) > 1 and np.std(d) > 0:
                 m = mean_ci(list(d))
                 deltas.append(f"{m['mean']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]")
