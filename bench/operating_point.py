@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 
-from lowshot import finetune as ft
 from lowshot import operating_point as op
 from lowshot.config import parse_args
 from lowshot.data import load_store
 from lowshot.data.splits import draw_per_class
 from lowshot.evaluation import mean_ci, paired_bootstrap
 from lowshot.models import backbone_for, cached_embeddings
+from lowshot.probe import fit_probe
 from lowshot.tracking import make_accelerator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,10 @@ def measure(data: str, a: argparse.Namespace) -> list[dict]:
         boot: dict[str, dict[str, dict[str, float]]] = {}
         for d in range(a.draws if budget else 1):
             pick = draw_per_class(labels, tr, budget, [cfg.seed, budget, d])
-            clf, _, _ = ft.fit_probe(x[pick], labels[pick], x[va], labels[va], cfg.train.probe_cs, cfg.seed)
+            free = x[np.concatenate([tr, va])]  # the shipped probe's label-free normalisation
+            clf, _, _ = fit_probe(
+                x[pick], labels[pick], x[va], labels[va], cfg.train.probe_cs, cfg.seed, free
+            )
             pv, pt = clf.predict_proba(x[va]), clf.predict_proba(x[te])
             prior = op.training_prior(labels[pick], k, balanced=False)
             for rule in op.RULES:

@@ -73,10 +73,11 @@ curve = label_efficiency(
     feats,
     store.labels,
     store.indices("train"),
+    store.indices("val"),
     store.indices("test"),
     fs.label_budgets,
     fs.draws,
-    fs.probe_c,
+    [fs.probe_c] if fs.probe_c > 0 else cfg.train.probe_cs,
     cfg.seed,
 )
 accelerator.print(f"label efficiency (test, mean [95% CI] over {fs.draws} draws):")

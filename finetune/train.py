@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from lowshot import finetune as ft
 from lowshot import inference
 from lowshot import operating_point as op
+from lowshot import probe as lp
 from lowshot.augment import batched_loader, train_spec, use_batched
 from lowshot.check import leakage_guard
 from lowshot.cli import user_errors
@@ -85,7 +86,10 @@ if cfg.train.probe:
         (feats.numpy()[store.indices(s)], store.labels[store.indices(s)]) for s in ("train", "val")
     )
     accelerator.print(f"probe: embeddings {tuple(feats.shape)}{' (from the cache)' if cache_hit else ''}")
-    clf, c, curve = ft.fit_probe(x_tr, y_tr, x_va, y_va, cfg.train.probe_cs, cfg.seed)
+    # The features are standardised with statistics of every image seen without labels (train, the images a
+    # label budget left unlabelled, val), not of the few labelled ones (lowshot.probe).
+    x_free = feats.numpy()[store.indices("train", "unlabelled", "val")]
+    clf, c, curve = lp.fit_probe(x_tr, y_tr, x_va, y_va, cfg.train.probe_cs, cfg.seed, x_free)
     for i, point in enumerate(curve):
         run.log(
             {"probe/C": point["C"], "val/auroc": point["val_auroc"], "val/accuracy": point["val_accuracy"]},

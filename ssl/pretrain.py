@@ -21,7 +21,7 @@ from sklearn.metrics import balanced_accuracy_score
 from tqdm.auto import tqdm
 
 from lowshot.augment import batched_loader, simclr_spec, use_batched
-from lowshot.check import leakage_guard, pool_guard
+from lowshot.check import leakage_guard, pool_guard, unlabelled_guard
 from lowshot.cli import user_errors
 from lowshot.config import parse_args
 from lowshot.data import eval_transform, load_store, split_loader, split_train_loader
@@ -42,6 +42,7 @@ with accelerator.main_process_first():  # the first process decodes and caches; 
     store = load_store(cfg.data)
     pool = load_pool(cfg.ssl.unlabelled, cfg.data, store.images.shape[-1]) if cfg.ssl.unlabelled else None
 leakage = leakage_guard(store, cfg)  # identical images in two splits: stop, warn or drop
+unlabelled = unlabelled_guard(store, cfg)  # a label budget's leftovers are pretrained on: guarded as a pool
 accelerator.print(store.describe())
 pool_leakage: dict = {}
 if pool is not None:  # copies of the val/test images in the pool: stop, warn or drop (check.pool_leakage)
@@ -217,6 +218,7 @@ run.finish(
         **knn,
         "leakage": leakage,
         "pool_leakage": pool_leakage,
+        "unlabelled_leakage": unlabelled,  # copies of val/test among the images a label budget left unlabelled
         "pretrain_images": len(ssl_set.labels),
         "started_from": cfg.model.weights,
     }

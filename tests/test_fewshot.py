@@ -148,10 +148,10 @@ def test_label_efficiency_curve_shape_and_trend(tmp_path: Path) -> None:
     g = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], 100)
     feats = torch.from_numpy(g.normal(size=(300, 16)) + 1.2 * np.eye(16)[labels]).float()
-    train, test = np.arange(0, 300, 2), np.arange(1, 300, 2)
-    rows = label_efficiency(feats, labels, train, test, [1, 5, 20, 0], draws=6, c=1.0, seed=0)
+    train, val, test = np.arange(0, 300, 3), np.arange(1, 300, 3), np.arange(2, 300, 3)
+    rows = label_efficiency(feats, labels, train, val, test, [1, 5, 20, 0], draws=6, cs=[0.1, 1.0], seed=0)
     assert [r["labels_per_class"] for r in rows] == [1, 5, 20, 0]
-    assert [r["n_labels"] for r in rows] == [3, 15, 60, 150] and [r["draws"] for r in rows] == [6, 6, 6, 1]
+    assert [r["n_labels"] for r in rows] == [3, 15, 60, 100] and [r["draws"] for r in rows] == [6, 6, 6, 1]
     for r in rows:
         for m in ("accuracy", "balanced_accuracy", "auroc"):
             assert r[f"{m}_low"] <= r[m] <= r[f"{m}_high"]

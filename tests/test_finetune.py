@@ -3,10 +3,12 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from lowshot.config import TrainConfig
-from lowshot.finetune import EarlyStopping, fit_probe, lr_schedule, make_optimizer, warmup_cosine
+from lowshot.finetune import EarlyStopping, lr_schedule, make_optimizer, warmup_cosine
+from lowshot.probe import fit_probe
 
 
 def test_early_stopping_keeps_a_copy_not_a_reference() -> None:
@@ -87,3 +89,37 @@ def test_step_schedule_is_medmnist_protocol() -> None:
     per_epoch = lrs[::4]
     assert per_epoch[49] == pytest.approx(1e-3) and per_epoch[50] == pytest.approx(1e-4)
     assert per_epoch[74] == pytest.approx(1e-4) and per_epoch[75] == pytest.approx(1e-5)
+
+
+def test_probe_survives_a_feature_constant_among_the_labelled_images() -> None:
+    """Issue 38: a feature nearly constant over the few labelled images (and spuriously tied to their
+    labels there) must not be blown up on the validation images. Standardised with the labelled images'
+    own statistics, the probe collapses; with the label-free statistics (lowshot.probe) it holds."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+
+    def sample(n: int, labelled: bool) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % 2
+        x = rng.normal(size=(n, 64)) + 2.5 * np.eye(64)[y * 3]  # the class lives in features 0 and 3
+        # feature 63: sd 0.0002 and tied to the label among the labelled images, sd 0.5 elsewhere
+        x[:, 63] = (1e-4 * (2 * y - 1) + rng.normal(0, 1e-4, n)) if labelled else rng.normal(0, 0.5, n)
+        return x, y
+
+    (xt, yt), (xv, yv), (xu, _) = sample(20, True), sample(200, False), sample(500, False)
+    cs = [1e-2, 0.1, 1.0, 10.0]
+    clf, _, curve = fit_probe(xt, yt, xv, yv, cs, x_free=np.concatenate([xt, xu, xv]))
+    new = max(p["val_auroc"] for p in curve)
+    old = max(
+        roc_auc_score(
+            yv,
+            LogisticRegression(C=c, max_iter=2000)
+            .fit(s.transform(xt), yt)
+            .predict_proba(s.transform(xv))[:, 1],
+        )
+        for s in [StandardScaler().fit(xt)]
+        for c in cs
+    )
+    assert new > 0.85 and old < 0.7, (new, old)
+    assert clf[0].scale_[63] > 0.3  # the label-free standard deviation, not the labelled images' 0.0002

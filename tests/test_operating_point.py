@@ -151,3 +151,35 @@ def test_final_reports_score_the_test_split_at_the_point() -> None:
         at["per_class"]["malignant"]["specificity"]["value"]
         > plain["per_class"]["malignant"]["specificity"]["value"]
     )
+
+
+def _skewed(n: int, shift: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Binary scores of a good ranker (separation 2.5 sd), 62 % positive (class 1), whose logits are
+    shifted by ``shift`` against class 1: at 0.5 it calls many positives negative (issue 38's chest X-rays)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.62).astype(int)
+    logit = rng.normal(2.5 * y - 1.25 - shift, 1.0)
+    p1 = 1 / (1 + np.exp(-logit))
+    return y, np.stack([1 - p1, p1], 1)
+
+
+def test_balanced_rule_is_checked_on_validation_and_fitted_where_it_fails() -> None:
+    y, p = _skewed(500, 1.5)
+    point = op.choose(y, p, "balanced", np.array([0.5, 0.5]), NAMES, 1)
+    assert point["asked"] == "balanced" and point["rule"] == "youden" and point["check"]["holds"] is False
+    assert point["check"]["low"] > 0 and "fitted on validation" in point["why"]
+    at_half = op.at_point(y, p, {**point, "weights": [0.0, 0.0]})
+    assert at_half["sensitivity"] < 0.75 < point["val"]["sensitivity"]  # 0.5 missed the positives
+    assert point["val"]["balanced_accuracy"] > at_half["balanced_accuracy"] + 0.05
+    # calibrated scores: the rule's assumption holds and its threshold stays
+    y, p = _skewed(500, 0.0)
+    point = op.choose(y, p, "balanced", np.array([0.5, 0.5]), NAMES, 1)
+    assert point["rule"] == "balanced" and point["check"]["holds"] is True
+    assert point["threshold"] == pytest.approx(0.5)
+    # too few images of a class to check: the rule stands, and the record says why
+    y, p = _skewed(500, 1.5)
+    few = np.concatenate([np.flatnonzero(y == 0)[:3], np.flatnonzero(y == 1)[:20]])
+    y, p = y[few], p[few]
+    point = op.choose(y, p, "balanced", np.array([0.5, 0.5]), NAMES, 1)
+    assert point["rule"] == "balanced" and point["check"]["holds"] is None and "too few" in point["why"]
+    assert op.choose(y, p, "balanced", np.array([0.5, 0.5]), NAMES, 1, check=False)["check"] is None

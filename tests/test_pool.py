@@ -357,3 +357,37 @@ def test_threshold_is_calibrated_where_distinct_images_look_alike(data_root: Pat
     assert all(row >= 0 for row, _ in found)  # no training image is called a copy
     assert all(img == f"retina_half.npz:test/{k}" for k, img in found)  # each with its own original
     assert len(found) >= 12
+
+
+def test_images_a_label_budget_leaves_unlabelled_pass_the_pool_guard(data_root: Path, cache_dir: Path) -> None:
+    """Issue 38: data.train_per_class leaves most training images unlabelled, and pretraining reads them;
+    those that are copies of a val/test image (BreastMNIST's official split holds 125 verified pairs) are
+    stopped, dropped or logged by check.pool_leakage, like a pool's. The labelled images are not touched."""
+    from lowshot.check import unlabelled_guard
+
+    cfg = _cfg(data_root, cache_dir, data__train_per_class=5)
+    cfg.data.source = "breastmnist.npz"
+    store = load_store(cfg.data)
+    pairs, _, _ = verified_pairs(store, cfg.data)
+    held = np.isin(store.split, ["val", "test"])
+    want = {
+        a
+        for i, j, _, kind, *_ in pairs
+        if kind in VERIFIED
+        for a, b in ((i, j), (j, i))
+        if store.split[a] == "unlabelled" and held[b]
+    }
+    assert len(want) > 50  # the official split's copies, most of them now among the unlabelled images
+    with pytest.raises(DataError, match="check.pool_leakage=drop"):
+        unlabelled_guard(store, cfg)  # the default, error
+    labelled = store.indices("train")
+    cfg.check.pool_leakage = "drop"
+    found = unlabelled_guard(store, cfg)
+    assert found["copies_of_val_test"] == len(want) and len(found["dropped"]) == len(want)
+    assert set(np.flatnonzero(store.split == "dropped")) == want
+    assert (store.indices("train") == labelled).all()
+    # what pretraining reads: the labelled images and the unlabelled ones that are no copy
+    ssl_rows = pretraining_store(store, None, True)
+    assert len(ssl_rows.labels) == len(store.indices("train", "unlabelled")) and not want & set(
+        store.indices("train", "unlabelled")
+    )

@@ -15,6 +15,7 @@ from PIL import Image
 
 from lowshot import data as data_mod
 from lowshot import finetune as finetune_mod
+from lowshot import probe as probe_mod
 from lowshot.check import leakage_guard
 from lowshot.config import DataConfig, parse_args
 from lowshot.data import DataError, LockboxError, Store, load_store, split_loader
@@ -131,7 +132,7 @@ def _run_train(args: list[str], monkeypatch: pytest.MonkeyPatch) -> list[tuple[s
     stores: list[Store] = []
     real_load, real_fit, real_step, real_unseal = (
         data_mod.load_store,
-        finetune_mod.fit_probe,
+        probe_mod.fit_probe,
         finetune_mod.EarlyStopping.step,
         Store.unseal,
     )
@@ -153,7 +154,7 @@ def _run_train(args: list[str], monkeypatch: pytest.MonkeyPatch) -> list[tuple[s
         return real_unseal(self)
 
     monkeypatch.setattr(data_mod, "load_store", load)
-    monkeypatch.setattr(finetune_mod, "fit_probe", fit)
+    monkeypatch.setattr(probe_mod, "fit_probe", fit)
     monkeypatch.setattr(finetune_mod.EarlyStopping, "step", step)
     monkeypatch.setattr(Store, "unseal", unseal)
     monkeypatch.setattr(sys, "argv", ["finetune/train.py", *args])

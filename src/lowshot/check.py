@@ -39,7 +39,7 @@ from .data import (
     source_path,
 )
 from .data.copies import Cut, calibrate, decide, find_copies, rounded
-from .data.duplicates import VERIFIED, duplicate_pairs, hamming_pairs, store_thumbnails, verified_pairs
+from .data.duplicates import VERIFIED, duplicate_pairs, hamming_neighbours, store_thumbnails, verified_pairs
 from .data.pool import Pool
 
 log = logging.getLogger(__name__)
@@ -336,6 +336,54 @@ def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
     return out
 
 
+def unlabelled_guard(store: Store, cfg: Config) -> dict[str, Any]:
+    """Before pretraining: the training images a label budget left unlabelled (data.train_per_class) are
+    pretrained on like a pool, so they pass the pool's guard (check.pool_leakage): a verified copy of a
+    val/test image among them (exact, near or re-cropped; lowshot.data.duplicates) stops the run (error),
+    is left out of pretraining (drop: its split becomes 'dropped') or is logged (warn). Issue 38: 10 such
+    images of a chest X-ray set were identical to 8 validation images. Returns the finding for results.json."""
+    pairs, _, _ = verified_pairs(store, cfg.data)
+    held = {"val", "test"}
+    flagged: set[int] = set()
+    for i, j, _, kind, *_ in pairs:
+        if kind not in VERIFIED:
+            continue
+        for a, b in ((i, j), (j, i)):
+            if store.split[a] == "unlabelled" and store.split[b] in held:
+                flagged.add(int(a))
+    out: dict[str, Any] = {
+        "unlabelled_images": int((store.split == "unlabelled").sum()),
+        "copies_of_val_test": len(flagged),
+        "action": cfg.check.pool_leakage,
+    }
+    if not flagged:
+        return out
+    rows = sorted(flagged)
+    shown = ", ".join(str(store.paths[r]) for r in rows[:5])
+    msg = (
+        f"{store.name}: {len(rows)} training image(s) that data.train_per_class leaves unlabelled are copies of "
+        f"val/test images (e.g. {shown}); pretraining on them would leak the evaluation images into the "
+        f"representation."
+    )
+    if cfg.check.pool_leakage == "error":
+        raise DataError(
+            msg + " Pass check.pool_leakage=drop (leave them out of pretraining) or check.pool_leakage=warn "
+            "(pretrain anyway); `lowshot check` lists the pairs."
+        )
+    if cfg.check.pool_leakage == "drop":
+        store.split[rows] = "dropped"
+        out["dropped"] = [str(store.paths[r]) for r in rows]
+        log.warning("%s Left them out of pretraining.", msg)
+    else:
+        log.warning("%s Pretraining anyway (check.pool_leakage=warn).", msg)
+    return out
+
+
+# Hash candidates verified per labelled image against a pool: its nearest pool hashes, as many as an image
+# may have before the store calls its hash one that cannot tell images apart (duplicate_pairs' 8), plus one.
+HASH_NEIGHBOURS = 9
+
+
 def pool_copies(
     pool: Pool, store: Store, cfg: Config, splits: tuple[str, ...] = ("val", "test")
 ) -> tuple[list[dict[str, Any]], Cut]:
@@ -351,8 +399,10 @@ def pool_copies(
     _, cut = calibrate(thumbs, pool.thumbs, cfg.data.duplicate_ncc, f"{store.name} against the other source")
     for q, j, ncc, low in find_copies(thumbs, pool.thumbs, cut):
         found[(j, int(rows[q]))] = ("copy", ncc, low)
-    near = hamming_pairs(pool.hashes, hashes[rows], cfg.data.duplicate_bits)[:, :2]
-    # hash candidates count only when verified, like the store's own near pairs (data.duplicates)
+    # the HASH_NEIGHBOURS nearest pool hashes of each image, within data.duplicate_bits (all of them where it
+    # has fewer: a hash that discriminates); hash candidates count only when verified, like the store's own
+    # near pairs (data.duplicates). On alike images nearly every pair is within reach: bounded per image.
+    near = hamming_neighbours(pool.hashes, hashes[rows], cfg.data.duplicate_bits, HASH_NEIGHBOURS)[0][:, :2]
     ok, nccs, lows = decide(thumbs, pool.thumbs, near, cut, cascade=False)
     for (q, j), good, v, w in zip(near.tolist(), ok.tolist(), nccs.tolist(), lows.tolist(), strict=True):
         if good:

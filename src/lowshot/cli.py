@@ -113,13 +113,20 @@ def quickstart(extra: list[str]) -> Path:
     print()
     runs = [base / "probe", base / "imagenet-probe", base / "finetune"]
     show(runs)
+    print(point_table(runs) + "\n")
     from .report import write_report
 
     choice = ssl_or_imagenet(base / "probe", base / "imagenet-probe")
     write_atomic(base / "choice.json", json.dumps(choice, indent=2))
     md = write_report(runs, base / "report")
+    at_point = "\n## At the operating point (chosen on validation)\n\n" + point_table(runs) + "\n"
     write_atomic(
-        md, md.read_text() + "\n## SSL or ImageNet? (chosen on validation)\n\n" + choice["text"] + "\n"
+        md,
+        md.read_text()
+        + at_point
+        + "\n## SSL or ImageNet? (chosen on validation)\n\n"
+        + choice["text"]
+        + "\n",
     )
     print(choice["text"])
     keep = write_keep_script(base, group, common, choice["verdict"], ckpt)
@@ -130,6 +137,31 @@ def quickstart(extra: list[str]) -> Path:
     print(f"\nall four runs: {base}/  (config.yaml, metrics.jsonl, results.json, checkpoint/, wandb/)")
     print(f"report (figures, paired comparisons, how much to believe the numbers): {md}")
     return base
+
+
+def point_table(run_dirs: list[Path]) -> str:
+    """One row per run: test AUROC, and at the operating point chosen on validation the accuracy, balanced
+    accuracy, and the positive class's sensitivity and specificity (the numbers at the threshold the model
+    will be used at), with the rule used and the validation AUROC."""
+    head = "| run | test AUROC [95% CI] | accuracy | balanced accuracy | sensitivity | specificity | rule | val AUROC |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for d in run_dirs:
+        res = json.loads((Path(d) / "results.json").read_text())
+        split = "test" if "test" in res else "val"
+        auc = res[split]["metrics"]["auroc"]
+        row = f"| {Path(d).name} | {auc['value']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}] |"
+        at, point = res.get(f"{split}_at_point"), res.get("operating_point")
+        if at is None or point is None:
+            row += " – | – | – | – | – |"
+        else:
+            pc = at["per_class"][point["positive"]]
+            row += (
+                f" {at['metrics']['accuracy']['value']:.3f} | {at['metrics']['balanced_accuracy']['value']:.3f} |"
+                f" {pc['sensitivity']['value']:.3f} ({point['positive']}) | {pc['specificity']['value']:.3f} |"
+                f" {point['rule']} |"
+            )
+        lines.append(row + f" {res['selected']['val_auroc']:.3f} |")
+    return "\n".join(lines)
 
 
 def write_keep_script(base: Path, group: str, common: list[str], verdict: str, ckpt: Path) -> Path:

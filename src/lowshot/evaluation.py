@@ -350,6 +350,10 @@ def format_point(report: dict[str, Any], point: dict[str, Any], title: str) -> s
     """The metrics at the operating point, for the terminal."""
     thr = f", threshold {point['threshold']:.3f} on P({point['positive']})" if "threshold" in point else ""
     lines = [f"{title} at the operating point ({point['rule']}{thr}, chosen on validation)"]
+    if point.get("positive_from"):  # which class the sensitivity below is of, and how to name another
+        lines.append(f"  positive class {point['positive']!r}: {point['positive_from']}")
+    if point.get("why"):  # the rule used and why (the balanced rule's assumption checked on validation)
+        lines.append(f"  {point['rule']}: {point['why']}")
     for m in AT_POINT:
         r = report["metrics"][m]
         lines.append(f"  {m:<18} {r['value']:.3f}  [{r['low']:.3f}, {r['high']:.3f}]")

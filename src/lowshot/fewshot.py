@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
 from .data import draw_per_class
 from .evaluation import auroc, mean_ci
+from .probe import fit_probe
 
 CLASSIFIERS = ("prototype", "knn", "logreg")
 
@@ -213,29 +213,32 @@ def label_efficiency(
     feats: torch.Tensor,
     labels: np.ndarray,
     train_idx: np.ndarray,
+    val_idx: np.ndarray,
     test_idx: np.ndarray,
     budgets: list[int],
     draws: int,
-    c: float,
+    cs: list[float],
     seed: int,
 ) -> list[dict[str, float]]:
-    """Test metrics of a linear probe fitted on K labelled training images per class.
+    """Test metrics of the linear probe (lowshot.probe, the estimator behind ``finetune/train.py --probe``)
+    fitted on K labelled training images per class.
 
-    For each K in ``budgets`` (0 = every training label) and each of ``draws`` seeded draws, K images
-    per class (all of a class that has fewer) are drawn from ``train_idx``, a logistic regression
-    (L-BFGS, inverse L2 strength ``c``) is fitted on their SimpleShot features (centred by the mean of
-    all training images, which needs no labels) and scored on every test image. No other label is
-    used: no validation split, no tuning per K. Returns one row per K with the mean, the standard
-    deviation and a 95% t-interval over draws of accuracy, balanced accuracy and AUROC.
+    For each K in ``budgets`` (0 = every training label) and each of ``draws`` seeded draws, K images per
+    class (all of a class that has fewer) are drawn from ``train_idx``, the probe is fitted on them (its
+    features standardised with the statistics of every training and validation image, which need no
+    label; its L2 strength chosen on the validation labels among ``cs``, or fixed where ``cs`` holds one
+    value) and scored on every test image. Returns one row per K with the mean, the standard deviation and
+    a 95% t-interval over draws of accuracy, balanced accuracy and AUROC.
     """
-    x = simpleshot(feats, feats[train_idx].mean(0)).numpy()
-    y_test = labels[test_idx]
+    x = feats.numpy()
+    x_free = x[np.concatenate([train_idx, val_idx])]
+    y_test, y_val = labels[test_idx], labels[val_idx]
     rows = []
     for k in budgets:
         scores: dict[str, list[float]] = {"accuracy": [], "balanced_accuracy": [], "auroc": []}
         for d in range(draws if k else 1):  # all labels: one fit, nothing to draw
             pick = draw_per_class(labels, train_idx, k, [seed, k, d])
-            clf = LogisticRegression(C=c, max_iter=2000).fit(x[pick], labels[pick])
+            clf = fit_probe(x[pick], labels[pick], x[val_idx], y_val, cs, seed, x_free)[0]
             prob = np.zeros((len(test_idx), int(labels.max()) + 1))
             prob[:, clf.classes_] = clf.predict_proba(x[test_idx])
             scores["accuracy"].append(float((prob.argmax(1) == y_test).mean()))

@@ -1,4 +1,4 @@
-"""Blocks for adapting a backbone to labels: the cached linear probe and the fine-tuning pieces.
+"""Blocks for fine-tuning a backbone on labels (the linear probe on cached embeddings: lowshot.probe).
 
 Fine-tuning is ``nn.Sequential(backbone, head)``; ``train.strategy`` decides which of the backbone's
 stage groups (timm's coarse ``group_matcher``: stem, stages) train at each epoch, ``param_groups``
@@ -16,9 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 from timm.data import Mixup
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2, param_groups_layer_decay
@@ -28,38 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .evaluation import auroc
 from .resume import States
-
-
-def fit_probe(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    cs: list[float],
-    seed: int = 0,
-) -> tuple[Pipeline, float, list[dict[str, float]]]:
-    """Multinomial logistic regression (L-BFGS) on frozen features, L2 strength chosen on validation.
-
-    x_*: (N, D) embeddings; y_*: (N,) labels. Features are standardised with training statistics.
-    For each inverse strength C in ``cs`` a probe is fitted on train and scored on val by AUROC
-    (ties → the stronger regularisation, i.e. the smaller C). Returns the selected fitted pipeline,
-    its C, and the validation curve ``[{"C", "val_auroc", "val_accuracy"}, ...]``.
-    """
-    curve = []
-    best: tuple[float, Pipeline, float] | None = None
-    for c in sorted(cs):
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
-        clf.fit(x_train, y_train)
-        prob = clf.predict_proba(x_val)
-        score = auroc(y_val, prob)
-        score = -1.0 if math.isnan(score) else score
-        curve.append({"C": c, "val_auroc": score, "val_accuracy": float((prob.argmax(1) == y_val).mean())})
-        if best is None or score > best[0] + 1e-12:
-            best = (score, clf, c)
-    assert best is not None, "probe_cs is empty"
-    return best[1], best[2], curve
 
 
 def make_optimizer(

@@ -284,7 +284,9 @@ class FewShotConfig:
     # Label efficiency: a probe on K labelled training images per class (0 = all), scored on test.
     label_budgets: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50, 0])
     draws: int = 10  # random draws of the K labels per budget
-    probe_c: float = 1.0  # inverse L2 strength, fixed: choosing it would need labels beyond K
+    # The label-efficiency probe's inverse L2 strength: 0 = chosen on the validation labels among
+    # train.probe_cs, as finetune/train.py --probe does (lowshot.probe: one estimator); > 0 = fixed.
+    probe_c: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("fewshot.query_split", self.query_split, ("val", "test"))

@@ -19,7 +19,7 @@ def store_cache_file(files: list[Path], name: str, cfg: DataConfig) -> Path:
     """The decoded store's cache file, keyed by the working size, the DICOM settings and every file's path
     and *content* (sha1 of its bytes): an edit that keeps the size and modification time still gives a new
     key. Hashing a labelled set's files is cheap next to decoding them (the pool keys by stat, see pool)."""
-    h = hashlib.sha1(f"v3|{cfg.size}{dicom_key(cfg)}".encode())
+    h = hashlib.sha1(f"v4|{cfg.size}{dicom_key(cfg)}".encode())  # v4: with thumbs
     for f in files:
         try:
             with open(f, "rb") as fh:

@@ -40,12 +40,16 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
+
+from .decode import square_resize
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,13 @@ def thumbnail(a: np.ndarray) -> np.ndarray:
     """(H, W, C) uint8, padded square → (32, 32) uint8 grayscale (ITU-R 601 luma), antialiased."""
     im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("L")
     return np.asarray(im.resize((THUMB, THUMB), Image.Resampling.BICUBIC))
+
+
+def native_thumbnail(a: np.ndarray) -> np.ndarray:
+    """A labelled image's thumbnail from its native (H, W, C) uint8 array: resized to 32 px in its own
+    channels first, then ``thumbnail``, the same pixels as the thumbnail of its data.size=32 store image
+    (where the duplicates recorded before thumbnails were taken at decoding came from), at any data.size."""
+    return thumbnail(square_resize(a, THUMB))
 
 
 # Centred crops (width fraction, height fraction) taken of both sides for the candidate search. The two
@@ -241,11 +252,21 @@ def _fine(
     side: torch.Tensor,
     params: torch.Tensor,
     low: bool,
+    stop: float | None = None,
 ) -> torch.Tensor:
-    """(n,) best detail NCC after a pattern search from the coarse optimum (``side``, ``params`` n x 4)."""
+    """(n,) best detail NCC after a pattern search from the coarse optimum (``side``, ``params`` n x 4).
+    ``stop``: a threshold; pairs more than LATE_GAIN below it after LATE_ROUND rounds cannot reach it and
+    keep that score (a lower bound) without the finer rounds."""
+    out = best.clone()
+    rows = torch.arange(len(best))
     pair, refs = (a, b), (_detail_unit(b, low), _detail_unit(a, low))
     step = torch.tensor(STEPS)
-    for _ in range(ROUNDS):  # pattern search on the best side
+    for r in range(ROUNDS):  # pattern search on the best side
+        if stop is not None and r == LATE_ROUND:
+            go = best >= stop - LATE_GAIN
+            out[rows] = best
+            rows, best, side, params = rows[go], best[go], side[go], params[go]
+            pair, refs = (pair[0][go], pair[1][go]), (refs[0][go], refs[1][go])
         for d in range(4):
             for sign in (-1.0, 1.0):
                 p = params.clone()
@@ -256,15 +277,91 @@ def _fine(
                 best = torch.where(better, s, best)
                 params[better] = p[better]
         step = step / 2
-    return best
+    out[rows] = best
+    return out
 
 
+# The last rounds refine to sub-pixel steps and raise a score little: after LATE_ROUND rounds, verified pairs
+# gained at most 0.100 more (BUSI against BreastMNIST; 0.064 within BreastMNIST; low band 0.047), so a pair
+# more than LATE_GAIN below the threshold then stops there (EXPERIMENTS.md, "Bounding the copy check").
+LATE_ROUND = 2
+LATE_GAIN = 0.15
 # How far the pattern search raised a pair's coarse-grid score, at most, among the pairs that ended at
 # NCC >= 0.85 on real and planted copies (bench/pool_copies.py, "the cascade's margin": 0.56 for BUSI
 # against BreastMNIST; 0.62 at most on planted copies, a 95 % crop of a BreastMNIST image). A pair whose coarse
 # score is more than FINE_GAIN below the threshold cannot become a copy and skips the fine search: 29 % of
 # the candidates of BUSI against BreastMNIST do (tests/test_pool.py), few of a pool of look-alike crops.
 FINE_GAIN = 0.75
+# And each image's candidates are searched best coarse score first until FINE_REJECTS of them have failed
+# the threshold (``verify``'s ``rejects``; a pair goes on while either of its images has fewer): a copy
+# ranks near the top of its original's candidates even where look-alikes crowd the rest. On every verified
+# pair of BreastMNIST, RetinaMNIST and BUSI against BreastMNIST at most 4 failed pairs ranked above it in
+# the band that verified it (1,189 of 1,190 BUSI pairs: none; EXPERIMENTS.md, "Bounding the copy check"),
+# where its plain rank reached 6. On a look-alike-rich set every one of an image's ~45 candidates passed
+# FINE_GAIN; this bounds the searches at about 2 x FINE_REJECTS per image.
+FINE_REJECTS = 6
+
+
+# A sub-pixel search of more pairs than this shows a progress bar (about 10 s on 2 cores).
+BAR_PAIRS = 10000
+
+
+def _bar(total: int, what: str) -> tqdm:
+    """A progress bar over ``total`` pairs, shown only for a search long enough to need one."""
+    return tqdm(total=total, desc=f"copies: {what}", unit="pair", leave=False, disable=total < BAR_PAIRS)
+
+
+# Above this many distinct query images the coarse stage makes their crops per chunk, not once (memory:
+# 25.6 kB an image, len(GRID) crops of the central window's k*k floats).
+CROPS_ONCE = 20000
+
+
+@torch.no_grad()
+def coarse(
+    query: np.ndarray, pool: np.ndarray, pairs: np.ndarray, low: bool = False, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The coarse stage of ``verify``: (P,) best detail NCC over the grid of centred crops of either
+    thumbnail (``SCALES`` per axis), and where it was reached: (P,) side (0: a crop of the query against the
+    whole pool image, 1: the other way round) and (P,) index into GRID. Each image's crops are made once
+    (the query side's for all pairs, the pool side's per chunk of pairs in pool-row order), so the pairs'
+    scores are dot products: on a look-alike-rich set of 6,600 images with 58 candidates each, 10x faster
+    than making both images' crops per chunk."""
+    best = torch.zeros(len(pairs))
+    side = torch.zeros(len(pairs), dtype=torch.long)
+    g = torch.zeros(len(pairs), dtype=torch.long)
+    if not len(pairs):
+        return best, side, g
+    uq, a = np.unique(pairs[:, 0], return_inverse=True)
+    crops_q = _centred_crops(_as_tensor(query[uq]), low) if len(uq) <= CROPS_ONCE else None
+    order = np.argsort(pairs[:, 1], kind="stable")  # a chunk makes each of its pool images' crops once
+    for lo in range(0, len(pairs), chunk):
+        at = order[lo : lo + chunk]
+        pr = pairs[at]
+        up, b = np.unique(pr[:, 1], return_inverse=True)
+        crops_p = _centred_crops(_as_tensor(pool[up]), low)
+        if crops_q is None:
+            uq_c, a_c = np.unique(pr[:, 0], return_inverse=True)
+            cq, ta = _centred_crops(_as_tensor(query[uq_c]), low), torch.from_numpy(a_c.reshape(-1))
+        else:
+            cq, ta = crops_q, torch.from_numpy(a[at].reshape(-1))
+        tb = torch.from_numpy(b.reshape(-1))
+        s0 = torch.einsum("ngd,nd->ng", cq[ta], crops_p[tb, 0])
+        s1 = torch.einsum("ngd,nd->ng", crops_p[tb], cq[ta, 0])
+        top, arg = torch.cat([s0, s1], 1).max(1)
+        t = torch.from_numpy(at)
+        best[t], side[t], g[t] = top, arg // len(GRID), arg % len(GRID)
+    return best, side, g
+
+
+def row_ranks(pairs: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """(P, 2) each pair's rank (0 = best ``score``) among the pairs of its query row and of its pool row."""
+    out = np.zeros((len(pairs), 2), np.int64)
+    for col in (0, 1):
+        order = np.lexsort((-score, pairs[:, col]))  # by row, best score first
+        keys = pairs[order, col]
+        first = np.r_[0, np.flatnonzero(np.diff(keys)) + 1]  # where each row's run starts
+        out[order, col] = np.arange(len(keys)) - np.repeat(first, np.diff(np.r_[first, len(keys)]))
+    return out
 
 
 @torch.no_grad()
@@ -275,44 +372,44 @@ def verify(
     floor: float | None = None,
     chunk: int = 4096,
     low: bool = False,
+    stop: float | None = None,
+    rejects: int | None = None,
 ) -> np.ndarray:
     """(P,) detail NCC of each (query row, pool row) pair at its best alignment: a coarse grid of
-    centred crops of either thumbnail (``SCALES`` per axis; each image's crops made once, the pairs'
-    scores are dot products), then a pattern search over width, height and centre (steps halved
-    ``ROUNDS`` times) to sub-pixel alignment, which the detail needs. Pairs whose coarse score is below
-    ``floor`` keep it (a lower bound) and skip the pattern search. ``low``: in the band an octave lower
-    (LOW_BAND)."""
-    out = np.zeros(len(pairs), np.float32)
+    centred crops of either thumbnail (``coarse``), then a pattern search over width, height and centre
+    (steps halved ``ROUNDS`` times) to sub-pixel alignment, which the detail needs. Pairs whose coarse
+    score is below ``floor`` keep it (a lower bound) and skip the pattern search; with ``stop`` (the
+    threshold), pairs that cannot reach it skip the last rounds (``_fine``), and with ``rejects`` each
+    image's pairs are searched best coarse score first, in waves of equal rank, a pair only while its query
+    row or its pool row has had fewer than ``rejects`` pairs fail ``stop`` (the others keep their coarse
+    scores). ``low``: in the band an octave lower (LOW_BAND)."""
+    best, side, g = coarse(query, pool, pairs, low, chunk)
+    go = np.ones(len(pairs), dtype=bool) if floor is None else best.numpy() >= floor
     grid = torch.tensor(GRID)
-    # in pool-row order, so that a chunk makes each of its pool images' crops once (memory: one chunk's)
-    order = np.argsort(pairs[:, 1], kind="stable")
-    for lo in range(0, len(pairs), chunk):
-        at = order[lo : lo + chunk]
-        pr = pairs[at]
-        uq, a = np.unique(pr[:, 0], return_inverse=True)
-        up, b = np.unique(pr[:, 1], return_inverse=True)
-        crops_q = _centred_crops(_as_tensor(query[uq]), low)
-        crops_p = _centred_crops(_as_tensor(pool[up]), low)
-        ta, tb = torch.from_numpy(a.reshape(-1)), torch.from_numpy(b.reshape(-1))
-        # side 0: crops of the query against the whole pool image; side 1: the other way round
-        s0 = torch.einsum("ngd,nd->ng", crops_q[ta], crops_p[tb, 0])
-        s1 = torch.einsum("ngd,nd->ng", crops_p[tb], crops_q[ta, 0])
-        best, arg = torch.cat([s0, s1], 1).max(1)
-        side, g = arg // len(GRID), arg % len(GRID)
-        params = torch.cat([grid[g], torch.zeros(len(g), 2)], 1)
-        go = torch.ones(len(best), dtype=torch.bool) if floor is None else best >= floor
-        if go.any():
-            rows = pr[go.numpy()]
-            best[go] = _fine(
-                _as_tensor(query[rows[:, 0]]),
-                _as_tensor(pool[rows[:, 1]]),
-                best[go],
-                side[go],
-                params[go],
-                low,
+    if rejects is not None and stop is not None and go.any():
+        wave = row_ranks(pairs, best.numpy()).min(1)
+        waves = [np.flatnonzero(go & (wave == w)) for w in range(int(wave[go].max()) + 1)]
+    else:
+        waves, rejects = [np.flatnonzero(go)], None
+    failed = [np.zeros(int(pairs[:, c].max()) + 1 if len(pairs) else 0, np.int64) for c in (0, 1)]
+    bar = _bar(int(go.sum()), f"sub-pixel search of {len(pairs)} pairs{' (low band)' * low}")
+    for rows in waves:
+        if rejects is not None:  # pairs whose images both met enough look-alikes already stay coarse
+            rows = rows[(failed[0][pairs[rows, 0]] < rejects) | (failed[1][pairs[rows, 1]] < rejects)]
+        for lo in range(0, len(rows), chunk):
+            at = torch.from_numpy(rows[lo : lo + chunk])
+            pr = pairs[at.numpy()]
+            params = torch.cat([grid[g[at]], torch.zeros(len(at), 2)], 1)
+            best[at] = _fine(
+                _as_tensor(query[pr[:, 0]]), _as_tensor(pool[pr[:, 1]]), best[at], side[at], params, low, stop
             )
-        out[at] = best.numpy()
-    return out
+        if rejects is not None and len(rows):
+            bad = rows[best[torch.from_numpy(rows)].numpy() < stop]
+            np.add.at(failed[0], pairs[bad, 0], 1)
+            np.add.at(failed[1], pairs[bad, 1], 1)
+        bar.update(len(rows))
+    bar.close()
+    return best.numpy().astype(np.float32)
 
 
 # The look-alike level of a set, measured on the set itself: each query image against the left-right
@@ -350,15 +447,78 @@ class Cut(NamedTuple):
         return {"verified_at_ncc": self.detail, "verified_at_ncc_low": self.low}
 
 
+# The calibration searches its pairs in chunks of this many, best coarse score first (``_level``).
+LEVEL_CHUNK = 1024
+
+
+def _fine_at(
+    query: np.ndarray, pool: np.ndarray, pairs: np.ndarray, stage: tuple, rows: np.ndarray, low: bool
+) -> np.ndarray:
+    """The sub-pixel search (``_fine``) of ``pairs[rows]`` from their coarse optimum ``stage`` (``coarse``'s
+    three tensors); (len(rows),) float32."""
+    best, side, g = stage
+    if not len(rows):
+        return np.zeros(0, np.float32)
+    at = torch.from_numpy(rows)
+    pr = pairs[rows]
+    params = torch.cat([torch.tensor(GRID)[g[at]], torch.zeros(len(rows), 2)], 1)
+    with torch.no_grad():
+        s = _fine(
+            _as_tensor(query[pr[:, 0]]), _as_tensor(pool[pr[:, 1]]), best[at].clone(), side[at], params, low
+        )
+    return s.numpy().astype(np.float32)
+
+
+def _level(
+    query: np.ndarray,
+    pool: np.ndarray,
+    pairs: np.ndarray,
+    floor: float,
+    saturated: Callable[[float], bool],
+    low: bool,
+    counts: Callable[[np.ndarray, np.ndarray, bool], np.ndarray],
+) -> tuple[float, np.ndarray, tuple]:
+    """The highest verified score among ``pairs`` that ``counts(rows, scores, search)`` admits (``search``:
+    it may run a search to tell; False for the pairs left as lower bounds), searched best coarse
+    score first: a chunk whose best coarse score is below ``floor`` or more than LOOKALIKE_GAIN below the
+    level found so far cannot raise it (its pairs keep their coarse scores, lower bounds, as ``verify``
+    with ``floor`` does), and the search stops once ``saturated(level)``, where a higher level changes no
+    threshold. So a look-alike-rich set, whose mirrored pairs all score high, costs a few chunks instead of
+    every pair's sub-pixel search (issue 38: 20 min on 6,000 chest X-rays). Returns (level, (P,) fine scores,
+    NaN where not searched, the coarse stage)."""
+    stage = coarse(query, pool, pairs, low)
+    c = stage[0].numpy()
+    fine = np.full(len(pairs), np.nan, np.float32)
+    order = np.argsort(-c, kind="stable")
+    level = -1.0
+    bar = _bar(len(order), f"look-alike level on mirrored images{' (low band)' * low}")
+    for lo in range(0, len(order), LEVEL_CHUNK):
+        at = order[lo : lo + LEVEL_CHUNK]
+        bar.update(len(at))
+        if saturated(level):
+            break
+        if c[at[0]] < max(floor, level - LOOKALIKE_GAIN):
+            rest = order[lo:]
+            rest = rest[counts(rest, c[rest], False)]
+            level = max(level, float(c[rest].max())) if len(rest) else level  # lower bounds, as verify's
+            break
+        fine[at] = _fine_at(query, pool, pairs, stage, at, low)
+        ok = counts(at, fine[at], True)
+        if ok.any():
+            level = max(level, float(fine[at][ok].max()))
+    bar.close()
+    return level, fine, stage
+
+
 def mirror_levels(
     query: np.ndarray, pool: np.ndarray, threshold: float, own: np.ndarray | None = None
 ) -> tuple[float, float]:
     """The best detail NCC of any query thumbnail with a mirrored pool thumbnail, in the detail band and in
     the low band (-1 where there is none; a lower bound where it stays below ``threshold - MIRROR_GAP``,
-    where it changes nothing). Pairs whose detail-band score reaches MIRROR_COPY are mirrored copies (a
-    set that holds flipped images) and count in neither band. ``own`` (one per query): the pool row that
-    is the query itself (-1: none), which is not compared with its own mirror. Candidates and verification
-    as for copies: one more search of that size, verified in both bands."""
+    where it changes nothing, or where it passed the level at which the threshold stops rising). Pairs whose
+    detail-band score reaches MIRROR_COPY are mirrored copies (a set that holds flipped images) and count in
+    neither band. ``own`` (one per query): the pool row that is the query itself (-1: none), which is not
+    compared with its own mirror. Candidates as for copies, verified in both bands best first (``_level``)."""
     if not len(query) or not len(pool):
         return -1.0, -1.0
     flipped = np.ascontiguousarray(pool[:, :, ::-1])
@@ -366,13 +526,33 @@ def mirror_levels(
     if own is not None:
         pairs = pairs[pairs[:, 1] != own[pairs[:, 0]]]
     floor = threshold - MIRROR_GAP - LOOKALIKE_GAIN
-    s = verify(query, flipped, pairs, floor=floor)
-    s_low = verify(query, flipped, pairs, floor=floor, low=True)
-    look = s < MIRROR_COPY
-    return (
-        float(s[look].max()) if look.any() else -1.0,
-        float(s_low[look].max()) if look.any() else -1.0,
+    top = max(threshold, MIRROR_COPY)
+    level, detail, stage = _level(
+        query,
+        flipped,
+        pairs,
+        floor,
+        lambda v: calibrated(threshold, v) >= top,
+        False,
+        lambda r, s, _: s < MIRROR_COPY,
     )
+    coarse_detail = stage[0].numpy()
+
+    def no_copy(rows: np.ndarray, _: np.ndarray, search: bool) -> np.ndarray:
+        # a mirrored copy (detail >= MIRROR_COPY) counts in no band; a pair below the detail floor keeps its
+        # coarse score there, as verify's cascade does; the others' detail search is made where still missing
+        # (not for lower bounds: a pair left unsearched there does not count, which changes no threshold)
+        unknown = np.isnan(detail[rows]) & (coarse_detail[rows] >= floor)
+        if search:
+            detail[rows[unknown]] = _fine_at(query, flipped, pairs, stage, rows[unknown], False)
+            unknown[:] = False
+        d = np.where(np.isnan(detail[rows]), coarse_detail[rows], detail[rows])
+        return (d < MIRROR_COPY) & ~unknown
+
+    level_low, _, _ = _level(
+        query, flipped, pairs, floor, lambda v: calibrated_low(threshold, v) is None, True, no_copy
+    )
+    return level, level_low
 
 
 def calibrated(threshold: float, level: float) -> float:
@@ -422,17 +602,22 @@ def decide(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each (query row, pool row) pair verified against ``cut``: (P,) bool verified, (P,) detail-band NCC,
     (P,) low-band NCC (NaN where not needed: the detail band passed, or the low band is off). With
-    ``cascade`` pairs too far below the detail threshold after the coarse grid skip that band's sub-pixel
-    search (FINE_GAIN); their detail scores are lower bounds."""
-    detail = verify(query, pool, pairs, floor=cut.detail - FINE_GAIN if cascade else None)
+    ``cascade`` pairs too far below the detail threshold after the coarse grid (FINE_GAIN), or of images that
+    met FINE_REJECTS look-alikes among better-ranked candidates, skip that band's sub-pixel search, and those
+    too far below it after LATE_ROUND rounds skip the rest; their scores are lower bounds. Without it (hash and embedding candidates, a few per image) every pair is searched."""
+    rejects = FINE_REJECTS if cascade else None
+    floor, stop = (cut.detail - FINE_GAIN, cut.detail) if cascade else (None, None)
+    detail = verify(query, pool, pairs, floor=floor, stop=stop, rejects=rejects)
     ok = detail >= cut.detail
     low = np.full(len(pairs), np.nan, np.float32)
     rest = np.flatnonzero(~ok)
     if cut.low is not None and len(rest):
-        # no cascade here: the sub-pixel search raised a low-band score by up to 0.88 (a planted 80 % crop
-        # of BreastMNIST against a real copy at another crop), more than FINE_GAIN; at 100,000 pool images
-        # the whole low band adds ~4 s (bench/pool_copies.py, scale)
-        low[rest] = verify(query, pool, pairs[rest], low=True)
+        # no floor here: the sub-pixel search raised a low-band score by up to 0.88 (a planted 80 % crop
+        # of BreastMNIST against a real copy at another crop), more than FINE_GAIN; the look-alike count
+        # applies (FINE_REJECTS); at 100,000 pool images the whole low band adds ~4 s (bench/pool_copies.py)
+        low[rest] = verify(
+            query, pool, pairs[rest], low=True, stop=cut.low if cascade else None, rejects=rejects
+        )
         ok[rest] = low[rest] >= cut.low
     return ok, detail, low
 

@@ -45,23 +45,52 @@ def hamming_pairs(index_bits: np.ndarray, query_bits: np.ndarray, threshold: int
     return np.stack([rows, found.astype(np.int64), dist.astype(np.int64)], 1)
 
 
+def hamming_neighbours(
+    index_bits: np.ndarray, query_bits: np.ndarray, threshold: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``k`` nearest index hashes (faiss exact binary search, ``IndexBinaryFlat``) within
+    ``threshold`` bits: (P, 3) int64 (query row, index row, distance), and the (Q,) count of them per query
+    (``k``: the query may have more). Unlike ``hamming_pairs`` the output is bounded, k per query: on a set
+    of alike images (chest X-rays, fundus photos at 28 px) nearly every pair lies within a few bits, and
+    listing them all is quadratic in time and memory. 6,600 hashes against themselves: ~0.1 s."""
+    import faiss
+
+    if not len(index_bits) or not len(query_bits) or k < 1:
+        return np.zeros((0, 3), np.int64), np.zeros(len(query_bits), np.int64)
+    index = faiss.IndexBinaryFlat(64)
+    index.add(np.packbits(index_bits.astype(bool), axis=1))
+    dist, found = index.search(np.packbits(query_bits.astype(bool), axis=1), min(k, len(index_bits)))
+    within = (found >= 0) & (dist <= threshold)
+    rows = np.repeat(np.arange(len(query_bits)), within.sum(1))
+    pairs = np.stack([rows, found[within].astype(np.int64), dist[within].astype(np.int64)], 1)
+    return pairs, within.sum(1).astype(np.int64)
+
+
 def duplicate_pairs(
     bits: np.ndarray, digests: np.ndarray, threshold: int, max_neighbours: int = 8
 ) -> tuple[list[tuple[int, int, int, str]], np.ndarray]:
     """(i, j, bits, 'exact' | 'near') for every identical pair and every other pair within ``threshold``
     dHash bits, i < j; and the (N,) mask of images whose hash does not discriminate.
 
-    An image "near" more than ``max_neighbours`` others has a hash that cannot tell it apart (fundus
+    An image "near" more than ``max_neighbours`` others has a hash that cannot tell them apart (fundus
     photos: a bright disc on black; dHash puts most of RetinaMNIST within 4 bits of each other): its
-    near pairs are left out rather than flooding the list and chaining half the set into one group."""
+    near pairs are left out rather than flooding the list and chaining half the set into one group. Each
+    image's neighbours are searched up to that many (``hamming_neighbours``), so the work stays linear in
+    the set however alike its images are."""
     same: dict[str, list[int]] = {}
     for i, d in enumerate(digests):
         same.setdefault(str(d), []).append(i)
     exact = {(i, j) for g in same.values() for k, i in enumerate(g) for j in g[k + 1 :]}
-    found = hamming_pairs(bits, bits, threshold)
-    near = [(i, j, d) for i, j, d in found[found[:, 0] < found[:, 1]].tolist() if (i, j) not in exact]
-    degree = np.bincount([k for i, j, _ in near for k in (i, j)], minlength=len(digests))
+    # enough neighbours to see max_neighbours + 1 near ones past an image's own identical copies
+    k = max_neighbours + 1 + max((len(g) for g in same.values()), default=1)
+    found, _ = hamming_neighbours(bits, bits, threshold, k)
+    found = found[found[:, 0] != found[:, 1]]
+    near_of = [(i, j, d) for i, j, d in found.tolist() if (min(i, j), max(i, j)) not in exact]
+    # An image whose k slots all lie within reach holds at least k - (itself and its identical copies) >=
+    # max_neighbours + 1 near neighbours among them: vague, as it would be with every neighbour counted.
+    degree = np.bincount([i for i, _, _ in near_of], minlength=len(digests))
     vague = degree > max_neighbours
+    near = sorted({(min(i, j), max(i, j), d) for i, j, d in near_of})
     pairs = [(i, j, 0, "exact") for i, j in sorted(exact)]
     return pairs + [(i, j, d, "near") for i, j, d in near if not (vague[i] or vague[j])], vague
 
@@ -72,6 +101,10 @@ VERIFIED = ("exact", "near", "copy")  # the kinds that are the same image; "look
 # Above this many images the crop-tolerant search within the store (an exact inner-product search of
 # 3N descriptors against 3N) is skipped; hash candidates are still verified.
 COPY_SEARCH_MAX = 20000
+# The look-alike level (the calibration against the mirrored set) is measured on a seeded sample of at most
+# this many of the store's images against all of them: bounded in pairs on a large set, every image of the
+# shared sets (<= 1,600).
+CALIBRATE_MAX = 2000
 
 
 def store_thumbnails(store: Store, rows: np.ndarray | None = None) -> np.ndarray:
@@ -80,12 +113,17 @@ def store_thumbnails(store: Store, rows: np.ndarray | None = None) -> np.ndarray
     rows = np.arange(len(store.labels)) if rows is None else rows
     if not len(rows):
         return np.zeros((0, THUMB, THUMB), np.uint8)
+    if store.thumbs is not None:  # of the native images, taken when decoding
+        return np.asarray(store.thumbs[rows])
     return np.stack([thumbnail(store.images[r]) for r in rows])
 
 
-def _cache_file(digests: np.ndarray, cfg: DataConfig) -> Path:
-    # the thumbnails are of the data.size store images, so the size is part of the key
-    h = hashlib.sha1(f"v4|{cfg.size}|{cfg.duplicate_bits}|{cfg.duplicate_ncc}|".encode())
+def _cache_file(digests: np.ndarray, cfg: DataConfig, native: bool) -> Path:
+    # Keyed by the images' content (native-pixel digests) and the two settings. Thumbnails of the native
+    # images (``native``, taken when decoding) are the same at every data.size, so a probe at 64 px reuses
+    # the check made at 32 px; those of a store without them are of its data.size images.
+    size = "native" if native else cfg.size
+    h = hashlib.sha1(f"v5|{size}|{cfg.duplicate_bits}|{cfg.duplicate_ncc}|".encode())
     h.update("\n".join(map(str, digests)).encode())
     return cache_root(cfg) / "duplicates" / f"{h.hexdigest()[:20]}.json"
 
@@ -102,17 +140,17 @@ def verified_pairs(store: Store, cfg: DataConfig) -> tuple[list[Pair], np.ndarra
     'lookalike' (a hash candidate that failed verification). Cached by the images' pixel digests and the
     two settings (verification of a few thousand images takes seconds; every training script asks)."""
     bits, digests = store.fingerprints()
-    cache = _cache_file(digests, cfg)
+    cache = _cache_file(digests, cfg, store.thumbs is not None)
     if cache.is_file():
         saved = json.loads(cache.read_text())
         pairs = [tuple(p) for p in saved["pairs"]]
         return pairs, np.asarray(saved["vague"], dtype=bool), Cut(*saved["threshold"])
     cands, vague = duplicate_pairs(bits, digests, cfg.duplicate_bits)
     thumbs = store_thumbnails(store)
-    # the look-alike level: every image (at most COPY_SEARCH_MAX, a seeded sample) against the mirrored set
+    # the look-alike level: every image (at most CALIBRATE_MAX, a seeded sample) against the mirrored set
     rows = np.arange(len(thumbs))
-    if len(rows) > COPY_SEARCH_MAX:
-        rows = np.sort(np.random.default_rng(0).choice(rows, COPY_SEARCH_MAX, replace=False))
+    if len(rows) > CALIBRATE_MAX:
+        rows = np.sort(np.random.default_rng(0).choice(rows, CALIBRATE_MAX, replace=False))
     levels, cut = calibrate(thumbs[rows], thumbs, cfg.duplicate_ncc, store.name, own=rows)
     near = np.array([(i, j) for i, j, _, k in cands if k == "near"], np.int64).reshape(-1, 2)
     ok, ncc, low = decide(thumbs, thumbs, near, cut, cascade=False)

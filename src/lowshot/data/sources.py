@@ -15,6 +15,7 @@ from filelock import FileLock
 
 from ..config import DataConfig
 from .cache import store_cache_file
+from .copies import native_thumbnail
 from .decode import (
     IMAGE_SUFFIXES,
     MISSING_IN_MANIFEST,
@@ -176,7 +177,8 @@ def _load_npz(path: Path, size: int) -> Store:
                 f"{path}: {s}_images is {x.dtype} {x.shape}; expected uint8 (N, H, W) or (N, H, W, 1|3) in 0-255 "
                 f"(scale float images yourself: a float array has no agreed range)"
             )
-        prints.append(fingerprints(list(x if x.ndim == 4 else x[..., None])))
+        native = list(x if x.ndim == 4 else x[..., None])
+        prints.append((*fingerprints(native), np.stack([native_thumbnail(a) for a in native])))
         raw_y = npz[f"{s}_labels"]
         if raw_y.shape[:1] != (len(x),):
             raise DataError(
@@ -212,8 +214,9 @@ def _load_npz(path: Path, size: int) -> Store:
         split=np.array(split),
         groups=np.array(paths),  # MedMNIST ships no patient ids: each image is its own group
         paths=np.array(paths),
-        hashes=np.concatenate([h for h, _ in prints]),
-        digests=np.concatenate([d for _, d in prints]),
+        hashes=np.concatenate([h for h, _, _ in prints]),
+        digests=np.concatenate([d for _, d, _ in prints]),
+        thumbs=np.concatenate([t for _, _, t in prints]),
         classes=classes,
         name=path.stem,
     )
@@ -301,14 +304,17 @@ def _read_manifest(
     return files, labels, groups if "group" in cols else None, splits if "split" in cols else None, []
 
 
-def read_store_cache(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list] | None:
+def read_store_cache(
+    cache: Path,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list] | None:
     """A decoded store's cache file, or None if there is none; a corrupt or truncated one is named in a
     warning, deleted and rebuilt."""
     if not cache.exists():
         return None
     try:
         with np.load(cache, allow_pickle=False) as z:
-            return z["kept"], z["images"], z["hashes"], z["digests"], json.loads(str(z["skipped"]))
+            skipped = json.loads(str(z["skipped"]))
+            return z["kept"], z["images"], z["hashes"], z["digests"], z["thumbs"], skipped
     except Exception as err:  # zero bytes, truncated zip, missing keys
         log.warning(
             "store cache %s is unreadable (%s: %s); deleting it and decoding again",
@@ -322,9 +328,10 @@ def read_store_cache(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 
 def _decode_files(
     files: list[Path], name: str, cfg: DataConfig
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list]:
-    """Decode every file: (kept indices, images, dHash bits, pixel digests, [(file, reason)] not decoded)."""
-    kept_l, imgs, natives, bad = [], [], [], []
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list]:
+    """Decode every file: (kept indices, images, dHash bits, pixel digests, copy-search thumbnails,
+    [(file, reason)] not decoded)."""
+    kept_l, imgs, natives, thumbs, bad = [], [], [], [], []
     sides: list[int] = []  # each native image's longer side, px
     for i, f in enumerate(files):
         if f.suffix.lower() not in IMAGE_SUFFIXES and f.suffix:
@@ -336,6 +343,7 @@ def _decode_files(
             sides.append(max(native.shape[:2]))
             imgs.append(square_resize(native, cfg.size))
             natives.append(fingerprints([native]))
+            thumbs.append(native_thumbnail(native))
             kept_l.append(i)
         except UNREADABLE as err:
             bad.append((str(f), unreadable(err, MISSING_IN_MANIFEST)))
@@ -352,7 +360,7 @@ def _decode_files(
         )
     hashes = np.concatenate([h for h, _ in natives])
     digests = np.concatenate([d for _, d in natives])
-    return np.array(kept_l), stack_images(imgs), hashes, digests, bad
+    return np.array(kept_l), stack_images(imgs), hashes, digests, np.stack(thumbs), bad
 
 
 def _load_files(
@@ -373,11 +381,19 @@ def _load_files(
         got = read_store_cache(cache)
         if got is None:
             got = _decode_files(files, name, cfg)
-            kept, images, hashes, digests, bad = got
+            kept, images, hashes, digests, thumbs, bad = got
             tmp = cache.with_name(f".{cache.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz")
-            np.savez(tmp, images=images, kept=kept, skipped=json.dumps(bad), hashes=hashes, digests=digests)
+            np.savez(
+                tmp,
+                images=images,
+                kept=kept,
+                skipped=json.dumps(bad),
+                hashes=hashes,
+                digests=digests,
+                thumbs=thumbs,
+            )
             os.replace(tmp, cache)  # atomic: a killed run never leaves a half-written cache
-    kept, images, hashes, digests, bad = got
+    kept, images, hashes, digests, thumbs, bad = got
     classes = sorted(set(labels))
     lab = np.array([classes.index(labels[i]) for i in kept], dtype=np.int64)
     paths = np.array([str(files[i]) for i in kept])
@@ -396,4 +412,5 @@ def _load_files(
         skipped=skipped + [(str(b[0]), str(b[1])) for b in bad],
         hashes=hashes,
         digests=digests,
+        thumbs=thumbs,
     )

@@ -177,7 +177,17 @@ def apply_limit(store: Store, limit: int, seed: int) -> None:
                 idx = np.random.default_rng(seed).choice(idx, limit, replace=False)
         keep.append(np.sort(idx))
     k = np.concatenate(keep)
-    for name in ("images", "labels", "split", "groups", "paths", "source_groups", "hashes", "digests"):
+    for name in (
+        "images",
+        "labels",
+        "split",
+        "groups",
+        "paths",
+        "source_groups",
+        "hashes",
+        "digests",
+        "thumbs",
+    ):
         if getattr(store, name) is not None:
             setattr(store, name, getattr(store, name)[k])
 

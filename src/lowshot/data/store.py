@@ -39,6 +39,9 @@ class Store:
     # Of each image at its native resolution, taken when decoding: (N, 64) dHash bits, (N,) pixel SHA-1.
     hashes: np.ndarray | None = None
     digests: np.ndarray | None = None
+    # (N, 32, 32) uint8 grayscale thumbnails of the native images for the copy search (data.copies), taken
+    # when decoding, so the duplicate verification and its cache do not depend on data.size
+    thumbs: np.ndarray | None = None
     sealed: bool = False  # True: the test rows cannot be read (see seal / unseal)
     test_reads: int = 0  # how often the test split was unsealed in this process
 
