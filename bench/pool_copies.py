@@ -673,10 +673,6 @@ def render_mirror(m: dict) -> list[str]:
     return lines
 
 
-def _cut(c: list) -> str:
-    return f"{c[0]:.3f} · " + ("off" if c[1] is None else f"{c[1]:.3f}")
-
-
 def render_bands(bd: dict) -> list[str]:
     lines = [
         "",

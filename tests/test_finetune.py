@@ -123,3 +123,14 @@ def test_probe_survives_a_feature_constant_among_the_labelled_images() -> None:
     )
     assert new > 0.85 and old < 0.7, (new, old)
     assert clf[0].scale_[63] > 0.3  # the label-free standard deviation, not the labelled images' 0.0002
+
+
+def test_probe_stops_when_a_class_has_no_validation_image() -> None:
+    """Issue 41: every C scored a stand-in validation AUROC, the first was 'selected' and the test split
+    opened. No strength can be chosen on such a split: the probe stops with one line naming the class."""
+    from lowshot.data import DataError
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 8)), np.arange(40) % 2
+    with pytest.raises(DataError, match=r"no image of class \[1\]"):
+        fit_probe(x, y, rng.normal(size=(10, 8)), np.zeros(10, int), [0.1, 1.0])

@@ -20,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from .data import DataError
 from .evaluation import auroc
 
 # Each feature's standard deviation is at least this fraction of the median one. A feature nearly constant
@@ -67,4 +68,11 @@ def fit_probe(
         if best is None or score > best[0] + 1e-12:
             best = (score, lr, c)
     assert best is not None, "probe_cs is empty"
+    if best[0] == -1.0:  # every C's validation AUROC undefined: nothing can be selected, nor the test opened
+        absent = sorted(set(np.unique(y_train).tolist()) - set(np.unique(y_val).tolist()))
+        raise DataError(
+            f"the validation split has no image of class {absent or '(every class but one)'}, so no probe strength "
+            "can be chosen on it and the test split stays sealed; give every class validation images (a larger "
+            "data.val_fraction, or a split column in the manifest)"
+        )
     return make_pipeline(scaler, best[1]), best[2], curve
