@@ -355,7 +355,9 @@ def test_quickstart_command(data_root: Path, cache_dir: Path, tmp_path: Path) ->
     assert table in p.stdout and "| finetune |" in p.stdout and "positive class" in p.stdout
     report = (tmp_path / "qs" / "report" / "report.md").read_text()  # the three runs, compared, with figures
     assert "Paired comparisons" in report and (tmp_path / "qs" / "report" / "finetune" / "roc.png").is_file()
-    assert choice["text"] in report and table in report  # the verdict and the table in the report a user shares
+    assert (
+        choice["text"] in report and table in report
+    )  # the verdict and the table in the report a user shares
     # The model to keep, as the advice says: the chosen start's fine-tune with 2 seeds (5 by default), each
     # trained with the test split sealed, then averaged, the ensemble opening the test split once.
     keep = tmp_path / "qs" / "keep.sh"

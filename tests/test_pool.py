@@ -359,7 +359,9 @@ def test_threshold_is_calibrated_where_distinct_images_look_alike(data_root: Pat
     assert len(found) >= 12
 
 
-def test_images_a_label_budget_leaves_unlabelled_pass_the_pool_guard(data_root: Path, cache_dir: Path) -> None:
+def test_images_a_label_budget_leaves_unlabelled_pass_the_pool_guard(
+    data_root: Path, cache_dir: Path
+) -> None:
     """Issue 38: data.train_per_class leaves most training images unlabelled, and pretraining reads them;
     those that are copies of a val/test image (BreastMNIST's official split holds 125 verified pairs) are
     stopped, dropped or logged by check.pool_leakage, like a pool's. The labelled images are not touched."""
@@ -378,7 +380,7 @@ def test_images_a_label_budget_leaves_unlabelled_pass_the_pool_guard(data_root: 
         if store.split[a] == "unlabelled" and held[b]
     }
     assert len(want) > 50  # the official split's copies, most of them now among the unlabelled images
-    with pytest.raises(DataError, match="check.pool_leakage=drop"):
+    with pytest.raises(DataError, match=r"check\.pool_leakage=drop"):
         unlabelled_guard(store, cfg)  # the default, error
     labelled = store.indices("train")
     cfg.check.pool_leakage = "drop"
