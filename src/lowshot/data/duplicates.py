@@ -52,7 +52,8 @@ def hamming_neighbours(
     ``threshold`` bits: (P, 3) int64 (query row, index row, distance), and the (Q,) count of them per query
     (``k``: the query may have more). Unlike ``hamming_pairs`` the output is bounded, k per query: on a set
     of alike images (chest X-rays, fundus photos at 28 px) nearly every pair lies within a few bits, and
-    listing them all is quadratic in time and memory. 6,600 hashes against themselves: ~0.1 s."""
+    listing them all is quadratic in time and memory. 6,600 hashes against themselves: 0.3 s (2 cores, while
+    other work ran); 2,000 against 100,000: 0.4 s."""
     import faiss
 
     if not len(index_bits) or not len(query_bits) or k < 1:
