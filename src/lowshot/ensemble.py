@@ -106,19 +106,8 @@ def combine(run_dirs: list[Path], out: Path, command: str = "", open_test: bool 
         splits.append("test")
     cfg = first["cfg"]
     e = cfg.eval
-    k = len(classes)
-    positive = op.positive_index(e.positive_class, classes, np.bincount(y["val"], minlength=k))
-    prior = np.asarray(first["point"]["train_prior"], float)
-    point = op.choose(
-        y["val"],
-        prob["val"],
-        e.operating_point,
-        prior,
-        classes,
-        positive,
-        e.prior or None,
-        e.target_sensitivity,
-    )
+    prior = np.asarray(first["point"]["train_prior"], float)  # the members' training prior
+    point = op.from_config(e, classes, None, False, y["val"], prob["val"], train_prior=prior)
     test = (y["test"], prob["test"]) if "test" in prob else None
     results: dict[str, Any] = {
         "job": "ensemble",

@@ -281,18 +281,27 @@ def positive_index(setting: str, class_names: list[str], counts: np.ndarray) -> 
 def from_config(
     cfg: EvalConfig,
     class_names: list[str],
-    y_train: np.ndarray,
+    y_train: np.ndarray | None,
     balanced: bool,
     y_val: np.ndarray,
     prob_val: np.ndarray,
+    train_prior: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """``choose`` with the ``eval.*`` settings: the model was fitted on labels ``y_train`` (uniformly
-    weighted when ``balanced``); the default positive class is the validation split's rarest."""
+    weighted when ``balanced``), or on ``train_prior`` where that is given (an ensemble inherits its
+    members'); the default positive class is the validation split's rarest, and the record says so."""
     k = len(class_names)
     positive = positive_index(
         cfg.positive_class, class_names, np.bincount(np.asarray(y_val, int), minlength=k)
     )
-    prior = training_prior(y_train, k, balanced)
+    if train_prior is not None:
+        prior = np.asarray(train_prior, dtype=np.float64)
+    elif y_train is not None:
+        prior = training_prior(y_train, k, balanced)
+    else:
+        raise ValueError(
+            "from_config needs the training labels (y_train) or the training prior (train_prior)"
+        )
     point = choose(
         y_val,
         prob_val,
