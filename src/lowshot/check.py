@@ -402,7 +402,7 @@ def pool_copies(
     # the HASH_NEIGHBOURS nearest pool hashes of each image, within data.duplicate_bits (all of them where it
     # has fewer: a hash that discriminates); hash candidates count only when verified, like the store's own
     # near pairs (data.duplicates). On alike images nearly every pair is within reach: bounded per image.
-    near = hamming_neighbours(pool.hashes, hashes[rows], cfg.data.duplicate_bits, HASH_NEIGHBOURS)[0][:, :2]
+    near = hamming_neighbours(pool.hashes, hashes[rows], cfg.data.duplicate_bits, HASH_NEIGHBOURS)[:, :2]
     ok, nccs, lows = decide(thumbs, pool.thumbs, near, cut, cascade=False)
     for (q, j), good, v, w in zip(near.tolist(), ok.tolist(), nccs.tolist(), lows.tolist(), strict=True):
         if good:

@@ -494,7 +494,6 @@ def _level(
     bar = _bar(len(order), f"look-alike level on mirrored images{' (low band)' * low}")
     for lo in range(0, len(order), LEVEL_CHUNK):
         at = order[lo : lo + LEVEL_CHUNK]
-        bar.update(len(at))
         if saturated(level):
             break
         if c[at[0]] < max(floor, level - LOOKALIKE_GAIN):
@@ -503,6 +502,7 @@ def _level(
             level = max(level, float(c[rest].max())) if len(rest) else level  # lower bounds, as verify's
             break
         fine[at] = _fine_at(query, pool, pairs, stage, at, low)
+        bar.update(len(at))  # pairs searched; the rest are left as lower bounds
         ok = counts(at, fine[at], True)
         if ok.any():
             level = max(level, float(fine[at][ok].max()))
