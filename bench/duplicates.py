@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lowshot.check import against, check_store
+from lowshot.check import check_store
 from lowshot.config import parse_args
-from lowshot.data import copies, duplicate_pairs, load_store
+from lowshot.data import calibration, duplicate_pairs, load_store
 from lowshot.data.duplicates import VERIFIED
+from lowshot.data.guards import against
 from lowshot.data.pool import load_pool
 
 OUT = Path(__file__).resolve().parent / "results" / "duplicates"
@@ -157,9 +158,9 @@ def main() -> None:
         "Hash candidates: dHash within data.duplicate_bits (4), exact pairs included, images the hash cannot tell "
         "apart left out (what `lowshot check` counted before verification). Verified: detail NCC >= "
         "the threshold used: data.duplicate_ncc (0.88), raised to the set's best score against its own mirrored "
-        f"images + {copies.MIRROR_GAP} where that is higher (copies.calibrate; the time includes that calibration), "
+        f"images + {calibration.MIRROR_GAP} where that is higher (calibration.calibrate; the time includes that calibration), "
         "or, where that fails, the NCC an octave lower >= that band's threshold, calibrated the same way (off where "
-        f"it would pass {copies.MIRROR_COPY}). Sheets of the pairs only the low band accepts, weakest first "
+        f"it would pass {calibration.MIRROR_COPY}). Sheets of the pairs only the low band accepts, weakest first "
         "(detail/low NCC): SET_low_band.png. "
         "BUSI is split by lowshot with duplicate groups, so its verified pairs never cross splits. Sheet of "
         "RetinaMNIST's verified pairs and strongest look-alikes: retinamnist_pairs.png.",

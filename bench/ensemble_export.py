@@ -1,7 +1,7 @@
 """Does an exported ensemble, run by someone without lowshot, give the ensemble's numbers, and what does
 averaging M members cost per image?
 
-    python bench/ensemble_export.py ENSEMBLE_DIR [--out bench/results/busi-ensemble]
+    python bench/ensemble_export.py ENSEMBLE_DIR [--out bench/results/ensemble_export/busi]
 
 ``ENSEMBLE_DIR`` is a ``lowshot ensemble`` folder whose members still hold their checkpoints. The script
 runs ``lowshot export ENSEMBLE_DIR --format onnx`` and ``lowshot export MEMBER --format onnx`` (the first
@@ -62,7 +62,7 @@ def auroc(y: np.ndarray, p: np.ndarray) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("ensemble", type=Path)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/busi-ensemble"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/ensemble_export/busi"))
     args = ap.parse_args()
     ens = args.ensemble
     stored = np.load(ens / "predictions.npz")
@@ -72,7 +72,7 @@ def main() -> None:
         export_s = time.perf_counter() - t0
         export(member_dirs(ens)[0], Path(tmp) / "one")
         prep = json.loads((Path(tmp) / "ens" / inference.PREPROCESSING).read_text())
-        point = op.load(Path(tmp) / "ens")
+        point = op.load_point(Path(tmp) / "ens")
         rows, times = [], {}
         for split in ("val", "test"):
             files = [Path(f) for f in stored[f"{split}_path"]]

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Few-shot and label-efficiency comparison of random-init, SimCLR (lowshot) and ImageNet backbones on
 # BreastMNIST (2-way) and RetinaMNIST (3-way episodes over 5 grades), 32 px, 2 CPU cores, seed 0.
-# Writes bench/results/fewshot/{breastmnist,retinamnist}_{label_efficiency.png,.md,runs.json}.
+# Writes bench/results/fewshot_compare/{breastmnist,retinamnist}_{label_efficiency.png,.md,runs.json}.
 #   usage: LOWSHOT_DATA_ROOT=../shared/data bash bench/fewshot_compare.sh [RUNS_DIR]
 set -euo pipefail
 runs=${1:-runs/fewshot-compare}
-out=bench/results/fewshot
+out=bench/results/fewshot_compare
 mkdir -p "$out"
-# per-image views, as when bench/results/fewshot was made (data.augment_path=auto was per_image on CPU then)
+# per-image views, as when bench/results/fewshot_compare was made (data.augment_path=auto was per_image on CPU then)
 launch() { accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     "$1" data.augment_path=per_image "${@:2}"; }
 # check.leakage=warn: the official splits as published, as when these results were recorded (lowshot check lists their duplicates)

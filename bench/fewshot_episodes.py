@@ -6,7 +6,7 @@
 Target (issue: few-shot evaluation): 10,000 episodes of 2-way 5-shot 15-query on 512-d embeddings in
 under 5 s on 2 CPU cores, sampling included. The embeddings are synthetic, shaped like BreastMNIST's
 (546 train / 156 test images, 2 classes); only their shape matters for the time. Writes
-bench/results/fewshot_episodes-<device>.{json,md}.
+bench/results/fewshot_episodes/<device>.{json,md}.
 """
 
 import argparse
@@ -31,7 +31,7 @@ p.add_argument("--dim", type=int, default=512)
 p.add_argument("--train", type=int, default=546)
 p.add_argument("--test", type=int, default=156)
 p.add_argument("--repeats", type=int, default=3, help="the best of this many runs is reported")
-p.add_argument("--out", default="bench/results")
+p.add_argument("--out", default="bench/results/fewshot_episodes")
 args = p.parse_args()
 
 g = torch.Generator().manual_seed(0)
@@ -91,8 +91,8 @@ table += [
 ]
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
-(out / "fewshot_episodes-cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-(out / "fewshot_episodes-cpu.md").write_text(
+(out / "cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+(out / "cpu.md").write_text(
     "\n".join(
         ["# Few-shot episode throughput", "", *[f"- {k}: {v}" for k, v in meta.items()], "", *table, ""]
     )

@@ -7,7 +7,7 @@ set -euo pipefail
 runs=${1:-runs/fewshot-compare}
 ckpt="$runs/breastmnist-simclr/checkpoint"
 [ -f "$ckpt/backbone.safetensors" ] || { echo "run bench/fewshot_compare.sh first ($ckpt missing)"; exit 1; }
-# per-image views, as when bench/results/fewshot was made (data.augment_path=auto was per_image on CPU then)
+# per-image views, as when bench/results/fewshot_compare was made (data.augment_path=auto was per_image on CPU then)
 launch() { accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     "$1" data.augment_path=per_image "${@:2}"; }
 for k in 2 5 20 50 0; do
@@ -19,4 +19,4 @@ for k in 2 5 20 50 0; do
   done
 done
 lowshot curves "$runs"/breastmnist-{resnet18-random,resnet18-simclr,lite0-imagenet-64px} "$runs"/breastmnist-simclr-ft-k* \
-    --out bench/results/fewshot/breastmnist_probe_vs_finetune.png
+    --out bench/results/finetune_labels/breastmnist_probe_vs_finetune.png

@@ -7,7 +7,7 @@
 #     views on the GPU): SimCLR on BUSI at 224 px, a fine-tune from its checkpoint, and the same SimCLR
 #     with per-image views for comparison (pairs/s and data-time share per epoch).
 # Data and wheels travel with the call (.devdata/, .whl/, ignored by git); results land in OUT_DIR and
-# are committed under bench/results/.
+# are committed under bench/results/gpu_run/.
 #   usage: GIT_SHA=<commit> bash bench/gpu_run.sh OUT_DIR DATA_ROOT   (the device copy's .git may be stale)
 set -uo pipefail
 out=${1:?out dir}; data=${2:?data root}

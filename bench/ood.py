@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowshot import inference
+from lowshot import ensemble, inference
 from lowshot.config import parse_args
 from lowshot.data import load_store
 from lowshot.evaluation import auroc
@@ -126,7 +126,7 @@ def npz_images(path: Path) -> list[np.ndarray]:
 
 def measure(data: str, job: str, a: argparse.Namespace) -> list[dict]:
     run_dir = train(data, job, a)
-    run = inference.load(run_dir)
+    run = ensemble.load_model(run_dir)
     cfg, _ = parse_args([*DATA[data], f"data.size={a.size}"])
     store = load_store(cfg.data)
     root = Path(cfg.data.root)

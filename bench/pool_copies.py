@@ -14,7 +14,7 @@
 4. Scale: ``--scale`` synthetic pool images (crops of real ones) against 1,000 queries: time of the
    candidate search, of the verification (with the cascade find_copies uses, and without), and of the
    dHash multi-index search within the pool.
-5. The threshold's calibration (copies.mirror_levels): the look-alike level of each case measured on
+5. The threshold's calibration (calibration.mirror_levels): the look-alike level of each case measured on
    mirrored images, the threshold it gives, the false pairs at 0.88 and at that threshold, on the shared
    sets and on versions of them with less detail (half resolution, JPEG q40), and the recall it costs.
 6. The cascade's margin: in every case above, the most the sub-pixel search raised a pair's coarse
@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lowshot.check import POOL_CALIBRATE, POOL_SAMPLE, POOL_VERIFY_MAX, pool_duplicates
-from lowshot.data import copies
+from lowshot.data import calibration, copies
 from lowshot.data.decode import dhash, pixel_digest
 from lowshot.data.duplicates import duplicate_pairs, hamming_pairs
+from lowshot.data.guards import POOL_CALIBRATE, POOL_SAMPLE, POOL_VERIFY_MAX, pool_duplicates
 from lowshot.data.pool import thumbnail
 
 OUT = Path(__file__).resolve().parent / "results" / "pool_copies"
@@ -284,10 +284,10 @@ def scale(root: Path, n: int) -> dict:
     floor = DEFAULT_NCC - copies.FINE_GAIN  # what find_copies does at the default threshold
     fast = copies.verify(q, pool, pairs, floor=floor)
     t2 = time.perf_counter()
-    cut = copies.Cut(
+    cut = calibration.Cut(
         DEFAULT_NCC, DEFAULT_NCC
     )  # both bands on, at the default (this pool's look-alikes allow it)
-    both_ok = copies.decide(q, pool, pairs, cut)[0]
+    both_ok = calibration.judge_pairs(q, pool, pairs, cut)[0]
     t2b = time.perf_counter()
     bits = rng.random((n, 64)) < 0.5
     hamming_pairs(bits, bits, 4)
@@ -296,7 +296,7 @@ def scale(root: Path, n: int) -> dict:
     t4 = time.perf_counter()
     coarse = copies.verify(q, pool, pairs, floor=float("inf"))
     t5 = time.perf_counter()
-    copies.mirror_levels(q, pool, DEFAULT_NCC)  # the calibration the pool guard adds: one more search
+    calibration.mirror_levels(q, pool, DEFAULT_NCC)  # the calibration the pool guard adds: one more search
     t6 = time.perf_counter()
     # copies within the pool as the guard records them (results.json pool_duplicates): real dHash of
     # these look-alike crops (~60 of each base image), so the hash candidates are the worst case
@@ -305,7 +305,7 @@ def scale(root: Path, n: int) -> dict:
     t7 = time.perf_counter()
     within = pool_duplicates(hashes, digests, pool, 4, DEFAULT_NCC)  # calibrated on this pool itself
     t8 = time.perf_counter()
-    own = copies.Cut(within["verified_at_ncc"], within["verified_at_ncc_low"])
+    own = calibration.Cut(within["verified_at_ncc"], within["verified_at_ncc_low"])
     # The same kind of sample with its truth: a hash candidate is a copy when both are crops of one real
     # image (the real sets hold copies of their own, so a few 'false' pairs may be real copies)
     rows = np.sort(np.random.default_rng(1).choice(n, POOL_SAMPLE, replace=False))
@@ -318,8 +318,8 @@ def scale(root: Path, n: int) -> dict:
     # un-noised: the shared sets hold copies of their own) are copies too, not false pairs
     related = ~same & (copies.verify(base, base, src) >= DEFAULT_NCC)
     ok_detail = copies.verify(pool[rows], pool[rows], near) >= DEFAULT_NCC
-    ok_both = copies.decide(pool[rows], pool[rows], near, cut)[0]
-    ok_own = copies.decide(pool[rows], pool[rows], near, own)[0]
+    ok_both = calibration.judge_pairs(pool[rows], pool[rows], near, cut)[0]
+    ok_own = calibration.judge_pairs(pool[rows], pool[rows], near, own)[0]
     # per modality: the pool mixes BreastMNIST and RetinaMNIST crops (hash candidates never mix them here);
     # a mixed pool's calibration is that of its most look-alike part, so also a pool of one modality's crops
     n_breast = len(np.load(root / "breastmnist.npz")["train_images"])
@@ -328,8 +328,10 @@ def scale(root: Path, n: int) -> dict:
         part = np.flatnonzero((origin < n_breast) == (mod == "breastmnist"))
         part = np.sort(np.random.default_rng(3).choice(part, min(len(part), POOL_SAMPLE), replace=False))
         cal = np.sort(np.random.default_rng(4).choice(len(part), POOL_CALIBRATE, replace=False))
-        _, alone = copies.calibrate(pool[part][cal], pool[part], DEFAULT_NCC, f"{mod} crops alone", own=cal)
-        ok_alone = copies.decide(pool[rows], pool[rows], near, alone)[0]
+        _, alone = calibration.calibrate(
+            pool[part][cal], pool[part], DEFAULT_NCC, f"{mod} crops alone", own=cal
+        )
+        ok_alone = calibration.judge_pairs(pool[rows], pool[rows], near, alone)[0]
         truth[mod] = {
             "cut_alone": list(alone),
             "candidates": int(m.sum()),
@@ -358,7 +360,7 @@ def scale(root: Path, n: int) -> dict:
         "fine_searched": int((coarse >= floor).sum()),
         "candidates_s": t1 - t0,
         "verify_s": t2 - t1,
-        # the detail band, then the band an octave lower for the pairs that fell short (copies.decide)
+        # the detail band, then the band an octave lower for the pairs that fell short (calibration.judge_pairs)
         "decide_s": t2b - t2,
         "verified_detail": int((fast >= DEFAULT_NCC).sum()),
         "verified_both": int(both_ok.sum()),
@@ -392,7 +394,7 @@ def _both(q: np.ndarray, p: np.ndarray, pairs: np.ndarray, case: str) -> tuple[n
     return d, low
 
 
-def _passes(d: np.ndarray, low: np.ndarray, cut: copies.Cut, with_low: bool) -> np.ndarray:
+def _passes(d: np.ndarray, low: np.ndarray, cut: calibration.Cut, with_low: bool) -> np.ndarray:
     ok = d >= cut.detail
     return ok | (low >= cut.low) if with_low and cut.low is not None else ok
 
@@ -437,7 +439,7 @@ def bands(root: Path) -> dict:
     out: dict[str, dict] = {}
     for name, (q, p, distinct) in cases.items():
         t0 = time.perf_counter()
-        (level, level_low), cut = copies.calibrate(q, p, DEFAULT_NCC, name)
+        (level, level_low), cut = calibration.calibrate(q, p, DEFAULT_NCC, name)
         took = time.perf_counter() - t0
         pairs = copies.candidates(q, p)
         d, low = _both(q, p, pairs, name)
@@ -493,7 +495,7 @@ def bands(root: Path) -> dict:
         for tname, f in LOW_TRANSFORMS.items():
             moved = thumbs([f(a) for a in test])
             pool = np.concatenate([p, moved])
-            _, cut = copies.calibrate(q, pool, DEFAULT_NCC, f"{name} + {tname}")
+            _, cut = calibration.calibrate(q, pool, DEFAULT_NCC, f"{name} + {tname}")
             truth = np.arange(len(p), len(pool))
             pairs = copies.candidates(q, pool)
             d, low = _both(q, pool, pairs, f"planted {name}: {tname}")
@@ -531,7 +533,7 @@ def bands(root: Path) -> dict:
 
 
 def mirror(root: Path) -> dict:
-    """The threshold's calibration (copies.mirror_levels): per case, the best score of the queries against
+    """The threshold's calibration (calibration.mirror_levels): per case, the best score of the queries against
     the *mirrored* pool (never a copy), the calibrated threshold, and the queries with a verified pair at
     0.88 and at the calibrated threshold. Distinct cases count false pairs; 'half res' (14 px and back)
     and JPEG q40 of every image make sets with less detail than any shared one, standing in for the
@@ -549,15 +551,15 @@ def mirror(root: Path) -> dict:
         best = np.full(len(q), -1.0)
         np.maximum.at(best, pairs[:, 0], s)
         t0 = time.perf_counter()
-        level = copies.mirror_levels(q, p, DEFAULT_NCC)[0]
+        level = calibration.mirror_levels(q, p, DEFAULT_NCC)[0]
         took = time.perf_counter() - t0
-        # the evidence for copies.LOOKALIKE_GAIN: how far the sub-pixel search raises mirrored pairs
+        # the evidence for calibration.LOOKALIKE_GAIN: how far the sub-pixel search raises mirrored pairs
         flipped = np.ascontiguousarray(p[:, :, ::-1])
         mp = copies.candidates(q, flipped)
         full, coarse = copies.verify(q, flipped, mp), copies.verify(q, flipped, mp, floor=float("inf"))
-        hi = (full >= 0.8) & (full < copies.MIRROR_COPY)
+        hi = (full >= 0.8) & (full < calibration.MIRROR_COPY)
         gain = float((full - coarse)[hi].max()) if hi.any() else float("nan")
-        thr = copies.calibrated(DEFAULT_NCC, level)
+        thr = calibration.calibrated(DEFAULT_NCC, level)
         out[name] = {
             "n": len(q),
             "pool": len(p),
@@ -574,7 +576,7 @@ def mirror(root: Path) -> dict:
     test = np.stack([_half(a) for a in r["test_images"][:200]])
     rest = thumbs([_half(a) for a in np.concatenate([r["train_images"], r["val_images"]])])
     qt = thumbs(test)
-    thr = copies.calibrated(DEFAULT_NCC, copies.mirror_levels(qt, rest, DEFAULT_NCC)[0])
+    thr = calibration.calibrated(DEFAULT_NCC, calibration.mirror_levels(qt, rest, DEFAULT_NCC)[0])
     recall = {}
     for tname in ("resize x4", "jpeg q70", "brightness +20% contrast", "gamma 0.8", "crop 95%"):
         moved = thumbs([TRANSFORMS[tname](a) for a in test])
@@ -646,7 +648,7 @@ def render_mirror(m: dict) -> list[str]:
         "",
         "Each query against the left-right mirrored pool images (never its copies, same modality and detail): the "
         f"best such score is the set's look-alike level; the threshold used is max({DEFAULT_NCC}, level + "
-        f"{copies.MIRROR_GAP}), at most {copies.MIRROR_COPY} (copies.calibrated). 'Half res' (14 px and back) and "
+        f"{calibration.MIRROR_GAP}), at most {calibration.MIRROR_COPY} (calibration.calibrated). 'Half res' (14 px and back) and "
         "JPEG q40 of every image make sets with less detail than any shared one. In distinct cases every verified "
         "pair is false; the others hold real copies.",
         "",
@@ -680,8 +682,8 @@ def render_bands(bd: dict) -> list[str]:
         "",
         "A pair is verified when its detail NCC reaches the detail threshold, or its NCC in the band an octave "
         "lower (thumbnails averaged to 16 px, then the same band-pass) reaches that band's threshold: max("
-        f"{DEFAULT_NCC}, the set's mirrored level there + {copies.MIRROR_GAP}), and the band is off where that "
-        f"passes {copies.MIRROR_COPY} (copies.calibrated_low). Levels and best real pairs: detail · low band. In "
+        f"{DEFAULT_NCC}, the set's mirrored level there + {calibration.MIRROR_GAP}), and the band is off where that "
+        f"passes {calibration.MIRROR_COPY} (calibration.calibrated_low). Levels and best real pairs: detail · low band. In "
         "distinct cases every verified query is false.",
         "",
         "| case | queries x pool | best real pair | mirrored level | thresholds used (detail · low) | queries "

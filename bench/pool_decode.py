@@ -6,11 +6,11 @@ and, with ``--pretrain STEPS``, what share of a pretraining epoch on that pool w
 Writes ``--n`` 64 px PNGs (crops of BUSI images, each one distinct) into a temporary folder, then times
 ``lowshot.data.pool.load_pool`` on it twice: the first run decodes, fingerprints and thumbnails every
 file on all cores into the memory-mapped cache; the second maps the cache. Appends a row to
-bench/results/pool_decode.md. ``--pretrain``: then ``accelerate launch ssl/pretrain.py`` (the defaults:
+bench/results/pool_decode/decode.md. ``--pretrain``: then ``accelerate launch ssl/pretrain.py`` (the defaults:
 SimCLR, ResNet-18, batch 128, batched views) on BreastMNIST's training split plus that pool for STEPS
 optimizer steps, through the pool guard; the epoch's ``data_time_frac`` (time spent waiting for the
 next batch of views / epoch time) and pairs/s, and the run's wall time with the guard, are appended to
-bench/results/pool_pretrain.md.
+bench/results/pool_decode/pretrain.md.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from PIL import Image
 from lowshot.config import DataConfig
 from lowshot.data.pool import load_pool
 
-OUT = Path(__file__).resolve().parent / "results" / "pool_decode.md"
-OUT_PRETRAIN = OUT.with_name("pool_pretrain.md")
+OUT = Path(__file__).resolve().parent / "results" / "pool_decode" / "decode.md"
+OUT_PRETRAIN = OUT.with_name("pretrain.md")
 REPO = Path(__file__).resolve().parents[1]
 
 

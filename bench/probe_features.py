@@ -99,7 +99,7 @@ def embeddings(
         over += ["model.name=tf_efficientnet_lite0", "model.weights=efficientnet-lite0", "data.size=64"]
         over += ["model.small_input_stem=false"]
     cfg, _ = parse_args([*CONFIGS[data], *over])
-    from lowshot.check import leakage_guard
+    from lowshot.data.guards import leakage_guard
 
     store = load_store(cfg.data)
     leakage_guard(store, cfg)

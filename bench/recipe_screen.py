@@ -6,7 +6,7 @@ stays sealed): which of them, if any, should be run on the test split against th
 
 Each candidate is configs/recipes/lowshot-recommended.yaml plus a few overrides, ``eval.test=false``, 3
 seeds, launched as bench/recipes.py launches its runs (one thread each, ``--jobs`` side by side). The
-table (bench/results/recipes/screen.md, .json) gives per candidate the selected validation AUROC (the best
+table (bench/results/recipe_screen/screen.md, .json) gives per candidate the selected validation AUROC (the best
 epoch's: optimistic by the same selection for every row) and the validation accuracy at that epoch, mean
 ± sd over seeds, and the difference to the recommended recipe paired by seed: mean with a Student-t 95%
 CI over the seeds, and the number of seeds whose image-bootstrap 95% CI (78 validation images) excludes 0.
@@ -29,7 +29,7 @@ from recipes import LAUNCH, REPO, run_one, slug  # bench/ is the script's direct
 
 from lowshot.evaluation import mean_ci, paired_bootstrap
 
-OUT = REPO / "bench" / "results" / "recipes"
+OUT = REPO / "bench" / "results" / "recipe_screen"
 REFERENCE = "recommended"
 SEEDS = 3
 # name: overrides on top of lowshot-recommended.yaml (64 px Lite0, Adam 1e-3 constant, rotations, flips)

@@ -19,7 +19,7 @@ Pipelines (each timed on the views alone, "data", and with a SimCLR training ste
 Worker-fed pipelines run --slow-steps timed steps (data-bound at ~200 pairs/s on an H100, 20 steps of
 256 would take half a minute each). Each row is written as soon as it is measured; a row that fails is
 recorded with its error instead of stopping the run.
-Writes bench/results/simclr_throughput-<device>.{json,md}.
+Writes bench/results/simclr_throughput/<device>.{json,md}.
 """
 
 import argparse
@@ -38,10 +38,10 @@ from lightly.transforms import SimCLRTransform
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from lowshot.augment import DeviceLoader, simclr_spec, use_compile
+from lowshot.augment import DeviceLoader, simclr_spec, simclr_views, use_compile
 from lowshot.config import AugConfig, DataConfig, SSLConfig
 from lowshot.data import StoreDataset, load_store, normalisation, train_loader
-from lowshot.methods import SimCLR, simclr_views
+from lowshot.methods import SimCLR
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data-root", default=os.environ.get("LOWSHOT_DATA_ROOT", "../shared/data"))
@@ -55,7 +55,7 @@ p.add_argument("--data-steps", type=int, default=0, help="timed steps of the vie
 p.add_argument("--warmup", type=int, default=3)
 p.add_argument("--models", nargs="+", default=["resnet18"])
 p.add_argument("--compile", action="store_true", help="also time torch.compile of the model")
-p.add_argument("--out", default="bench/results")
+p.add_argument("--out", default="bench/results/simclr_throughput")
 args = p.parse_args()
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,9 +119,9 @@ def write() -> None:
         name = r["pipeline"] + (f" (failed: {r['error']})" if r["error"] else "")
         table.append(f"| {r['model']} | {name} | {r['measure']} | {r['pairs_per_s']:.1f} | {frac} |")
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"simclr_throughput-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / f"{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = [f"# SimCLR throughput on {dev_name}", "", *[f"- {k}: {v}" for k, v in meta.items()], "", *table, ""]
-    (out / f"simclr_throughput-{tag}.md").write_text("\n".join(md))
+    (out / f"{tag}.md").write_text("\n".join(md))
 
 
 def record(model: str, pipeline: str, measure: str, measure_fn) -> None:
@@ -279,5 +279,5 @@ for model_name in args.models:
             lambda fn=fn: timed(pipelines["lowshot batched"][0](), fn),
         )
 
-print("\n".join((out / f"simclr_throughput-{tag}.md").read_text().splitlines()[-len(rows) - 2 :]))
-print(f"wrote {out / f'simclr_throughput-{tag}.md'}")
+print("\n".join((out / f"{tag}.md").read_text().splitlines()[-len(rows) - 2 :]))
+print(f"wrote {out / f'{tag}.md'}")

@@ -125,9 +125,9 @@ def pool_overrides(name: str, data: str, seed: int, size: int, runs: Path) -> li
     """A POOL_ROWS row's pool: a seeded draw of its fraction of the training images that the pool guard
     finds no copy of a val/test image in (so it drops none), written as an .npz under ``runs``; and the
     epochs that make POOL_STEPS steps of ssl.batch_size images."""
-    from lowshot.check import pool_guard
     from lowshot.config import parse_args
     from lowshot.data import load_store
+    from lowshot.data.guards import pool_guard
     from lowshot.data.pool import load_pool
 
     src = Path(os.environ.get("LOWSHOT_DATA_ROOT", "data")) / f"{data}.npz"

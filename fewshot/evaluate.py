@@ -16,10 +16,10 @@ import time
 import torch
 from accelerate.utils import set_seed
 
-from lowshot.check import leakage_guard
-from lowshot.cli import user_errors
 from lowshot.config import parse_args
 from lowshot.data import load_store
+from lowshot.data.guards import leakage_guard
+from lowshot.errors import user_errors
 from lowshot.fewshot import evaluate_episodes, label_efficiency, plot_label_efficiency, sample_episodes
 from lowshot.models import backbone_for, cached_embeddings, weights_tag
 from lowshot.tracking import Run, make_accelerator

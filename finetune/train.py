@@ -19,36 +19,29 @@ metric with a bootstrap CI, at argmax and at the operating point, and the calibr
 fitted on validation); predictions.npz and the report figures sit beside it.
 """
 
-import json
 import sys
 
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from safetensors.torch import save_file
 
 from lowshot import finetune as ft
 from lowshot import inference
 from lowshot import operating_point as op
 from lowshot import probe as lp
-from lowshot.augment import batched_loader, train_spec, use_batched
-from lowshot.check import leakage_guard
-from lowshot.cli import user_errors
+from lowshot.augment import finetune_loader
 from lowshot.config import parse_args
-from lowshot.data import (
-    eval_transform,
-    load_store,
-    split_loader,
-    split_train_loader,
-    store_loader,
-    train_transform,
-)
-from lowshot.data.cache import write_atomic
-from lowshot.evaluation import auroc, final_reports, format_point, format_report, nll
+from lowshot.data import eval_transform, load_store, split_loader, store_loader
+from lowshot.data.guards import leakage_guard
+from lowshot.device import memory_format
+from lowshot.errors import user_errors
+from lowshot.evaluation import final_reports, format_point, format_report
+from lowshot.figures import run_figures
 from lowshot.guard import DivergenceError, check_epoch, weight_norm
-from lowshot.models import backbone_for, cached_embeddings, save_checkpoint, weights_fingerprint, weights_kind
+from lowshot.models import backbone_for, cached_embeddings, weights_fingerprint, weights_kind
+from lowshot.optim import lr_schedule, make_optimizer
 from lowshot.resume import States
-from lowshot.tracking import Run, make_accelerator, memory_format, preflight
+from lowshot.tracking import Run, make_accelerator, preflight
 
 user_errors()
 cfg, overrides = parse_args(sys.argv[1:])
@@ -103,15 +96,8 @@ if cfg.train.probe:
     def score(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return clf.predict_proba(feats.numpy()[rows]), store.labels[rows]
 
-    if accelerator.is_main_process:
-        # The probe as plain arrays: standardise with mean/scale, then logits = x @ coef.T + intercept.
-        scaler, lr = clf[0], clf[-1]
-        arrays = {"mean": scaler.mean_, "scale": scaler.scale_, "coef": lr.coef_, "intercept": lr.intercept_}
-        save_file(
-            {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in arrays.items()},
-            str(run.dir / inference.PROBE),
-            metadata={"backbone_weights": weights_fingerprint(cfg.model.weights)},  # checked by predict
-        )
+    if accelerator.is_main_process:  # plain arrays: standardise, then a linear layer
+        lp.save_probe(clf, run.dir / inference.PROBE, weights_fingerprint(cfg.model.weights))
     reference = feats[torch.from_numpy(store.indices("train"))], feats[torch.from_numpy(store.indices("val"))]
     if weights_kind(cfg.model.weights) == "none" and accelerator.is_main_process:
         inference.save_detector(backbone, run.dir)  # random init: the probe's backbone exists only here
@@ -122,23 +108,13 @@ else:
     groups = ft.stage_groups(backbone)  # stem, stage 1, ...: the units that freeze and unfreeze
     sampler = tc.balance == "sampler"  # class-balanced draws
     model = model.to(memory_format=memory_format(cfg.channels_last, accelerator.device))
-    optimizer = ft.make_optimizer(
-        ft.param_groups(model, tc), tc.optimizer, tc.lr, tc.weight_decay, tc.momentum
-    )
+    optimizer = make_optimizer(ft.param_groups(model, tc), tc.optimizer, tc.lr, tc.weight_decay, tc.momentum)
     val_l = split_loader(store, "val", plain, rgb, 256, workers)
     train_eval_l = split_loader(store, "train", plain, rgb, 256, workers)  # un-augmented, for the clean curve
-    if tc.augment and use_batched(cfg.data.augment_path):  # views made batched
-        spec = train_spec(tc, cfg.data.size, norm)
-        train_l = batched_loader(
-            store, ("train",), spec, tc.batch_size, accelerator, cfg, 1, in_chans, sampler
-        )
-    else:  # PIL transforms per image in the DataLoader
-        aug = train_transform(cfg.data.size, tc, norm) if tc.augment else plain
-        n = accelerator.num_processes
-        train_l = split_train_loader(store, "train", aug, rgb, tc.batch_size, workers, n, sampler)
+    train_l = finetune_loader(store, cfg, accelerator, in_chans, norm, sampler)  # views batched or per image
     model, optimizer, val_l, train_eval_l = accelerator.prepare(model, optimizer, val_l, train_eval_l)
     train_l = train_l.prepare(accelerator)  # shards the chunks over processes (the device loader: itself)
-    scheduler = ft.lr_schedule(optimizer, tc, len(train_l))
+    scheduler = lr_schedule(optimizer, tc, len(train_l))
     criterion = ft.make_criterion(tc, store.labels[store.indices("train")], store.num_classes)
     criterion = criterion.to(accelerator.device)
     mixup = ft.make_mixup(tc, store.num_classes)
@@ -163,26 +139,15 @@ else:
         )
         lr_now = scheduler.get_last_lr()[-1]
         check_epoch(metrics["train/loss"], model, start_norm, f"fine-tuning {desc}", lr_now, "train.lr")
-        val_prob, val_y = ft.predict(scored, val_l, accelerator)
-        val_auc = auroc(val_y, val_prob)
-        metrics |= {
-            "val/loss": nll(val_prob, val_y),
-            "val/auroc": val_auc,
-            "val/accuracy": float((val_prob.argmax(1) == val_y).mean()),
-            "lr": lr_now,  # the head's; backbone groups run at their own multiple
-        }
+        # lr: the head's; backbone groups run at their own multiple
+        metrics |= ft.val_metrics(scored, val_l, accelerator) | {"lr": lr_now}
         if tc.eval_train:  # the same images without augmentation or dropout, in eval mode
-            tr_prob, tr_y = ft.predict(scored, train_eval_l, accelerator)
-            metrics |= {
-                "train/loss_clean": nll(tr_prob, tr_y),
-                "train/accuracy_clean": float((tr_prob.argmax(1) == tr_y).mean()),
-                "train/auroc_clean": auroc(tr_y, tr_prob),
-            }
+            metrics |= ft.clean_train_metrics(scored, train_eval_l, accelerator)
         run.log(metrics, step=epoch + 1)
         accelerator.print(
             " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         )
-        stop = stopper.step(val_auc, epoch + 1, accelerator.unwrap_model(scored))
+        stop = stopper.step(metrics["val/auroc"], epoch + 1, accelerator.unwrap_model(scored))
         states.extra["stop"] = stop and ft.unfreezing_done(tc, epoch, len(groups))
         states.end_epoch(tc.epochs)
         if states.extra["stop"]:
@@ -209,33 +174,18 @@ else:
             model, accelerator.prepare(store_loader(store, rows, plain, rgb, workers)), accelerator
         )
 
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_checkpoint(
-            run.dir / "checkpoint",
-            unwrapped[0],
-            cfg,
-            {"in_chans": in_chans, "epoch": stopper.best_epoch, **run.meta},
-        )
-        save_file(
-            {k: v.contiguous().cpu() for k, v in unwrapped[1].state_dict().items()},
-            str(run.dir / "checkpoint" / "head.safetensors"),
-        )
+    if accelerator.is_main_process:  # the backbone as a lowshot checkpoint, the head beside it
+        meta = {"in_chans": in_chans, "epoch": stopper.best_epoch, **run.meta}
+        ft.save_classifier(run.dir / "checkpoint", accelerator.unwrap_model(model), cfg, meta)
 
 # The operating point, chosen on validation (a label budget or class balancing trains on a prior unlike the
 # one the model will meet), stored beside the model; test metrics are reported at it and at argmax.
 point = op.from_config(
     cfg.eval, store.classes, store.labels[store.indices("train")], balanced, val_y, val_prob
 )
-if accelerator.is_main_process:
-    # What `lowshot predict/evaluate/export` need: the point, the exact preprocessing, and the training
-    # embeddings that "unlike the training data" is measured against.
-    for where in [run.dir] + ([] if cfg.train.probe else [run.dir / "checkpoint"]):
-        op.save(point, where)
-        prep = inference.preprocessing(cfg, store, in_chans, norm)
-        write_atomic(where / inference.PREPROCESSING, json.dumps(prep, indent=2))
-    inference.write_reference(run.dir, *reference, weights_fingerprint(cfg.model.weights))
-files = [run.dir / n for n in (inference.PREPROCESSING, op.FILE, inference.REFERENCE, inference.DETECTOR)]
+if accelerator.is_main_process:  # what `lowshot predict/evaluate/export` read back beside the model
+    inference.write_bundle(run.dir, cfg, store, in_chans, norm, point, reference)
+files = [run.dir / n for n in inference.BUNDLE]
 if cfg.train.probe:  # the W&B model artifact (its input, the backbone's, is in config.meta.lineage)
     run.log_model([run.dir / inference.PROBE, *files], "probe", run.dir / inference.PROBE)
 else:
@@ -260,5 +210,5 @@ accelerator.print(format_report(results["val"], f"validation ({job}, selected)")
 if test is not None:
     accelerator.print(format_report(results["test"], f"TEST ({job}, evaluated once)"))
     accelerator.print(format_point(results["test_at_point"], point, "TEST"))
-run.finish(results)
+run.finish(results, figures=run_figures)
 accelerator.print(f"results: {run.dir / 'results.json'}")

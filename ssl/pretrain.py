@@ -20,18 +20,19 @@ from lightly.utils.benchmarking import knn_predict
 from sklearn.metrics import balanced_accuracy_score
 from tqdm.auto import tqdm
 
-from lowshot.augment import batched_loader, simclr_spec, use_batched
-from lowshot.check import leakage_guard, pool_guard, unlabelled_guard
-from lowshot.cli import user_errors
+from lowshot.augment import pretraining_loader, use_batched
 from lowshot.config import parse_args
-from lowshot.data import eval_transform, load_store, split_loader, split_train_loader
+from lowshot.data import eval_transform, load_store, split_loader
+from lowshot.data.guards import leakage_guard, pool_guard, unlabelled_guard
 from lowshot.data.pool import load_pool, pretraining_store
-from lowshot.finetune import make_optimizer, warmup_cosine
+from lowshot.device import memory_format
+from lowshot.errors import user_errors
 from lowshot.guard import check_epoch, weight_norm
 from lowshot.methods import build_method, negatives_per_anchor
 from lowshot.models import backbone_for, embed, save_checkpoint, weights_fingerprint
+from lowshot.optim import make_optimizer, warmup_cosine
 from lowshot.resume import States
-from lowshot.tracking import Run, make_accelerator, memory_format, preflight
+from lowshot.tracking import Run, make_accelerator, preflight
 
 user_errors()
 cfg, overrides = parse_args(sys.argv[1:])
@@ -56,15 +57,12 @@ run = Run(accelerator, cfg, "pretrain", store.name, overrides)
 
 # ---- model, views, data --------------------------------------------------------------------------------
 backbone, in_chans, norm = backbone_for(cfg, store.grayscale)
-model, views = build_method(cfg, backbone, store.grayscale, norm)
+model = build_method(cfg, backbone)
 rgb, plain, workers = in_chans == 3, eval_transform(norm), cfg.data.num_workers
-# No labels: the training split, the images left unlabelled by data.train_per_class, the pool.
-n, batched = accelerator.num_processes, use_batched(cfg.data.augment_path)
-if batched:  # the uint8 store on the device, both views of a batch in one batched augmentation
-    spec = simclr_spec(cfg.aug, cfg.data.size, store.grayscale, norm)
-    loader = batched_loader(ssl_set, ("train",), spec, cfg.ssl.batch_size, accelerator, cfg, 2, in_chans)
-else:
-    loader = split_train_loader(ssl_set, "train", views, rgb, cfg.ssl.batch_size, workers, processes=n)
+# No labels: the training split, the images left unlabelled by data.train_per_class, the pool; two views
+# of each, batched on the device or per image in DataLoader workers (data.augment_path).
+loader = pretraining_loader(ssl_set, cfg, accelerator, in_chans, norm)
+batched = use_batched(cfg.data.augment_path)
 batch_size = loader.batch_size or 1
 bank_loader = split_loader(store, "train", plain, rgb, 256, workers)  # kNN bank: un-augmented training images
 val_loader = split_loader(store, "val", plain, rgb, 256, workers)
@@ -117,12 +115,8 @@ knn, start_norm = states.extra["knn"], states.extra["start_norm"]
 for epoch in range(states.epoch, epochs):
     model.train()
     sums = states.sums or {"total": torch.zeros((), device=accelerator.device), "count": 0, "skipped": 0}
-    total, count, skipped, done = (
-        sums["total"].to(accelerator.device),
-        sums["count"],
-        sums["skipped"],
-        states.position,
-    )
+    total, count, skipped = sums["total"].to(accelerator.device), sums["count"], sums["skipped"]
+    done = states.position
     t0, data_time = time.perf_counter(), 0.0
     t_data = time.perf_counter()
     for (x0, x1), _ in tqdm(
@@ -140,14 +134,11 @@ for epoch in range(states.epoch, epochs):
         skipped += accelerator.optimizer_step_was_skipped  # fp16: the grad scaler skipped an overflow step
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        accelerator.unwrap_model(model).after_step(
-            states.step, total_steps
-        )  # momentum copies follow (MoCo, BYOL, DINO)
+        # momentum copies follow (MoCo, BYOL, DINO); a state is saved on state.every_steps or a signal
+        accelerator.unwrap_model(model).after_step(states.step, total_steps)
         total += loss.detach()
         count += 1
-        states.after_step(
-            {"total": total, "count": count, "skipped": skipped}
-        )  # saves on state.every_steps or a signal
+        states.after_step({"total": total, "count": count, "skipped": skipped})
         t_data = time.perf_counter()
         if states.step >= total_steps:  # ssl.steps reached inside the last epoch
             break

@@ -85,7 +85,7 @@ def test_rates_and_ranges_of_every_random_choice() -> None:
     counts = np.unique(p["order"].numpy(), axis=0, return_counts=True)[1]
     assert len(counts) == 24 and stats.chisquare(counts).pvalue > 1e-3
     gray = simclr_spec(AugConfig(), 32, grayscale=True, norm=ID)
-    assert gray.saturation == gray.hue == gray.gray_prob == 0.0  # as methods.simclr_views
+    assert gray.saturation == gray.hue == gray.gray_prob == 0.0  # as augment.simclr_views
     sup = train_spec(TrainConfig(rotate=10, brightness=0.2, contrast=0.3, crop_min_scale=0.7), 32, ID)
     q = sample_params(N, 32, 32, sup, gen())
     assert q["angle"].abs().max() <= 10 and q["angle"].std() > 5 and q["jitter"].all() and not q["blur"].any()

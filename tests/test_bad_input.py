@@ -12,10 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HANG_S
 from PIL import Image
 
-from lowshot.config import DataConfig
+from lowshot.config import ConfigError, DataConfig, parse_args
 from lowshot.data import DataError, load_store
+from lowshot.models import WeightsError
+from lowshot.tracking import preflight
 
 
 def cfg(root: Path, source: str, cache: Path, **kw) -> DataConfig:
@@ -180,7 +183,7 @@ def test_two_processes_filling_an_empty_cache_at_once(busi: Path, tmp_path: Path
     procs = [
         subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)
     ]
-    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    outs = [p.communicate(timeout=HANG_S)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs) and outs[0] == outs[1] and len(outs[0]) == 40
     assert len(list((tmp_path / "c" / "stores").glob("*.npz"))) == 1
     assert not list((tmp_path / "c" / "stores").glob("*.tmp*"))
@@ -360,3 +363,26 @@ def test_a_second_run_in_a_folder_still_in_use_is_refused(tmp_path: Path) -> Non
     assert not (tmp_path / "busy" / "config.yaml").exists()
     Run(Accelerator(cpu=True), cfg, "pretrain", "x", [])  # free again: the run starts
     assert (tmp_path / "busy" / "config.yaml").is_file()
+
+
+def test_settings_that_need_no_data_fail_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unwritable out_dir, a missing weights file, W&B online without a key: each refused by the
+    scripts' preflight before any data are read (the data root here does not even exist). In-process: the
+    launcher adds nothing to a check made before decoding (the one-line printing is test_e2e's)."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc holding a key
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    base = [f"data.root={tmp_path / 'nothing'}"]
+    cases = [
+        ([f"out_dir={tmp_path / 'file' / 'runs'}"], ConfigError, "cannot be written"),
+        ([f"out_dir={tmp_path}", "model.weights=/no/such/weights.safetensors"], WeightsError, "no such file"),
+        ([f"out_dir={tmp_path}", "track.wandb_mode=online"], ConfigError, "no W&B API key"),
+    ]
+    for args, error, message in cases:
+        cfg, _ = parse_args([*base, *args])
+        with pytest.raises(error, match=message):
+            preflight(cfg)
+    assert not (tmp_path / "nothing").exists()

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lowshot.check import check_command as check
 from lowshot.check import check_store
-from lowshot.cli import check
 from lowshot.config import DataConfig
 from lowshot.data import dhash, duplicate_pairs, fingerprints, load_store
 from lowshot.data.duplicates import hamming_pairs

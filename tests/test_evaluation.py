@@ -171,7 +171,7 @@ def test_paired_bootstrap_finds_a_real_difference_and_none_between_equals() -> N
 
 def test_ssl_or_imagenet_chooses_on_validation_only_when_the_paired_interval_says_so(tmp_path: Path) -> None:
     """The quickstart's verdict: 'ssl' / 'imagenet' only when the paired 95% CI on validation excludes 0."""
-    from lowshot.cli import ssl_or_imagenet
+    from lowshot.quickstart import ssl_or_imagenet
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
@@ -209,8 +209,8 @@ def test_keep_script_trains_the_chosen_start_with_the_test_sealed(
     and a sealed test split, and the ensemble line opens the test split once."""
     import shlex
 
-    from lowshot.cli import repo_root, write_keep_script
     from lowshot.config import parse_args
+    from lowshot.quickstart import repo_root, write_keep_script
 
     monkeypatch.chdir(repo_root())  # the user's --config paths are relative to where they ran it
     common = ["check.leakage=drop", "--config", "configs/busi.yaml", "data.size=96", "track.group=qs"]

@@ -166,8 +166,8 @@ def test_curves_pool_finetune_runs_by_label_budget(tmp_path: Path) -> None:
     point per K (mean over the draws) next to a probe curve."""
     import json
 
-    from lowshot.cli import curves
     from lowshot.config import to_yaml
+    from lowshot.fewshot import curves
 
     def run(name: str, job: str, k: int, auc: float, extra: dict) -> Path:
         d = tmp_path / name

@@ -7,7 +7,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from lowshot.config import TrainConfig
-from lowshot.finetune import EarlyStopping, lr_schedule, make_optimizer, warmup_cosine
+from lowshot.finetune import EarlyStopping
+from lowshot.optim import lr_schedule, make_optimizer, warmup_cosine
 from lowshot.probe import fit_probe
 
 

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HANG_S
 from PIL import Image
 from test_e2e import REPO, common, launch, ok
 
 from lowshot import inference
 from lowshot import operating_point as op
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,7 @@ def runs(busi: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 def lowshot(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lowshot.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=600
+        [sys.executable, "-m", "lowshot.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=HANG_S
     )
 
 
@@ -54,6 +53,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", ["probe", "ft", "scratch"])
 def test_predict_reproduces_the_runs_own_validation_scores(runs: Path, tmp_path: Path, job: str) -> None:
     """The validation files, decoded again from disk by `lowshot predict`, get the probabilities the
@@ -69,7 +69,7 @@ def test_predict_reproduces_the_runs_own_validation_scores(runs: Path, tmp_path:
     classes = json.loads((run / "results.json").read_text())["classes"]
     raw = np.array([[float(r[f"p_raw_{c}"]) for c in classes] for r in rows])
     np.testing.assert_allclose(raw, saved["val_prob"], atol=2e-4)
-    point = op.load(run)
+    point = op.load_point(run)
     want = [classes[i] for i in op.decide(saved["val_prob"], point["weights"])]
     agree = np.mean([r["predicted"] == w for r, w in zip(rows, want, strict=True)])
     assert agree >= 0.98, agree  # a probability within 2e-4 of the threshold may fall either side
@@ -82,6 +82,7 @@ def test_predict_reproduces_the_runs_own_validation_scores(runs: Path, tmp_path:
     assert np.mean([r["unlike_training"] == "True" for r in rows]) <= 0.10
 
 
+@pytest.mark.slow
 def test_predict_flags_unfamiliar_images_and_lists_unreadable_ones(
     runs: Path, data_root: Path, tmp_path: Path
 ) -> None:
@@ -111,12 +112,14 @@ def test_predict_flags_unfamiliar_images_and_lists_unreadable_ones(
     assert "scored 30 of 33 images" in p.stdout
 
 
+@pytest.mark.slow
 def test_predict_refuses_what_is_not_a_train_run(runs: Path, tmp_path: Path) -> None:
     p = lowshot("predict", str(tmp_path), str(tmp_path))
     assert p.returncode != 0 and "results.json does not exist" in p.stderr
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_ensemble_averages_the_members_and_predicts_as_one_run(runs: Path, tmp_path: Path) -> None:
     """`lowshot ensemble`: the members' stored probabilities averaged, an operating point chosen on the
     averaged validation scores, and `lowshot predict` on the ensemble giving those averages from the files
@@ -134,9 +137,9 @@ def test_ensemble_averages_the_members_and_predicts_as_one_run(runs: Path, tmp_p
     res = json.loads((ens / "results.json").read_text())
     assert res["job"] == "ensemble" and res["members"] == [str(runs / "ft"), str(runs / "scratch")]
     assert "lowshot ensemble" in json.loads((ens / "meta.json").read_text())["command"]
-    point = op.load(ens)  # chosen on the averaged validation probabilities, not copied from a member
+    point = op.load_point(ens)  # chosen on the averaged validation probabilities, not copied from a member
     assert point == op.from_config(
-        inference.load(runs / "ft").cfg.eval,
+        inference.load_run(runs / "ft").cfg.eval,
         res["classes"],
         np.repeat(np.arange(len(res["classes"])), res["counts"]["train"]),
         False,
@@ -154,6 +157,7 @@ def test_ensemble_averages_the_members_and_predicts_as_one_run(runs: Path, tmp_p
     assert c.returncode == 0 and "auroc" in c.stdout, c.stdout + c.stderr
 
 
+@pytest.mark.slow
 def test_ensemble_exports_as_one_onnx_graph_and_evaluates_as_one_run(
     runs: Path, data_root: Path, tmp_path: Path
 ) -> None:
@@ -170,7 +174,7 @@ def test_ensemble_exports_as_one_onnx_graph_and_evaluates_as_one_run(
     parity = json.loads((out / "parity.json").read_text())
     assert parity["max_abs_logit_diff"] < 1e-3 and parity["reference"].startswith("lowshot.ensemble.Averaged")
     assert parity["members"] == [str((runs / m).resolve()) for m in ("ft", "scratch")]
-    assert json.loads((out / "operating_point.json").read_text()) == op.load(ens)
+    assert json.loads((out / "operating_point.json").read_text()) == op.load_point(ens)
     assert (out / "preprocessing.json").read_text() == (runs / "ft" / "preprocessing.json").read_text()
     e = np.load(ens / "predictions.npz")
     prep = json.loads((out / "preprocessing.json").read_text())
@@ -193,9 +197,12 @@ def test_ensemble_exports_as_one_onnx_graph_and_evaluates_as_one_run(
     res = json.loads((tmp_path / "x" / "results.json").read_text())
     assert res["test"]["n"] == 780 and res["external"]["copies"]["run"]
     assert res["internal"]["test"] == json.loads((ens / "results.json").read_text())["test"]
-    assert res["operating_point"]["weights"] == op.load(ens)["weights"]  # the ensemble's, not a member's
+    assert (
+        res["operating_point"]["weights"] == op.load_point(ens)["weights"]
+    )  # the ensemble's, not a member's
 
 
+@pytest.mark.slow
 def test_ensemble_of_selection_only_members_opens_the_test_split_once(runs: Path, tmp_path: Path) -> None:
     """Members chosen with the test split sealed (eval.test=false: no test scores) make an ensemble
     without a test report; `--open-test` scores the test images with every member, once, and records the
@@ -232,6 +239,7 @@ def test_ensemble_of_selection_only_members_opens_the_test_split_once(runs: Path
     assert again.returncode != 0 and "already scored the test split" in again.stderr
 
 
+@pytest.mark.slow
 def test_ensemble_refuses_members_of_other_splits(runs: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     shutil.copytree(runs / "ft", other)
@@ -285,6 +293,7 @@ def test_knn_distance_and_percentile() -> None:
     np.testing.assert_allclose(inference.percentile(np.array([0.05, 0.25, 0.9]), val), [0, 50, 100])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("job", "fmt"), [("probe", "onnx"), ("ft", "onnx"), ("probe", "timm"), ("ft", "timm")]
 )
@@ -303,7 +312,7 @@ def test_export_matches_lowshot_on_real_images(runs: Path, tmp_path: Path, job: 
         f.name for f in out.iterdir()
     }
     prep = json.loads((out / "preprocessing.json").read_text())
-    run = inference.load(runs / job)
+    run = inference.load_run(runs / job)
     saved = np.load(runs / job / "predictions.npz")
     images, _, bad = inference.read_images([Path(f) for f in saved["val_path"][:16]], prep)
     assert not bad
@@ -336,6 +345,7 @@ def test_export_matches_lowshot_on_real_images(runs: Path, tmp_path: Path, job: 
     np.testing.assert_allclose(probs, saved["val_prob"][:16], atol=2e-4)
 
 
+@pytest.mark.slow
 def test_evaluate_external_set_maps_classes_finds_copies_and_records_the_opening(
     runs: Path, data_root: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -364,12 +374,14 @@ def test_evaluate_external_set_maps_classes_finds_copies_and_records_the_opening
         == 1
     )
     assert len(ledger.read_text().splitlines()) == 2
-    from lowshot.report import believe, load_run
+    from lowshot.report import believe
+    from lowshot.run_folder import read_run as load_run
 
     notes = " ".join(believe(load_run(tmp_path / "ext")))
     assert "External validation" in notes and "**Copies:**" in notes
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_unknown_classes_and_the_runs_own_settings(
     runs: Path, data_root: Path, cache_dir: Path
 ) -> None:

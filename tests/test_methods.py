@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_S
 from PIL import Image
 from torch import nn
 
+from lowshot.augment import simclr_views
 from lowshot.config import AugConfig, ConfigError, SSLConfig, parse_args
-from lowshot.methods import METHODS, momentum_at, simclr_views
+from lowshot.methods import METHODS, momentum_at
 
 
 def _retrieval(encoder: nn.Module, data: torch.Tensor, noise: float) -> float:
@@ -111,7 +113,7 @@ def test_negatives_are_gathered_across_two_cpu_processes() -> None:
 def _two_cpu_processes(script: Path, port: int) -> dict:
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    out = subprocess.run([*cmd, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([*cmd, str(script)], capture_output=True, text=True, env=env, timeout=HANG_S)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
@@ -123,7 +125,7 @@ def test_every_method_is_the_same_on_two_processes_as_on_one() -> None:
     global mean), and each of them identical on both processes."""
     script = Path(__file__).with_name("dist_methods.py")
     two = _two_cpu_processes(script, 29534)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr[-2000:]
     one = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
     assert two["world_size"] == 2 and "MULTI_CPU" in two["distributed"] and one["world_size"] == 1

@@ -120,9 +120,9 @@ def test_positive_class_training_prior_and_errors(tmp_path: Path) -> None:
         op.choose(np.zeros(10, int), p[:10], "prior", np.array([0.5, 0.5]), NAMES, 1)
     point = op.choose(y, p, "youden", np.array([0.5, 0.5]), NAMES, 1)
     op.save(point, tmp_path)
-    assert op.load(tmp_path) == json.loads(json.dumps(point)) and not list(tmp_path.glob(".*tmp"))
+    assert op.load_point(tmp_path) == json.loads(json.dumps(point)) and not list(tmp_path.glob(".*tmp"))
     with pytest.raises(FileNotFoundError, match="no operating point"):
-        op.load(tmp_path / "elsewhere")
+        op.load_point(tmp_path / "elsewhere")
 
 
 def test_config_choices_are_the_rules() -> None:

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lowshot.check import pool_copies, pool_duplicates, pool_guard
 from lowshot.config import Config, DataConfig
 from lowshot.data import DataError, load_store
 from lowshot.data import pool as pool_module
-from lowshot.data.copies import Cut, decide
+from lowshot.data.calibration import Cut, judge_pairs
 from lowshot.data.duplicates import VERIFIED, duplicate_pairs, hamming_pairs, verified_pairs
+from lowshot.data.guards import pool_copies, pool_duplicates, pool_guard
 from lowshot.data.pool import load_pool, pretraining_store
 
 
@@ -163,7 +163,7 @@ def test_guard_is_quiet_on_distinct_images_of_a_homogeneous_set(data_root: Path,
     cands, _ = duplicate_pairs(pool.hashes, pool.digests, cfg.data.duplicate_bits, 8)
     near = np.array([(i, j) for i, j, _, k in cands if k == "near"], np.int64).reshape(-1, 2)
     assert len(near) == within["near_checked"]
-    borrowed = int(decide(pool.thumbs, pool.thumbs, near, Cut(*ultrasound_cut))[0].sum())
+    borrowed = int(judge_pairs(pool.thumbs, pool.thumbs, near, Cut(*ultrasound_cut))[0].sum())
     assert borrowed > within["near_verified_pairs"] + 5
 
 
@@ -311,7 +311,7 @@ def test_verification_cascade_changes_no_decision(data_root: Path, busi: Path) -
     the threshold: on the real BUSI -> BreastMNIST case it finds exactly the copies the full search
     finds, while over a quarter of the candidates skip the search (29 %; 38 % with the candidate search
     before its square crops)."""
-    from lowshot.data import copies
+    from lowshot.data import calibration, copies
     from lowshot.data.pool import thumbnail
 
     z = np.load(data_root / "breastmnist.npz")
@@ -323,7 +323,7 @@ def test_verification_cascade_changes_no_decision(data_root: Path, busi: Path) -
     full = copies.verify(q, p, pairs)
     coarse = copies.verify(q, p, pairs, floor=float("inf"))
     assert np.all(coarse <= full + 1e-6)  # the search only improves on the coarse grid
-    found = copies.find_copies(q, p, copies.Cut(0.88))
+    found = calibration.find_copies(q, p, calibration.Cut(0.88))
     assert {(i, j) for i, j, *_ in found} == {tuple(pr) for pr in pairs[full >= 0.88]}
     assert len(found) > 300 and (coarse < 0.88 - copies.FINE_GAIN).mean() > 0.25  # 29 % skip it
 
@@ -365,7 +365,7 @@ def test_images_a_label_budget_leaves_unlabelled_pass_the_pool_guard(
     """Issue 38: data.train_per_class leaves most training images unlabelled, and pretraining reads them;
     those that are copies of a val/test image (BreastMNIST's official split holds 125 verified pairs) are
     stopped, dropped or logged by check.pool_leakage, like a pool's. The labelled images are not touched."""
-    from lowshot.check import unlabelled_guard
+    from lowshot.data.guards import unlabelled_guard
 
     cfg = _cfg(data_root, cache_dir, data__train_per_class=5)
     cfg.data.source = "breastmnist.npz"

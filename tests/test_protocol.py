@@ -11,14 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HANG_S
 from PIL import Image
 
 from lowshot import data as data_mod
 from lowshot import finetune as finetune_mod
 from lowshot import probe as probe_mod
-from lowshot.check import leakage_guard
 from lowshot.config import DataConfig, parse_args
 from lowshot.data import DataError, LockboxError, Store, load_store, split_loader
+from lowshot.data.guards import leakage_guard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -229,7 +230,8 @@ def test_selection_never_reads_test_and_results_are_complete(runs: dict[str, Pat
 
 
 def test_report_aggregates_seeds_and_compares_runs(runs: dict[str, Path], tmp_path: Path) -> None:
-    from lowshot.report import compare, load_run, write_report
+    from lowshot.report import compare, write_report
+    from lowshot.run_folder import read_run as load_run
 
     md = write_report([runs["ft0"], runs["ft1"], runs["probe"]], tmp_path / "rep").read_text()
     assert "| 2 |" in md  # the two seeds form one experiment of n=2
@@ -270,7 +272,7 @@ def test_refused_leak_is_one_clear_line(data_root: Path, tmp_path: Path) -> None
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_S,
         cwd=REPO,
     )
     assert p.returncode != 0

@@ -16,17 +16,16 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lowshot.augment import train_transform
 from lowshot.config import ConfigError, ModelConfig, TrainConfig, parse_args
-from lowshot.data import make_loader, train_transform
+from lowshot.data import make_loader
 from lowshot.finetune import (
     class_weights,
     classifier,
     l1_penalty,
-    lr_schedule,
     make_criterion,
     make_ema,
     make_mixup,
-    make_optimizer,
     param_groups,
     set_trainable,
     stage_groups,
@@ -35,6 +34,7 @@ from lowshot.finetune import (
     unfreezing_done,
 )
 from lowshot.models import SmallCNN, create_backbone
+from lowshot.optim import lr_schedule, make_optimizer
 
 
 def net(drop: float = 0.0) -> tuple[nn.Sequential, list[list[str]]]:

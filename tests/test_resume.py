@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_S
 
 from lowshot.augment import DeviceLoader, simclr_spec
 from lowshot.config import AugConfig, ConfigError, parse_args, to_yaml
@@ -142,7 +143,7 @@ def _start(script: str, args: list[str], procs: int, tmp: Path) -> subprocess.Po
 
 
 def _finish(p: subprocess.Popen) -> str:
-    out, _ = p.communicate(timeout=600)
+    out, _ = p.communicate(timeout=HANG_S)
     assert p.returncode == 0, out[-4000:]
     return out
 
@@ -157,7 +158,7 @@ def _stop_at(p: subprocess.Popen, run: Path, state: str, sig: int) -> str:
     os.killpg(p.pid, sig)
     if sig == signal.SIGKILL:  # torchrun's workers run in their own session: they are killed by name too
         subprocess.run(["pkill", "-KILL", "-f", f"name={run.name}( |$)"], check=False)
-    out, _ = p.communicate(timeout=300)
+    out, _ = p.communicate(timeout=HANG_S)
     while subprocess.run(["pgrep", "-f", f"name={run.name}( |$)"], capture_output=True).returncode == 0:
         time.sleep(0.1)
     return out
@@ -195,7 +196,7 @@ def test_sigkill_inside_an_epoch_then_resume_auto_is_bit_identical(data_root: Pa
         and json.loads((run / "meta.json").read_text())["status"] == "running"
     )
     again = _start("ssl/pretrain.py", [*args, "name=cut"], 1, tmp_path)
-    out, _ = again.communicate(timeout=600)
+    out, _ = again.communicate(timeout=HANG_S)
     assert (
         again.returncode != 0 and "unfinished run" in out and "resume=auto" in out
     )  # never silently restarted
@@ -251,7 +252,7 @@ def test_two_cpu_processes_killed_and_continued_are_bit_identical(data_root: Pat
     )
     assert {p.name for p in saved_states(run)[-1].iterdir()} >= {"progress_0.pt", "progress_1.pt"}
     one = _start("ssl/pretrain.py", [*args, "name=cut", "resume=auto"], 1, tmp_path)
-    out, _ = one.communicate(timeout=600)
+    out, _ = one.communicate(timeout=HANG_S)
     assert one.returncode != 0 and "was saved by 2 process(es); continue it with 2, not 1" in out, out[-2000:]
     _finish(_start("ssl/pretrain.py", [*args, "name=cut", "resume=auto"], 2, tmp_path))
     _same(tmp_path / "ref", run)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import sweeps
 import yaml
+from conftest import HANG_S
 from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
 from lowshot.config import flatten, parse_args, to_dict
@@ -86,7 +87,7 @@ def test_a_sweep_run_reports_the_metric_and_keeps_test_sealed(
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     p = subprocess.run(
-        [*launch, *cmd[3:], *smoke], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        [*launch, *cmd[3:], *smoke], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S
     )
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads((tmp_path / "sweep-run" / "results.json").read_text())

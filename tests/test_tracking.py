@@ -3,7 +3,8 @@ import time
 
 import pytest
 
-from lowshot.tracking import _set_wandb_mode, mixed_precision
+from lowshot.device import mixed_precision
+from lowshot.tracking import _set_wandb_mode
 
 
 def test_auto_mode_is_offline_without_a_key(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

@@ -31,13 +31,23 @@ from torch import nn
 
 from . import operating_point as op
 from .config import load_yaml
-from .data import DataError
-from .data.cache import save_npz_atomic, write_atomic
+from .data import DataError, load_store
+from .data.cache import write_atomic
+from .data.decode import to_channels
 from .evaluation import final_reports
-from .inference import Loaded
-from .inference import load as load_run
+from .inference import Loaded, load_run, to_input
+from .lockbox import open_lockbox
 from .report import same_images
-from .tracking import git_sha
+from .run_folder import (
+    CONFIG,
+    PREDICTIONS,
+    RESULTS,
+    git_sha,
+    read_results,
+    write_meta,
+    write_predictions,
+    write_results,
+)
 
 MEMBERS = "members.json"
 # What turns a file into the stored uint8 image (inference.read_images): equal for every member; the
@@ -46,22 +56,22 @@ STORE_KEYS = ("size", "store_channels", "color", "dicom", "classes")
 
 
 def _member(d: Path) -> dict[str, Any]:
-    for name in ("results.json", "predictions.npz", "config.yaml", op.FILE):
+    for name in (RESULTS, PREDICTIONS, CONFIG, op.FILE):
         if not (d / name).is_file():
             raise DataError(
                 f"{d / name} is missing: an ensemble member must be a finished finetune/train.py run"
             )
-    results = json.loads((d / "results.json").read_text())
+    results = read_results(d)
     if results.get("job") not in ("probe", "finetune"):
         raise DataError(f"{d} is a {results.get('job')} run; an ensemble is made of finetune/train.py runs")
-    with np.load(d / "predictions.npz", allow_pickle=False) as z:
+    with np.load(d / PREDICTIONS, allow_pickle=False) as z:
         pred = dict(z)
     return {
         "dir": d,
         "results": results,
         "pred": pred,
-        "point": op.load(d),
-        "cfg": load_yaml(d / "config.yaml"),
+        "point": op.load_point(d),
+        "cfg": load_yaml(d / CONFIG),
     }
 
 
@@ -129,10 +139,10 @@ def combine(run_dirs: list[Path], out: Path, command: str = "", open_test: bool 
     out.mkdir(parents=True, exist_ok=True)
     arrays = {f"{s}_y": y[s] for s in splits} | {f"{s}_path": paths[s] for s in paths}
     arrays |= {f"{s}_prob": prob[s] for s in splits}
-    save_npz_atomic(out / "predictions.npz", **arrays)
+    write_predictions(out, **arrays)
     op.save(point, out)
     write_atomic(out / MEMBERS, json.dumps([str(m["dir"].resolve()) for m in members], indent=2))
-    write_atomic(out / "config.yaml", (first["dir"] / "config.yaml").read_text())
+    write_atomic(out / CONFIG, (first["dir"] / CONFIG).read_text())
     meta = {
         "job_type": "ensemble",
         "command": command,
@@ -144,8 +154,8 @@ def combine(run_dirs: list[Path], out: Path, command: str = "", open_test: bool 
     }
     if lockbox is not None:
         meta["lockbox"] = lockbox
-    write_atomic(out / "meta.json", json.dumps(meta, indent=2))
-    write_atomic(out / "results.json", json.dumps(results, indent=2))
+    write_meta(out, meta)
+    write_results(out, results)
     return results
 
 
@@ -156,11 +166,6 @@ def score_test(
     loaded as it trained on it (checked: the same validation images), the test images scored by every
     member (:class:`Averaged`), the opening recorded in the split's lockbox ledger. Returns the test
     labels, averaged probabilities, paths and the ledger record."""
-    from .data import load_store
-    from .data.decode import to_channels
-    from .inference import to_input
-    from .tracking import open_lockbox
-
     runs, model = averaged([m["dir"] for m in members])
     cfg = members[0]["cfg"]
     store = load_store(cfg.data)
@@ -226,7 +231,7 @@ class Averaged(nn.Module):
 
 
 def averaged(names: list[Path]) -> tuple[list[Loaded], Averaged]:
-    """The member runs (``inference.load``, each checked as a run), after checking that they decode a
+    """The member runs (``inference.load_run``, each checked as a run), after checking that they decode a
     file into the same stored image, and their :class:`Averaged` module."""
     runs = [load_run(m) for m in names]
     decoding = {k: runs[0].prep.get(k) for k in STORE_KEYS}
@@ -239,21 +244,33 @@ def averaged(names: list[Path]) -> tuple[list[Loaded], Averaged]:
     return runs, Averaged([r.model for r in runs], [r.prep for r in runs]).eval()
 
 
-def load(run_dir: Path) -> Loaded:
+def load_model(run_dir: str | Path) -> Loaded:
+    """A finished run (:func:`lowshot.inference.load_run`) or an ensemble (:func:`load_ensemble`) as
+    one :class:`~lowshot.inference.Loaded`: what ``predict``, ``evaluate`` and ``export`` score with."""
+    d = Path(run_dir)
+    res_file = d / RESULTS
+    if not res_file.is_file():
+        raise DataError(f"{res_file} does not exist: RUN_DIR must be a finished finetune/train.py run")
+    if json.loads(res_file.read_text()).get("job") == "ensemble":  # its members averaged in one module
+        return load_ensemble(d)
+    return load_run(d)
+
+
+def load_ensemble(run_dir: Path) -> Loaded:
     """An ensemble written by :func:`combine` as one :class:`~lowshot.inference.Loaded` run: the
-    members (each checked as ``inference.load`` checks a run, and all decoding a file into the same
+    members (each checked as ``inference.load_run`` checks a run, and all decoding a file into the same
     stored image) in one :class:`Averaged` module, the ensemble's own temperature and operating point
     (fitted on the averaged validation probabilities), and the first member's preprocessing, starting
     backbone and reference embeddings for "unlike the training data" (the members of one recipe share
     the starting backbone it is measured in). ``predict``, ``evaluate`` and ``export`` take it as a run."""
     d = Path(run_dir)
     runs, model = averaged(member_dirs(d))
-    results = json.loads((d / "results.json").read_text())
+    results = read_results(d)
     return replace(
         runs[0],
         model=model,
         classes=list(results["classes"]),
         temperature=float(results.get("calibration", {}).get("temperature", 1.0)),
-        point=op.load(d),
+        point=op.load_point(d),
         results=results,
     )

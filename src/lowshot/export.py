@@ -33,8 +33,8 @@ import torch
 from . import ensemble, inference
 from . import operating_point as op
 from .data import DataError, load_store
-from .data.cache import write_atomic
-from .models import WeightsError, _create
+from .data.cache import save_safetensors_atomic, write_atomic
+from .models import WeightsError, build_timm
 
 FORMATS = ("onnx", "timm")
 
@@ -116,7 +116,7 @@ def to_timm(run: inference.Loaded, out: Path) -> tuple[torch.nn.Module, dict[str
             "architecture; export it with --format onnx"
         )
     k, c = len(run.classes), run.prep["in_chans"]
-    full = _create(mc.name, run.cfg.data.size, pretrained=False, num_classes=k, in_chans=c, **mc.kwargs)
+    full = build_timm(mc.name, run.cfg.data.size, pretrained=False, num_classes=k, in_chans=c, **mc.kwargs)
     missing, unexpected = full.load_state_dict(run.model.backbone.state_dict(), strict=False)
     clf = full.get_classifier()  # type: ignore[operator]
     ids = {id(p) for p in clf.parameters()}
@@ -128,7 +128,7 @@ def to_timm(run: inference.Loaded, out: Path) -> tuple[torch.nn.Module, dict[str
     clf.weight.data.copy_(run.model.head.weight.data)
     clf.bias.data.copy_(run.model.head.bias.data)
     full.eval()
-    # ViT-like models fix their position embeddings to the size they were built at (models._create)
+    # ViT-like models fix their position embeddings to the size they were built at (models.build_timm)
     takes_size = "img_size" in inspect.signature(type(full).__init__).parameters
     sized = {"img_size": run.cfg.data.size} if takes_size and "img_size" not in mc.kwargs else {}
     config = {
@@ -146,11 +146,7 @@ def to_timm(run: inference.Loaded, out: Path) -> tuple[torch.nn.Module, dict[str
             "crop_pct": 1.0,
         },
     }
-    from safetensors.torch import save_file
-
-    tmp = out / ".model.safetensors.tmp"
-    save_file({n: t.detach().contiguous() for n, t in full.state_dict().items()}, str(tmp))
-    tmp.replace(out / "model.safetensors")
+    save_safetensors_atomic(out / "model.safetensors", full.state_dict())
     write_atomic(out / "config.json", json.dumps(config, indent=2))
     return full, config
 
@@ -160,7 +156,7 @@ def export(run_dir: Path, fmt: str, out: Path | None = None) -> tuple[Path, dict
     the folder and the parity record."""
     if fmt not in FORMATS:
         raise DataError(f"--format {fmt}: choose one of {FORMATS}")
-    run = inference.load(run_dir)
+    run = ensemble.load_model(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / f"export-{fmt}"
     out.mkdir(parents=True, exist_ok=True)
     images, what = parity_images(run)

@@ -20,8 +20,8 @@ predictions.npz, figures), so ``lowshot show``/``report`` read it; ``external`` 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
-import json
 import tempfile
 import time
 from dataclasses import replace
@@ -31,16 +31,19 @@ from typing import Any
 import numpy as np
 
 from . import inference
-from .check import pool_copies
 from .config import Config, parse_args, to_yaml
 from .data import DataError, Store, load_store
 from .data.cache import save_npz_atomic, write_atomic
 from .data.decode import to_channels
 from .data.duplicates import store_thumbnails
+from .data.guards import pool_copies
 from .data.pool import Pool
+from .ensemble import load_model
 from .evaluation import calibration, classification_report, with_temperature
+from .figures import run_figures
+from .lockbox import record_opening
 from .operating_point import reweighted
-from .tracking import record_opening
+from .run_folder import CONFIG, PREDICTIONS, write_results
 
 # Settings evaluate takes: where OTHER is and how it is read; the model's settings are the run's.
 ALLOWED = ("data.", "eval.bootstrap", "eval.ci", "eval.calibration_bins")
@@ -106,7 +109,7 @@ def other_config(run: inference.Loaded, overrides: list[str]) -> Config:
             )
     base = replace(run.cfg.data, limit=0, train_per_class=0, folds=0, group_duplicates=False)
     with tempfile.TemporaryDirectory() as d:  # the run's resolved config < the command line
-        path = Path(d) / "config.yaml"
+        path = Path(d) / CONFIG
         path.write_text(to_yaml(replace(run.cfg, data=base)))
         return parse_args(["--config", str(path), *overrides])[0]
 
@@ -122,7 +125,7 @@ def evaluate(
     run_dir: Path, overrides: list[str], explicit: dict[str, list[str]], out: Path | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """Score every image of the external set; write the report folder; returns it and results.json."""
-    run = inference.load(run_dir)
+    run = load_model(run_dir)
     cfg = other_config(run, overrides)
     other = load_store(cfg.data)
     other.images = to_channels(other.images, run.prep["store_channels"])
@@ -210,10 +213,10 @@ def evaluate(
         },
         "internal": {k: internal[k] for k in ("test", "test_at_point") if k in internal},
     }
-    write_atomic(out / "results.json", json.dumps(results, indent=2))
-    saved = np.load(Path(run_dir) / "predictions.npz")
+    write_results(out, results)
+    saved = np.load(Path(run_dir) / PREDICTIONS)
     save_npz_atomic(
-        out / "predictions.npz",
+        out / PREDICTIONS,
         val_prob=saved["val_prob"] @ merge,
         val_y=label_of_model(saved["val_y"], merge),
         test_prob=prob,
@@ -221,9 +224,7 @@ def evaluate(
         test_path=other.paths.astype(str),
         test_distance_percentile=scores["percentile"],
     )
-    write_atomic(out / "config.yaml", (Path(run_dir) / "config.yaml").read_text())
-    from .report import run_figures
-
+    write_atomic(out / CONFIG, (Path(run_dir) / CONFIG).read_text())
     run_figures(out)
     return out, results
 
@@ -281,3 +282,26 @@ def format_side_by_side(results: dict[str, Any]) -> str:
         f"  external set opened {ext['lockbox']['opened_before'] + 1} time(s) (ledger {ext['lockbox']['ledger']})"
     )
     return "\n".join(lines)
+
+
+def evaluate_command(argv: list[str]) -> Path:
+    """``lowshot evaluate RUN_DIR data.source=OTHER [data.root=...] [--map O=M[+M]] [--out DIR]``."""
+    ap = argparse.ArgumentParser(prog="lowshot evaluate", description="external validation of a train run")
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--map", action="append", default=[], metavar="OTHER_CLASS=MODEL_CLASS[+MODEL_CLASS]")
+    ap.add_argument("--out", type=Path, help="folder to write (default: RUN_DIR/external-<name>-<time>)")
+    args, overrides = ap.parse_known_args(argv)
+    explicit = {}
+    for m in args.map:
+        if "=" not in m:
+            raise DataError(f"--map {m}: write OTHER_CLASS=MODEL_CLASS (or MODEL_CLASS+MODEL_CLASS to merge)")
+        o, _, t = m.rpartition("=")
+        explicit[o.strip()] = [x.strip() for x in t.split("+")]
+    if not any(o.lstrip("-").startswith("data.source=") for o in overrides):
+        raise DataError(
+            "lowshot evaluate needs the external set: data.source=OTHER (and data.root= if elsewhere)"
+        )
+    out, results = evaluate(args.run_dir, overrides, explicit, args.out)
+    print(format_side_by_side(results))
+    print(f"wrote {out}/ (results.json, predictions.npz, roc.png, confusion.png, reliability.png)")
+    return out

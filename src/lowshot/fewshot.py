@@ -25,9 +25,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 
+from .config import load_yaml
 from .data import draw_per_class
 from .evaluation import auroc, mean_ci
+from .models import weights_tag
 from .probe import fit_probe
+from .run_folder import CONFIG, RESULTS, read_results
 
 CLASSIFIERS = ("prototype", "knn", "logreg")
 
@@ -308,3 +311,61 @@ def plot_label_efficiency(
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def curves(run_dirs: list[Path], out: Path, metric: str) -> None:
+    """Label-efficiency curves of several runs in one PNG and a Markdown table beside it.
+
+    A fewshot/evaluate.py run gives its probe curve; finetune/train.py runs with
+    ``data.train_per_class=K`` (one per draw ``data.train_draw``) are pooled into a fine-tune curve
+    per backbone, K = 0 meaning every label."""
+    data: dict[str, list[dict[str, float]]] = {}
+    finetunes: dict[str, dict[int, tuple[int, dict[str, list[float]]]]] = {}
+    names = set()
+    for d in run_dirs:
+        f = Path(d) / RESULTS
+        res = read_results(d) if f.is_file() else {}
+        if res.get("job") not in ("fewshot", "finetune"):
+            raise SystemExit(
+                f"lowshot: error: {f} is not a finished fewshot/evaluate.py or finetune/train.py run"
+            )
+        cfg = load_yaml(Path(d) / CONFIG)
+        tag = f"{weights_tag(res['model'], res['weights'])} · {cfg.data.size} px"
+        names.add(res["data"])
+        if res["job"] == "fewshot":
+            tag += " · probe"
+            data[f"{tag} ({Path(d).name})" if tag in data else tag] = res["label_efficiency"]
+        else:
+            k = cfg.data.train_per_class
+            _, scores = finetunes.setdefault(tag + " · fine-tune", {}).setdefault(
+                k, (sum(res["counts"]["train"]), {"accuracy": [], "balanced_accuracy": [], "auroc": []})
+            )
+            for m in scores:
+                scores[m].append(res["test"]["metrics"][m]["value"])
+    for tag, by_k in finetunes.items():
+        data[tag] = [
+            summarise_draws(k, n, sc) for k, (n, sc) in sorted(by_k.items(), key=lambda kv: kv[0] or 1 << 30)
+        ]
+    plot_label_efficiency(data, metric, out, " / ".join(sorted(names)))
+    budgets = sorted(
+        {int(r["labels_per_class"]) for rows in data.values() for r in rows}, key=lambda k: k or 1 << 30
+    )
+    table = [
+        f"Test {'AUROC' if metric == 'auroc' else metric.replace('_', ' ')}, mean [95% CI] over draws, by labelled "
+        "training images per class (probe: fewshot/evaluate.py; fine-tune: finetune/train.py data.train_per_class=K)",
+        "",
+        "| backbone | " + " | ".join(str(k) if k else "all" for k in budgets) + " |",
+        "|---" * (len(budgets) + 1) + "|",
+    ]
+    for name, rows in data.items():
+        at = {int(r["labels_per_class"]): r for r in rows}
+        cells = [
+            f"{at[k][metric]:.3f} [{at[k][metric + '_low']:.3f}, {at[k][metric + '_high']:.3f}]"
+            if k in at
+            else "–"
+            for k in budgets
+        ]
+        table.append(f"| {name} | " + " | ".join(cells) + " |")
+    out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    print(f"wrote {out} and {out.with_suffix('.md')}")

@@ -38,15 +38,17 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from . import operating_point as op
 from .config import Config, load_yaml
-from .data import DataError, Store, decode_image, square_resize
-from .data.cache import write_atomic
+from .data import DataError, Store, decode_image, eval_transform, square_resize, store_loader
+from .data.cache import save_safetensors_atomic, write_atomic
 from .data.decode import IMAGE_SUFFIXES, UNREADABLE, to_channels, unreadable
 from .evaluation import with_temperature
+from .models import WeightsError, cached_embeddings, create_backbone, embed, weights_fingerprint, weights_kind
+from .run_folder import CONFIG, RESULTS
 
 PREPROCESSING = "preprocessing.json"
 REFERENCE = "reference.safetensors"
@@ -196,20 +198,14 @@ class Loaded:
     results: dict[str, Any]
 
 
-def load(run_dir: str | Path) -> Loaded:
-    """A finished finetune/train.py run (probe or fine-tune), or an ensemble of them, as a
-    :class:`Loaded`; a clear error names the missing file and the fix."""
-    from .models import WeightsError, create_backbone, weights_fingerprint
-
+def load_run(run_dir: str | Path) -> Loaded:
+    """A finished finetune/train.py run (probe or fine-tune) as a :class:`Loaded`; a clear error names
+    the missing file and the fix. An ensemble folder is read by :func:`lowshot.ensemble.load_model`."""
     d = Path(run_dir)
-    res_file = d / "results.json"
+    res_file = d / RESULTS
     if not res_file.is_file():
         raise DataError(f"{res_file} does not exist: RUN_DIR must be a finished finetune/train.py run")
     results = json.loads(res_file.read_text())
-    if results.get("job") == "ensemble":  # lowshot ensemble: its members averaged in one module
-        from .ensemble import load as load_ensemble
-
-        return load_ensemble(d)
     if results.get("job") not in ("probe", "finetune"):
         raise DataError(
             f"{d} is a {results.get('job')} run; predict, evaluate and export take a finetune/train.py run "
@@ -220,7 +216,7 @@ def load(run_dir: str | Path) -> Loaded:
             raise DataError(
                 f"{d / name} is missing: the run was trained before lowshot wrote it; train it again"
             )
-    cfg = load_yaml(d / "config.yaml")
+    cfg = load_yaml(d / CONFIG)
     prep = json.loads((d / PREPROCESSING).read_text())
     ref = load_file(d / REFERENCE)
     if results["job"] == "probe":
@@ -248,7 +244,7 @@ def load(run_dir: str | Path) -> Loaded:
         prep=prep,
         classes=list(results["classes"]),
         temperature=float(results.get("calibration", {}).get("temperature", 1.0)),
-        point=op.load(d),
+        point=op.load_point(d),
         reference=ref["train"],
         scale=np.sort(np.concatenate([ref[n].numpy() for n in SCALE if n in ref])),
         k=k,
@@ -289,19 +285,37 @@ def write_reference(
     train = nn.functional.normalize(train_feats.float(), dim=1).contiguous()
     val = torch.from_numpy(np.sort(knn_distance(val_feats, train, k)))
     loo = torch.from_numpy(np.sort(loo_distance(train, k)))
-    path = directory / REFERENCE
-    tmp = path.with_name(f".{path.name}.tmp")
     meta = {"k": str(k), "backbone_weights": weights, "embedding": "frozen starting backbone (model.weights)"}
-    save_file({"train": train, "val_distance": val, "train_distance": loo}, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    arrays = {"train": train, "val_distance": val, "train_distance": loo}
+    return save_safetensors_atomic(directory / REFERENCE, arrays, meta)
+
+
+# What a run writes for `lowshot predict/evaluate/export` beside its classifier (a random-init run's detector too).
+BUNDLE = (PREPROCESSING, op.FILE, REFERENCE, DETECTOR)
+
+
+def write_bundle(
+    run_dir: Path,
+    cfg: Config,
+    store: Store,
+    in_chans: int,
+    norm: dict[str, list[float]],
+    point: dict[str, Any],
+    reference: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """What :func:`load_run` reads back: the operating point and the exact preprocessing beside the model
+    (and in a fine-tune's ``checkpoint/``), and the training embeddings that "unlike the training data" is
+    measured against (``reference``: train and val embeddings of the starting backbone)."""
+    for where in [run_dir] + ([] if cfg.train.probe else [run_dir / "checkpoint"]):
+        op.save(point, where)
+        prep = preprocessing(cfg, store, in_chans, norm)
+        write_atomic(where / PREPROCESSING, json.dumps(prep, indent=2))
+    write_reference(run_dir, *reference, weights_fingerprint(cfg.model.weights))
 
 
 def starting_backbone(cfg: Config, in_chans: int, run_dir: Path) -> nn.Module:
     """The frozen backbone a run started from: ``model.weights`` again, or, for random init, the weights
     the run kept in ``detector.safetensors``."""
-    from .models import create_backbone, weights_kind
-
     net = create_backbone(cfg.model, in_chans, cfg.data.size)
     if weights_kind(cfg.model.weights) == "none":
         if not (run_dir / DETECTOR).is_file():
@@ -314,9 +328,7 @@ def starting_backbone(cfg: Config, in_chans: int, run_dir: Path) -> nn.Module:
 
 def save_detector(net: nn.Module, run_dir: Path) -> None:
     """Keep a random-init run's starting weights (``detector.safetensors``; temp + rename)."""
-    tmp = run_dir / f".{DETECTOR}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp))
-    tmp.replace(run_dir / DETECTOR)
+    save_safetensors_atomic(run_dir / DETECTOR, net.state_dict())
 
 
 def reference_embeddings(
@@ -324,9 +336,6 @@ def reference_embeddings(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, val) embeddings of the store by the frozen starting backbone, through the embedding cache
     (the same extraction a probe of those weights makes) except for random init."""
-    from .data import eval_transform, store_loader
-    from .models import cached_embeddings, create_backbone, embed, weights_kind
-
     if weights_kind(cfg.model.weights) != "none":
         net = create_backbone(cfg.model, in_chans, cfg.data.size).requires_grad_(False)
         feats = cached_embeddings(cfg, store, net, in_chans, norm, accelerator)[0]

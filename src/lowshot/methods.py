@@ -39,11 +39,10 @@ from lightly.models.modules import (
 )
 from lightly.models.modules.heads import VICRegProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.transforms import SimCLRTransform
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
-from .config import AugConfig, Config, SSLConfig
+from .config import Config, SSLConfig
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
@@ -220,29 +219,6 @@ class DINO(nn.Module):
             return self.criterion([t0, t1], [s0, s1])
 
 
-def simclr_views(aug: AugConfig, size: int, grayscale: bool, norm: dict[str, list[float]]) -> Callable:
-    """lightly's ``SimCLRTransform`` (PIL → [view0, view1]) for medical images: no hue, saturation or
-    random-grayscale on grayscale data, a milder crop scale and optional flips (see AugConfig). Every
-    method uses these views (and the batched path draws the same distributions)."""
-    return SimCLRTransform(
-        input_size=size,
-        cj_prob=aug.cj_prob,
-        cj_strength=aug.cj_strength,
-        cj_bright=aug.brightness,
-        cj_contrast=aug.contrast,
-        cj_sat=0.0 if grayscale else aug.saturation,
-        cj_hue=0.0 if grayscale else aug.hue,
-        min_scale=aug.min_scale,
-        random_gray_scale=0.0 if grayscale else aug.gray_prob,
-        gaussian_blur=aug.blur_prob,
-        sigmas=(aug.blur_sigma[0], aug.blur_sigma[1]),
-        vf_prob=aug.vflip,
-        hf_prob=aug.hflip,
-        rr_prob=aug.rotate,
-        normalize=norm,
-    )
-
-
 # One entry per method: the class, built as ``METHODS[name](backbone, feat_dim, cfg.ssl)``.
 METHODS: dict[str, Callable[[nn.Module, int, SSLConfig], nn.Module]] = {
     "simclr": SimCLR,
@@ -253,14 +229,11 @@ METHODS: dict[str, Callable[[nn.Module, int, SSLConfig], nn.Module]] = {
 }
 
 
-def build_method(
-    cfg: Config, backbone: nn.Module, grayscale: bool, norm: dict[str, list[float]]
-) -> tuple[nn.Module, Callable]:
-    """``cfg.ssl.method`` around ``backbone`` (B, C, H, W) → (B, backbone.num_features), and the per-image
-    views (``simclr_views``) that the per-image path feeds it."""
+def build_method(cfg: Config, backbone: nn.Module) -> nn.Module:
+    """``cfg.ssl.method`` around ``backbone`` (B, C, H, W) → (B, backbone.num_features). Every method trains
+    on the same two views (``lowshot.augment``: ``simclr_views`` per image, ``simclr_spec`` batched)."""
     feat_dim: int = backbone.num_features  # type: ignore[assignment]  # timm models set it
-    model = METHODS[cfg.ssl.method](backbone, feat_dim, cfg.ssl)
-    return model, simclr_views(cfg.aug, cfg.data.size, grayscale, norm)
+    return METHODS[cfg.ssl.method](backbone, feat_dim, cfg.ssl)
 
 
 def negatives_per_anchor(cfg: Config, global_batch: int) -> int:

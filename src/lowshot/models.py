@@ -12,11 +12,8 @@ resolved ``config.yaml``; nothing is ever unpickled (timm reads ``.pth`` with ``
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import socket
-import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -25,18 +22,20 @@ import numpy as np
 import timm
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.models import register_model
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import Config, ModelConfig, load_yaml, to_yaml
 from .data import Store, cache_root, eval_transform, file_digest, normalisation, store_loader
+from .data.cache import save_safetensors_atomic, write_atomic
+from .run_folder import CONFIG, read_meta, write_meta
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_WEIGHTS = "backbone.safetensors"
-CHECKPOINT_CONFIG = "config.yaml"
+CHECKPOINT_CONFIG = CONFIG
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
@@ -177,11 +176,13 @@ def create_backbone(cfg: ModelConfig, in_chans: int = 3, img_size: int | None = 
         want = PACKAGED_WEIGHTS[cfg.weights][2]
         if cfg.name != want:
             raise WeightsError(f"model.weights={cfg.weights} are weights for {want}; set model.name={want}")
-        full = _create(cfg.name, img_size, pretrained=False, **{**kwargs, "in_chans": 3, "num_classes": 1000})
+        full = build_timm(
+            cfg.name, img_size, pretrained=False, **{**kwargs, "in_chans": 3, "num_classes": 1000}
+        )
         full.load_state_dict(packaged_state_dict(cfg.weights, full))
         full.reset_classifier(0)  # type: ignore[operator]
         if in_chans != 3:  # timm's own stem adaptation, as for hub weights (sum for 1 channel)
-            model = _create(cfg.name, img_size, pretrained=False, **kwargs)
+            model = build_timm(cfg.name, img_size, pretrained=False, **kwargs)
             state = full.state_dict()
             state["conv_stem.weight"] = timm.models.adapt_input_conv(in_chans, state["conv_stem.weight"])
             model.load_state_dict(state)
@@ -190,7 +191,7 @@ def create_backbone(cfg: ModelConfig, in_chans: int = 3, img_size: int | None = 
     if kind == "checkpoint":
         ckpt = Path(cfg.weights).expanduser()
         _check_checkpoint_fits(ckpt, cfg, in_chans)
-        model = _create(cfg.name, img_size, pretrained=False, **kwargs)
+        model = build_timm(cfg.name, img_size, pretrained=False, **kwargs)
         state = load_file(ckpt / CHECKPOINT_WEIGHTS)
         try:
             model.load_state_dict(state, strict=True)
@@ -207,7 +208,7 @@ def create_backbone(cfg: ModelConfig, in_chans: int = 3, img_size: int | None = 
                 f"{path}: unknown weights format {path.suffix!r}; expected one of {WEIGHT_SUFFIXES}"
             )
         try:
-            return _create(
+            return build_timm(
                 cfg.name, img_size, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
             )
         except Exception as err:  # torch's weights_only unpickler refusing objects, shape mismatches, ...
@@ -215,7 +216,7 @@ def create_backbone(cfg: ModelConfig, in_chans: int = 3, img_size: int | None = 
                 f"cannot load {path} into {cfg.name}: {type(err).__name__}: {str(err)[:400]}"
             ) from None
     if kind == "none":
-        return _create(cfg.name, img_size, pretrained=False, **kwargs)
+        return build_timm(cfg.name, img_size, pretrained=False, **kwargs)
     from huggingface_hub import constants
 
     offline = constants.HF_HUB_OFFLINE
@@ -223,7 +224,7 @@ def create_backbone(cfg: ModelConfig, in_chans: int = 3, img_size: int | None = 
         # No network: read the local Hugging Face cache only, instead of ~1 min of download retries.
         constants.HF_HUB_OFFLINE = True
     try:
-        return _create(cfg.name, img_size, pretrained=True, **kwargs)
+        return build_timm(cfg.name, img_size, pretrained=True, **kwargs)
     except WeightsError:
         raise
     except Exception as err:  # huggingface_hub's offline / not-found errors, timm's "no pretrained weights"
@@ -256,7 +257,9 @@ def reachable(url: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _create(name: str, img_size: int | None, small_input_stem: bool = False, **kwargs: Any) -> nn.Module:
+def build_timm(name: str, img_size: int | None, small_input_stem: bool = False, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` at ``img_size`` (where the model takes one), with MedMNIST v2's small-input
+    ResNet stem when asked; the one builder behind every backbone and the timm export."""
     model = _timm_create(name, img_size, **kwargs)
     if small_input_stem:
         conv = getattr(model, "conv1", None)
@@ -299,7 +302,7 @@ def _check_checkpoint_fits(ckpt: Path, cfg: ModelConfig, in_chans: int) -> None:
             raise WeightsError(
                 f"{ckpt} holds a {saved.model.name} backbone; set model.name={saved.model.name}"
             )
-        meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").is_file() else {}
+        meta = read_meta(ckpt)
         if meta.get("in_chans", in_chans) != in_chans:
             raise WeightsError(
                 f"{ckpt} was trained with {meta['in_chans']} input channel(s), this run feeds {in_chans}; "
@@ -323,10 +326,9 @@ def save_checkpoint(directory: str | Path, backbone: nn.Module, cfg: Config, met
     """Write ``backbone.safetensors``, the resolved ``config.yaml`` and ``meta.json`` into ``directory``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
-    save_file(state, str(d / CHECKPOINT_WEIGHTS), metadata={"model": cfg.model.name})
-    (d / CHECKPOINT_CONFIG).write_text(to_yaml(cfg))
-    (d / "meta.json").write_text(json.dumps(meta, indent=2))
+    save_safetensors_atomic(d / CHECKPOINT_WEIGHTS, backbone.state_dict(), {"model": cfg.model.name})
+    write_atomic(d / CHECKPOINT_CONFIG, to_yaml(cfg))
+    write_meta(d, meta)
     return d
 
 
@@ -398,8 +400,5 @@ def cached_embeddings(
     loader = store_loader(store, every, eval_transform(norm), in_chans == 3, cfg.data.num_workers)
     feats = embed(backbone, accelerator.prepare(loader), accelerator)[0]
     if accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # one per writer
-        save_file({"features": feats.contiguous(), "labels": torch.from_numpy(store.labels)}, str(tmp))
-        tmp.replace(path)
+        save_safetensors_atomic(path, {"features": feats, "labels": torch.from_numpy(store.labels)})
     return feats, False

@@ -326,7 +326,7 @@ def save(point: dict[str, Any], directory: str | Path) -> Path:
     return write_atomic(Path(directory) / FILE, json.dumps(point, indent=2))
 
 
-def load(directory: str | Path) -> dict[str, Any]:
+def load_point(directory: str | Path) -> dict[str, Any]:
     """The operating point stored beside a model by ``save``."""
     path = Path(directory) / FILE
     if not path.is_file():

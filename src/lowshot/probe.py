@@ -14,13 +14,16 @@ the alternatives (the labelled-image scaler, raw features, SimpleShot's CL2N) on
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .data import DataError
+from .data.cache import save_safetensors_atomic
 from .evaluation import auroc
 
 # Each feature's standard deviation is at least this fraction of the median one. A feature nearly constant
@@ -76,3 +79,13 @@ def fit_probe(
             "data.val_fraction, or a split column in the manifest)"
         )
     return make_pipeline(scaler, best[1]), best[2], curve
+
+
+def save_probe(clf: Pipeline, path: Path, backbone_weights: str) -> Path:
+    """The fitted probe as plain arrays (``probe.safetensors``: standardise with ``mean``/``scale``, then
+    logits = x @ coef.T + intercept), what predict, the ONNX and the timm export read back;
+    ``backbone_weights``: the fingerprint of the backbone it was fitted on (checked when it is loaded)."""
+    scaler, lr = clf[0], clf[-1]
+    arrays = {"mean": scaler.mean_, "scale": scaler.scale_, "coef": lr.coef_, "intercept": lr.intercept_}
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in arrays.items()}
+    return save_safetensors_atomic(path, tensors, {"backbone_weights": backbone_weights})

@@ -49,6 +49,7 @@ from accelerate import Accelerator
 
 from .config import Config, ConfigError, StateConfig, flatten, load_yaml, to_dict
 from .guard import DivergenceError
+from .run_folder import CONFIG, META, RESULTS
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +84,16 @@ def saved_states(run_dir: Path) -> list[Path]:
 
 def finished(run_dir: Path) -> bool:
     """A run is finished once meta.json says so (its last write); runs from before that field: results.json."""
-    meta = run_dir / "meta.json"
+    meta = run_dir / META
     status = json.loads(meta.read_text()).get("status") if meta.is_file() else None
-    return status == "finished" or (status is None and (run_dir / "results.json").is_file())
+    return status == "finished" or (status is None and (run_dir / RESULTS).is_file())
 
 
 def plan(cfg: Config) -> Plan:
     """What this run does with its directory (pure: nothing is written; ``Run`` acts on it)."""
     if cfg.resume not in ("", "auto"):
         target = Path(cfg.resume).expanduser()
-        if not (target / "config.yaml").is_file():
+        if not (target / CONFIG).is_file():
             raise ConfigError(f"resume={cfg.resume}: not a lowshot run directory (no config.yaml there)")
     elif cfg.name:
         target = Path(cfg.out_dir).expanduser() / cfg.name
@@ -100,7 +101,7 @@ def plan(cfg: Config) -> Plan:
         raise ConfigError("resume=auto continues the run in out_dir/name: give name=... (or resume=RUN_DIR)")
     else:
         return Plan(None)
-    if not (target / "config.yaml").is_file():
+    if not (target / CONFIG).is_file():
         return Plan(target)
     states = saved_states(target)
     if cfg.overwrite:
@@ -123,7 +124,7 @@ def plan(cfg: Config) -> Plan:
 
 def same_settings(run_dir: Path, cfg: Config) -> None:
     """Refuse to continue a run with other settings than it started with (ConfigError listing them)."""
-    before = flatten(to_dict(load_yaml(run_dir / "config.yaml")))
+    before = flatten(to_dict(load_yaml(run_dir / CONFIG)))
     now = flatten(to_dict(cfg))
     changed = [
         k for k in sorted(set(before) | set(now)) if k not in MAY_DIFFER and before.get(k) != now.get(k)

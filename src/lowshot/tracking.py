@@ -7,9 +7,8 @@ job_type, tags, the resolved config, per-epoch metrics and the final results as 
 Without an API key W&B runs offline (``run_dir/wandb/offline-run-*``, ``wandb sync`` uploads it later)
 and never waits for a network.
 
-The test split's lockbox ledger lives in the cache folder (``lockbox/<data>-<test digest>.jsonl``):
-every run that opens a test split appends a line, so a report can say how often that test set had
-already been looked at, i.e. how far its number may be the best of many tries.
+The run folder's file names, readers and provenance are :mod:`lowshot.run_folder`'s; the test split's
+ledger is :mod:`lowshot.lockbox`'s; device settings (precision, memory layout) :mod:`lowshot.device`'s.
 """
 
 from __future__ import annotations
@@ -22,10 +21,9 @@ import platform
 import secrets
 import shlex
 import shutil
-import subprocess
 import sys
 import time
-from importlib.metadata import version
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -35,30 +33,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
-from .config import Config, ConfigError, DataConfig, flatten, setting_key, to_dict, to_yaml
-from .data import Store, cache_root
-from .data.cache import save_npz_atomic, write_atomic
+from . import run_folder as rf
+from .config import Config, ConfigError, flatten, to_dict, to_yaml
+from .data import Store
+from .data.cache import write_atomic
+from .data.decode import file_digest
+from .device import mixed_precision
+from .lockbox import open_lockbox
 from .models import check_weights_exist, reachable, weights_kind
+from .resume import plan
 
 log = logging.getLogger(__name__)
-
-
-def mixed_precision(setting: str) -> str:
-    """'auto' → bf16 on CUDA, fp32 ('no') elsewhere: bf16 autocast on CPUs without bf16 instructions
-    (AVX2) ran 16-24x slower than fp32 here. An ``accelerate launch --mixed_precision`` wins over auto."""
-    if setting != "auto":
-        return setting
-    env = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if env != "no":
-        return env
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def memory_format(setting: str, device: torch.device) -> torch.memory_format:
-    """``channels_last``: NHWC on a GPU for "auto" (convolutions on tensor cores run in NHWC; NCHW
-    weights cost a transpose per layer), the default layout elsewhere."""
-    on = setting == "on" or (setting == "auto" and device.type == "cuda")
-    return torch.channels_last if on else torch.contiguous_format
 
 
 def make_accelerator(cfg: Config, find_unused_parameters: bool = False) -> Accelerator:
@@ -117,8 +102,6 @@ def preflight(cfg: Config) -> None:
             f"out_dir={cfg.out_dir} cannot be written ({err.strerror}); choose another out_dir"
         ) from None
     check_weights_exist(cfg.model.weights)
-    from .resume import plan
-
     plan(cfg)  # a finished run in out_dir/name, an unfinished one without resume=, other settings: refused
     if cfg.track.log_with == "wandb" and cfg.track.wandb_mode == "online" and not _wandb_key():
         raise ConfigError(
@@ -163,34 +146,12 @@ def _set_wandb_mode(mode: str) -> None:
     os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")  # seconds: a key without a network must not hang a run
 
 
-def git_sha() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "-uno"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-        )
-        return out.stdout.strip()[:12] + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 class Run:
     """The local run directory and the tracker of one job (pretrain / probe / finetune)."""
 
     def __init__(
         self, accelerator: Accelerator, cfg: Config, job_type: str, data_name: str, overrides: list[str]
     ):
-        from .resume import plan
-
         self.accelerator, self.cfg, self.job_type = accelerator, cfg, job_type
         self.plan = plan(cfg)  # a new directory, or one to empty (overwrite) or to continue (resume)
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"  # parallel sweep runs stay apart
@@ -203,7 +164,7 @@ class Run:
         self.meta: dict[str, Any] = {
             "job_type": job_type,
             "seed": cfg.seed,
-            "git_sha": git_sha(),
+            "git_sha": rf.git_sha(),
             "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
             "overrides": overrides,
             "world_size": accelerator.num_processes,
@@ -213,17 +174,17 @@ class Run:
             # Part of what reproduces a number: on the same split and code, the BUSI recipe reference once
             # gave other test AUROCs in another session, whose processor and package versions were not
             # recorded (EXPERIMENTS.md, 2026-12-06); BreastMNIST's reproduced exactly across three sessions.
-            "cpu": cpu_model(),
+            "cpu": rf.cpu_model(),
             "mixed_precision": accelerator.mixed_precision,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "status": "running",  # running | stopped (a state to continue from) | finished; killed runs stay "running"
             "python": platform.python_version(),
-            "versions": {p: _version(p) for p in VERSIONED},
+            "versions": rf.versions(),
         }
         if self.plan.note:
             accelerator.print(self.plan.note)
         if self.plan.state is not None:  # the run's own record, with this continuation added
-            before = json.loads((self.dir / "meta.json").read_text())
+            before = rf.read_meta(self.dir)
             now = {k: self.meta[k] for k in ("command", "started", "git_sha", "world_size", "device")}
             self.meta = {**before, "status": "running", "resumed": [*before.get("resumed", []), now]}
         accelerator.wait_for_everyone()  # every process has read the old meta.json before it changes
@@ -232,10 +193,10 @@ class Run:
             if self.plan.wipe:
                 shutil.rmtree(self.dir)
             self.dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.dir / "config.yaml", to_yaml(cfg))
+            write_atomic(self.dir / rf.CONFIG, to_yaml(cfg))
             self._write_meta()
             if self.plan.state is None:
-                self.metrics_file = open(self.dir / "metrics.jsonl", "w")  # noqa: SIM115 - open for the run's life
+                self.metrics_file = open(self.dir / rf.METRICS, "w")  # noqa: SIM115 - open for the run's life
         if cfg.track.log_with == "wandb":
             self._init_wandb(data_name)
         accelerator.wait_for_everyone()
@@ -259,7 +220,7 @@ class Run:
         after that state are logged again by the continued run, so none appears twice."""
         self.lines = lines
         if self.accelerator.is_main_process:
-            path = self.dir / "metrics.jsonl"
+            path = self.dir / rf.METRICS
             kept = path.read_text().splitlines(keepends=True)[:lines] if path.is_file() else []
             write_atomic(path, "".join(kept))
             self.metrics_file = open(path, "a")  # noqa: SIM115 - open for the run's life
@@ -329,7 +290,7 @@ class Run:
                     log.warning("W&B: could not mark %s as used (%s)", lineage["artifact"], err)
 
     def _write_meta(self) -> None:
-        write_atomic(self.dir / "meta.json", json.dumps(self.meta, indent=2))
+        rf.write_meta(self.dir, self.meta)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Per-epoch metrics to ``metrics.jsonl`` and the tracker (main process only)."""
@@ -370,14 +331,12 @@ class Run:
             return
         import wandb
 
-        from .data.decode import file_digest
-
         info = {
             "artifact": artifact_name(f"{self.name}-{kind}"),
             "alias": f"sha-{file_digest(weights, 'sha1')[:12]}",
             "run_id": wb.id,
         }
-        meta_file = weights.parent / "meta.json"
+        meta_file = weights.parent / rf.META
         if meta_file.is_file():
             write_atomic(
                 meta_file, json.dumps({**json.loads(meta_file.read_text()), "wandb_artifact": info}, indent=2)
@@ -437,19 +396,20 @@ class Run:
         """``predictions.npz`` (e.g. val_prob, val_y, test_prob, test_y, test_path): what `lowshot report`
         and `lowshot compare` read; two runs compare only on the same test images."""
         if self.accelerator.is_main_process:
-            save_npz_atomic(self.dir / "predictions.npz", **arrays)
+            rf.write_predictions(self.dir, **arrays)
 
-    def finish(self, results: dict[str, Any]) -> None:
-        """Write ``results.json``, draw the run's report figures (learning curves, ROC, confusion matrix,
-        reliability) into the run directory and W&B, put the headline numbers in the W&B summary, close
+    def finish(
+        self, results: dict[str, Any], figures: Callable[[Path], dict[str, Path]] | None = None
+    ) -> None:
+        """Write ``results.json``, log the figures ``figures(run_dir)`` draws there (``figures.run_figures``:
+        learning curves, ROC, confusion matrix, reliability; tracking records, it does not draw) to W&B,
+        put the headline numbers in the W&B summary, close
         trackers; only then is the run marked finished (meta.json) and its training states deleted, so a
         kill at any moment before leaves a run that ``resume=auto`` completes."""
         if self.accelerator.is_main_process:
-            write_atomic(self.dir / "results.json", json.dumps(results, indent=2))
+            rf.write_results(self.dir, results)
             self.metrics_file.close()
-            from .report import run_figures  # matplotlib only where a report is drawn
-
-            for key, path in run_figures(self.dir).items():
+            for key, path in (figures(self.dir) if figures else {}).items():
                 self.log_image(f"report/{key}", path)
             if "test" in results:  # the headline test metrics with their CIs, as a W&B table too
                 rows = [{"metric": m, **v} for m, v in results["test"]["metrics"].items()]
@@ -458,38 +418,13 @@ class Run:
             wb.summary.update(
                 {k: v for k, v in flatten(results).items() if isinstance(v, (int, float, str, bool))}
             )
-            wb.summary.update(headline(results))
+            wb.summary.update(rf.headline(results))
         self.accelerator.end_training()
         if self.accelerator.is_main_process:
             self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             self.meta["status"] = "finished"
             self._write_meta()
             shutil.rmtree(self.dir / "state", ignore_errors=True)  # a finished run is not continued
-
-
-# The runs table's shared columns: every job's headline under one name, beside the nested detail.
-HEADLINE = ("auroc", "accuracy", "balanced_accuracy", "macro_f1", "ece", "brier")
-
-
-def headline(results: dict[str, Any]) -> dict[str, float]:
-    """``test/auroc``, ``test/auroc_low``, ``test/auroc_high``, ... (``val/`` for a selection-only run),
-    ``test_at_point/...`` and ``selected/val_auroc``; pretraining: ``pretrain/final_loss`` and its kNN."""
-    out: dict[str, float] = {}
-    for split in ("val", "test"):
-        for key in (split, f"{split}_at_point"):
-            for m, v in (results.get(key) or {}).get("metrics", {}).items():
-                if m in HEADLINE:
-                    out |= {
-                        f"{key}/{m}": v["value"],
-                        f"{key}/{m}_low": v["low"],
-                        f"{key}/{m}_high": v["high"],
-                    }
-    if "selected" in results:
-        out["selected/val_auroc"] = results["selected"]["val_auroc"]
-    if results.get("job") == "pretrain":
-        out["pretrain/final_loss"] = results["final_loss"]
-        out |= {f"pretrain/{k.replace('/', '_')}": v for k, v in results.items() if k.startswith("knn/")}
-    return out
 
 
 def artifact_name(name: str) -> str:
@@ -502,65 +437,5 @@ def source_artifact(weights: str) -> dict[str, str]:
     run that starts from it."""
     if weights_kind(weights) != "checkpoint":
         return {}
-    meta = Path(weights).expanduser() / "meta.json"
-    info = json.loads(meta.read_text()).get("wandb_artifact") if meta.is_file() else None
+    info = rf.read_meta(Path(weights).expanduser()).get("wandb_artifact")
     return dict(info) if info else {}
-
-
-def open_lockbox(store: Store, cfg: Config, run_dir: Path, job: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """Unseal the store's test split and record the opening (run, job, setting) in its ledger; returns
-    the test rows and :func:`record_opening`'s record."""
-    rows = store.unseal()
-    entry = {"run": str(Path(run_dir).resolve()), "job": job, "setting": setting_key(to_dict(cfg))}
-    return rows, record_opening(cfg.data, f"{store.name}-{store.test_digest()}", entry)
-
-
-def record_opening(data: DataConfig, ledger_name: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """Append ``entry`` (run, job, setting) with the time to the ledger ``lockbox/<ledger_name>.jsonl`` in
-    the cache folder; returns the ledger's path and how often it had been opened before, by how many runs
-    and by how many other settings (the openings that can make a test number the best of many tries)."""
-    ledger = cache_root(data) / "lockbox" / f"{ledger_name}.jsonl"
-    ledger.parent.mkdir(parents=True, exist_ok=True)
-    before = [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.is_file() else []
-    with open(ledger, "a") as f:
-        f.write(json.dumps({**entry, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-    return {
-        "ledger": str(ledger),
-        "opened_before": len(before),
-        "runs_before": len({e["run"] for e in before}),
-        "other_settings_before": len({e.get("setting") for e in before} - {entry.get("setting")}),
-    }
-
-
-# The packages whose versions a run records: pillow decodes and resizes, scikit-learn and faiss-cpu make
-# the splits and duplicate groups, the rest train.
-VERSIONED = (
-    "torch",
-    "timm",
-    "lightly",
-    "accelerate",
-    "wandb",
-    "scikit-learn",
-    "numpy",
-    "pillow",
-    "faiss-cpu",
-)
-
-
-def cpu_model() -> str:
-    """The processor's model name (Linux /proc/cpuinfo; elsewhere what ``platform`` knows)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(pkg: str) -> str:
-    try:
-        return version(pkg)
-    except Exception:
-        return "absent"

@@ -1,6 +1,7 @@
 """One source of truth for a run's settings: the typed sections (:mod:`.schema`) and how files, the
 environment and the command line resolve them (:mod:`.resolve`)."""
 
+from .checks import ConfigError
 from .resolve import (
     CACHE_ENV,
     DATA_ROOT_ENV,
@@ -18,7 +19,6 @@ from .schema import (
     AugConfig,
     CheckConfig,
     Config,
-    ConfigError,
     DataConfig,
     EvalConfig,
     FewShotConfig,

@@ -21,7 +21,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .schema import Config, ConfigError
+from .checks import ConfigError
+from .schema import Config
 
 DATA_ROOT_ENV = "LOWSHOT_DATA_ROOT"
 CACHE_ENV = "LOWSHOT_CACHE"

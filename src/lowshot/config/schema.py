@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A bad config file, key or value; the message names it and says how to fix it."""
+from .checks import ConfigError, check_choice, check_dicom_options, check_positive
 
 
 @dataclass
@@ -80,16 +78,11 @@ class DataConfig:
     augment_compile: str = "auto"
 
     def __post_init__(self) -> None:
-        _choice("data.channels", self.channels, ("replicate", "single"))
-        _choice("data.augment_path", self.augment_path, ("auto", "batched", "per_image"))
-        _choice("data.augment_compile", self.augment_compile, ("auto", "on", "off"))
-        _choice("data.color", self.color, ("auto", "gray", "rgb"))
-        from ..data.dicom import check_options
-
-        try:
-            check_options(self.dicom_window, self.dicom_frames)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        check_choice("data.channels", self.channels, ("replicate", "single"))
+        check_choice("data.augment_path", self.augment_path, ("auto", "batched", "per_image"))
+        check_choice("data.augment_compile", self.augment_compile, ("auto", "on", "off"))
+        check_choice("data.color", self.color, ("auto", "gray", "rgb"))
+        check_dicom_options(self.dicom_window, self.dicom_frames)
         if not 0.0 < self.val_fraction < 1.0 or not 0.0 < self.test_fraction < 1.0:
             raise ConfigError("data.val_fraction and data.test_fraction must lie in (0, 1)")
         if self.size < 8:
@@ -176,14 +169,14 @@ class SSLConfig:
     knn_t: float = 0.1  # temperature of the kNN's similarity weights
 
     def __post_init__(self) -> None:
-        _choice("ssl.method", self.method, ("simclr", "moco", "byol", "vicreg", "dino"))
-        _choice("ssl.optimizer", self.optimizer, ("adamw", "sgd"))
+        check_choice("ssl.method", self.method, ("simclr", "moco", "byol", "vicreg", "dino"))
+        check_choice("ssl.optimizer", self.optimizer, ("adamw", "sgd"))
         if not 0.0 <= self.momentum <= 1.0:
             raise ConfigError(f"config key 'ssl.momentum': {self.momentum} must lie in [0, 1], e.g. 0.99")
-        _positive(
+        check_positive(
             "ssl", memory_bank=self.memory_bank, wide_dim=self.wide_dim, dino_prototypes=self.dino_prototypes
         )
-        _positive("ssl", epochs=self.epochs, batch_size=self.batch_size)
+        check_positive("ssl", epochs=self.epochs, batch_size=self.batch_size)
         if self.steps < 0:
             raise ConfigError(
                 f"ssl.steps={self.steps}: give a number of optimizer steps, or 0 for ssl.epochs"
@@ -233,7 +226,7 @@ class TrainConfig:
     ema: float = 0.0
     # timm's EMA warmup: the decay at optimizer step s is min(ema, 1 - s^(-2/3)), so it reaches 0.99 only
     # after ~1,000 steps and 0.998 after ~11,000; a few hundred labelled images at batch 64 take ~9 steps an
-    # epoch, where any ema >= 0.96 gives the same run (bench/results/recipes/screen.md). false: the decay is
+    # epoch, where any ema >= 0.96 gives the same run (bench/results/recipe_screen/screen.md). false: the decay is
     # `ema` from the first step (which copies the weights).
     ema_warmup: bool = True
     balance: str = "none"  # none | loss (cross-entropy weighted by inverse class frequency) | sampler
@@ -250,11 +243,11 @@ class TrainConfig:
     eval_train: bool = True
 
     def __post_init__(self) -> None:
-        _choice("train.optimizer", self.optimizer, ("adamw", "adam", "sgd"))
-        _choice("train.schedule", self.schedule, ("cosine", "step"))
-        _choice("train.strategy", self.strategy, ("full", "head", "partial", "gradual"))
-        _choice("train.balance", self.balance, ("none", "loss", "sampler"))
-        _positive("train", unfreeze_every=self.unfreeze_every)
+        check_choice("train.optimizer", self.optimizer, ("adamw", "adam", "sgd"))
+        check_choice("train.schedule", self.schedule, ("cosine", "step"))
+        check_choice("train.strategy", self.strategy, ("full", "head", "partial", "gradual"))
+        check_choice("train.balance", self.balance, ("none", "loss", "sampler"))
+        check_positive("train", unfreeze_every=self.unfreeze_every)
         if self.strategy == "partial" and self.stages < 1:
             raise ConfigError(
                 "train.strategy=partial needs train.stages >= 1 (the last N stage groups train)"
@@ -263,7 +256,7 @@ class TrainConfig:
             raise ConfigError("train.layer_decay must lie in (0, 1] and train.backbone_lr_scale be > 0")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"train.ema={self.ema}: an EMA decay in [0, 1), e.g. 0.99; 0 = off")
-        _positive("train", epochs=self.epochs, batch_size=self.batch_size, patience=self.patience)
+        check_positive("train", epochs=self.epochs, batch_size=self.batch_size, patience=self.patience)
 
 
 @dataclass
@@ -289,11 +282,11 @@ class FewShotConfig:
     probe_c: float = 0.0
 
     def __post_init__(self) -> None:
-        _choice("fewshot.query_split", self.query_split, ("val", "test"))
-        _choice("fewshot.metric", self.metric, ("cosine", "euclidean"))
+        check_choice("fewshot.query_split", self.query_split, ("val", "test"))
+        check_choice("fewshot.metric", self.metric, ("cosine", "euclidean"))
         for c in self.classifiers:
-            _choice("fewshot.classifiers", c, ("prototype", "knn", "logreg"))
-        _positive(
+            check_choice("fewshot.classifiers", c, ("prototype", "knn", "logreg"))
+        check_positive(
             "fewshot",
             n_way=self.n_way,
             n_query=self.n_query,
@@ -327,8 +320,8 @@ class CheckConfig:
     pool_leakage: str = "error"
 
     def __post_init__(self) -> None:
-        _choice("check.leakage", self.leakage, ("error", "warn", "drop"))
-        _choice("check.pool_leakage", self.pool_leakage, ("error", "warn", "drop"))
+        check_choice("check.leakage", self.leakage, ("error", "warn", "drop"))
+        check_choice("check.pool_leakage", self.pool_leakage, ("error", "warn", "drop"))
 
 
 @dataclass
@@ -358,7 +351,7 @@ class EvalConfig:
     )  # deployment class frequencies; [] = the validation split's
 
     def __post_init__(self) -> None:
-        _choice(
+        check_choice(
             "eval.operating_point",
             self.operating_point,
             ("argmax", "balanced", "prior", "youden", "sensitivity"),
@@ -378,8 +371,8 @@ class TrackConfig:
     wandb_mode: str = "auto"  # auto (online only with an API key) | online | offline
 
     def __post_init__(self) -> None:
-        _choice("track.log_with", self.log_with, ("wandb", "none"))
-        _choice("track.wandb_mode", self.wandb_mode, ("auto", "online", "offline"))
+        check_choice("track.log_with", self.log_with, ("wandb", "none"))
+        check_choice("track.wandb_mode", self.wandb_mode, ("auto", "online", "offline"))
 
 
 @dataclass
@@ -395,7 +388,7 @@ class StateConfig:
     keep: int = 2  # newest states kept; an older one is deleted only after a newer one is complete
 
     def __post_init__(self) -> None:
-        _positive("state", keep=self.keep)
+        check_positive("state", keep=self.keep)
         if min(self.every, self.every_steps, self.every_minutes) < 0:
             raise ConfigError(
                 "config keys 'state.every_minutes', 'state.every', 'state.every_steps': 0 (off) or more"
@@ -428,16 +421,5 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
 
     def __post_init__(self) -> None:
-        _choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp16", "no"))
-        _choice("channels_last", self.channels_last, ("auto", "on", "off"))
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
-
-
-def _positive(section: str, **values: int) -> None:
-    for k, v in values.items():
-        if v < 1:
-            raise ConfigError(f"config key '{section}.{k}': {v} must be at least 1")
+        check_choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp16", "no"))
+        check_choice("channels_last", self.channels_last, ("auto", "on", "off"))

@@ -48,7 +48,6 @@ from .loaders import (
     split_train_loader,
     store_loader,
     train_loader,
-    train_transform,
 )
 from .sources import KNOWN_NPZ, load_store, source_path
 from .splits import draw_per_class, group_holdout, groups_across_splits, make_splits
@@ -88,5 +87,4 @@ __all__ = [
     "store_cache_file",
     "store_loader",
     "train_loader",
-    "train_transform",
 ]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import save_file
 
 from ..config import DataConfig
 
@@ -55,5 +58,18 @@ def save_npz_atomic(path: Path, **arrays: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")  # savez adds .npz to other names
     np.savez_compressed(tmp, allow_pickle=False, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def save_safetensors_atomic(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
+    """``safetensors.torch.save_file`` (contiguous CPU tensors) through a temporary file and a rename, like
+    ``write_atomic``: a kill while saving weights, embeddings or a probe leaves the old file or the new
+    one (process id and a random suffix keep concurrent writers' temporaries apart)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path

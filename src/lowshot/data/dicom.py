@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-WINDOWS = ("auto", "minmax")  # or "C,W"
-FRAMES = ("middle", "first", "error")
+# The setting's names live with the setting (config is the bottom layer and checks them at parse time).
+from ..config.checks import DICOM_WINDOWS as WINDOWS
+
 PLUGINS = (
     "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (JPEG, JPEG-LS, JPEG 2000) or python-gdcm"
 )
@@ -52,21 +53,6 @@ def _pydicom() -> Any:
     except ImportError:
         raise ValueError("a DICOM file, and pydicom is not installed: pip install 'lowshot[dicom]'") from None
     return pydicom
-
-
-def check_options(window: str, frames: str) -> None:
-    """Raise ValueError naming the setting if ``data.dicom_window`` / ``data.dicom_frames`` is not valid."""
-    if window not in WINDOWS:
-        try:
-            _, w = (float(v) for v in window.split(","))
-        except ValueError:
-            raise ValueError(
-                f"data.dicom_window={window!r}: use auto, minmax or CENTRE,WIDTH (e.g. 40,400)"
-            ) from None
-        if w <= 0:
-            raise ValueError(f"data.dicom_window={window!r}: the width must be > 0")
-    if frames not in FRAMES:
-        raise ValueError(f"data.dicom_frames={frames!r}: use one of {FRAMES}")
 
 
 def read_dicom(path: Path, window: str = "auto", frames: str = "middle") -> np.ndarray:

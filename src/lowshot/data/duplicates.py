@@ -19,7 +19,8 @@ import numpy as np
 
 from ..config import DataConfig
 from .cache import cache_root, write_atomic
-from .copies import THUMB, Cut, calibrate, candidates, decide, rounded, thumbnail
+from .calibration import Cut, calibrate, judge_pairs, rounded
+from .copies import THUMB, candidates, thumbnail
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def verified_pairs(store: Store, cfg: DataConfig) -> tuple[list[Pair], np.ndarra
     """Every duplicate pair of the store, verified; the (N,) mask of images whose hash does not
     discriminate (their hash candidates are not verified; the crop-tolerant search still sees them); and
     the verification thresholds used: ``data.duplicate_ncc`` calibrated on the store's mirrored images
-    (lowshot.data.copies.calibrate; higher where the set's look-alikes reach it), in the detail band and
+    (lowshot.data.calibration.calibrate; higher where the set's look-alikes reach it), in the detail band and
     the band an octave lower.
 
     Kinds: 'exact' (same decoded pixels); 'near' (dHash within ``data.duplicate_bits``, verified); 'copy'
@@ -150,7 +151,7 @@ def verified_pairs(store: Store, cfg: DataConfig) -> tuple[list[Pair], np.ndarra
         rows = np.sort(np.random.default_rng(0).choice(rows, CALIBRATE_MAX, replace=False))
     levels, cut = calibrate(thumbs[rows], thumbs, cfg.duplicate_ncc, store.name, own=rows)
     near = np.array([(i, j) for i, j, _, k in cands if k == "near"], np.int64).reshape(-1, 2)
-    ok, ncc, low = decide(thumbs, thumbs, near, cut, cascade=False)
+    ok, ncc, low = judge_pairs(thumbs, thumbs, near, cut, cascade=False)
     out: list[Pair] = [(i, j, 0, "exact", None, None) for i, j, _, k in cands if k == "exact"]
     dist = {(i, j): d for i, j, d, k in cands if k == "near"}
     for (i, j), good, v, w in zip(near.tolist(), ok.tolist(), ncc.tolist(), low.tolist(), strict=True):
@@ -160,7 +161,7 @@ def verified_pairs(store: Store, cfg: DataConfig) -> tuple[list[Pair], np.ndarra
         found = candidates(thumbs, thumbs)
         found = np.unique(np.sort(found[found[:, 0] != found[:, 1]], axis=1), axis=0)
         found = np.array([p for p in found.tolist() if tuple(p) not in seen], np.int64).reshape(-1, 2)
-        ok, ncc, low = decide(thumbs, thumbs, found, cut)
+        ok, ncc, low = judge_pairs(thumbs, thumbs, found, cut)
         out += [
             (i, j, -1, "copy", round(v, 4), rounded(w))
             for (i, j), good, v, w in zip(

@@ -13,7 +13,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision import transforms as T
 
-from ..config import TrainConfig
 from .store import Store
 
 
@@ -198,21 +197,3 @@ def normalisation(mean: tuple[float, ...], std: tuple[float, ...], channels: int
 def eval_transform(norm: dict[str, list[float]]) -> Callable[[Image.Image], torch.Tensor]:
     """PIL → (C, H, W) float tensor, normalised; no augmentation (the store is at working size)."""
     return T.Compose([T.ToTensor(), T.Normalize(norm["mean"], norm["std"])])
-
-
-def train_transform(
-    size: int, tc: TrainConfig, norm: dict[str, list[float]]
-) -> Callable[[Image.Image], torch.Tensor]:
-    """Supervised augmentation for grayscale modalities: random resized crop, optional flips (off where
-    laterality matters), small rotations, brightness/contrast jitter; never hue or saturation."""
-    return T.Compose(
-        [
-            T.RandomResizedCrop(size, scale=(tc.crop_min_scale, 1.0), antialias=True),
-            T.RandomHorizontalFlip(tc.hflip),
-            T.RandomVerticalFlip(tc.vflip),
-            T.RandomRotation(tc.rotate),
-            T.ColorJitter(brightness=tc.brightness, contrast=tc.contrast),
-            T.ToTensor(),
-            T.Normalize(norm["mean"], norm["std"]),
-        ]
-    )
