@@ -6,13 +6,14 @@ settings, divergence and reused run names (tests/test_e2e.py), killed and preemp
 run directories (tests/test_resume.py).
 """
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HANG_S
+from conftest import HANG_S, lowshot_cli
 from PIL import Image
 
 from lowshot.config import ConfigError, DataConfig, parse_args
@@ -170,6 +171,7 @@ def test_an_edited_file_with_the_same_size_and_time_is_decoded_again(busi: Path,
     np.testing.assert_array_equal(first.images[others], second.images[others])
 
 
+@pytest.mark.slow  # processes of their own: a new interpreter each
 def test_two_processes_filling_an_empty_cache_at_once(busi: Path, tmp_path: Path) -> None:
     """Parallel runs share the store cache: one decodes under the lock, the other reads its file."""
     import subprocess
@@ -386,3 +388,52 @@ def test_settings_that_need_no_data_fail_before_decoding(
         with pytest.raises(error, match=message):
             preflight(cfg)
     assert not (tmp_path / "nothing").exists()
+
+
+def test_settings_that_cannot_be_valid_fail_when_read() -> None:
+    """A learning rate <= 0 or a negative weight decay: refused by the config, naming the key, not a torch
+    error after the data have loaded (issue 41); data.size's message says what does train."""
+    for args, key in (
+        (["train.lr=-1"], "train.lr"),
+        (["ssl.lr=0"], "ssl.lr"),
+        (["train.weight_decay=-0.1"], "train.weight_decay"),
+        (["ssl.lr=nan"], "ssl.lr"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            parse_args(args)
+    assert parse_args(["train.lr=1e6"])[0].train.lr == 1e6  # huge but valid: the divergence guard's job
+    with pytest.raises(ConfigError, match="use 8 or more"):
+        parse_args(["data.size=7"])
+    assert parse_args(["data.size=8"])[0].data.size == 8
+
+
+def test_wandb_online_in_the_environment_without_a_key_is_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    cfg, _ = parse_args([f"out_dir={tmp_path}"])  # track.wandb_mode=auto: the environment decides
+    with pytest.raises(ConfigError, match="WANDB_MODE=online"):
+        preflight(cfg)
+
+
+def test_show_on_a_pretraining_run_says_what_it_is(tmp_path: Path) -> None:
+    (tmp_path / "pre").mkdir()
+    res = {"job": "pretrain", "data": "breastmnist", "final_loss": 5.1, "knn/val_accuracy": 0.75, "steps": 8}
+    (tmp_path / "pre" / "results.json").write_text(json.dumps({**res, "checkpoint": "pre/checkpoint"}))
+    p = lowshot_cli("show", str(tmp_path / "pre"))
+    assert p.returncode == 0, p.stderr
+    assert "pretrain run on breastmnist" in p.stdout and "knn/val_accuracy 0.75" in p.stdout
+    assert "pre/checkpoint" in p.stdout
+
+
+def test_a_label_budget_larger_than_a_class_is_said(
+    data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = DataConfig(root=str(data_root), cache_dir=str(tmp_path), size=28, train_per_class=200)
+    store = load_store(cfg)  # BreastMNIST's training split: 147 malignant images
+    assert (store.split == "train").sum() < 400
+    assert any(
+        "data.train_per_class=200" in r.getMessage() and "malignant" in r.getMessage() for r in caplog.records
+    )

@@ -4,6 +4,7 @@ real BUSI ultrasound images with patient IDs (patient-level splits without a CSV
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pydicom  # the [dicom] extra; dev installs it
 import pytest
 from pydicom.data import get_testdata_file
 
+from lowshot.check import check_command
 from lowshot.config import ConfigError, DataConfig
 from lowshot.data import decode_image, load_store
 from lowshot.data.dicom import read_dicom
@@ -127,6 +129,16 @@ def test_a_dicom_folder_gets_patient_level_splits(busi: Path, tmp_path: Path) ->
     patients = {g: set(store.split[store.source_groups == g]) for g in np.unique(store.source_groups)}
     assert len(patients) == 36 and all(len(s) == 1 for s in patients.values())  # no patient in two splits
     assert set(store.split) == {"train", "val", "test"}
+    # `lowshot check` reads the same folder (issue 41: it opened every file with PIL)
+    out = tmp_path / "checks"
+    args = [
+        f"data.root={tmp_path}",
+        "data.source=dicom",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.size=32",
+    ]
+    assert check_command([*args, f"out_dir={out}", "name=c", "--warn-only"]) in (0, 1)
+    assert json.loads((out / "c" / "report.json").read_text())["images"] == 72
 
 
 def test_bad_dicom_settings_fail_with_the_key() -> None:

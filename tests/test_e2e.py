@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HANG_S
+from conftest import HANG_S, lowshot_cli
 
 from lowshot.config import SSLConfig, load_yaml
 
@@ -385,13 +385,7 @@ def test_quickstart_command(data_root: Path, cache_dir: Path, tmp_path: Path) ->
     assert (
         again.returncode == 0 and "ensemble of 2 runs" in again.stdout
     )  # finished: shown, nothing retrained
-    bad = subprocess.run(
-        [sys.executable, "-m", "lowshot.cli", "quickstart", "ssl.epoch=3"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
+    bad = lowshot_cli("quickstart", "ssl.epoch=3")  # refused before anything runs or is written
     assert (
         bad.returncode != 0
         and "did you mean 'ssl.epochs'" in bad.stderr
@@ -448,23 +442,7 @@ def test_fewshot_script_and_curves(data_root: Path, cache_dir: Path, tmp_path: P
     assert b"label_efficiency" in raw and b"label_efficiency_table" in raw  # the figure and table went to W&B
     p = ok(launch("fewshot/evaluate.py", [*args, "name=b", "fewshot.episodes=100"], tmp_path))
     assert "from the cache" in p.stdout
-    env = {**os.environ, "MPLBACKEND": "Agg"}
-    c = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lowshot.cli",
-            "curves",
-            str(tmp_path / "a"),
-            str(tmp_path / "b"),
-            "--out",
-            str(tmp_path / "c.png"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
+    c = lowshot_cli("curves", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.png"))
     assert c.returncode == 0, c.stderr
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and "| backbone |" in (
         tmp_path / "c.md"

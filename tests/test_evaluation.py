@@ -230,3 +230,19 @@ def test_keep_script_trains_the_chosen_start_with_the_test_sealed(
             0.001,
         )
     assert 'ensemble "${members[@]}" --out "$out" --open-test' in text and f"verdict: {verdict}" in text
+
+
+def test_roc_figure_of_a_split_without_one_class(tmp_path: Path) -> None:
+    """A class with no test image (warned at the start of a run) must not crash the figures after the test
+    split was opened (issue 41): its curve is left out, the others drawn."""
+    from lowshot.figures import plot_roc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)  # classes 0 and 1 only; class 2 has no test image
+    prob = rng.dirichlet([1, 1, 1], 60)
+    auroc = {"value": float("nan"), "low": float("nan"), "high": float("nan")}
+    run = {
+        "pred": {"test_y": y, "test_prob": prob},
+        "results": {"classes": ["a", "b", "c"], "test": {"metrics": {"auroc": auroc}}},
+    }
+    assert plot_roc(run, tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"

@@ -7,15 +7,14 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HANG_S
+from conftest import lowshot_cli as lowshot
 from PIL import Image
-from test_e2e import REPO, common, launch, ok
+from test_dicom import write_dicom
+from test_e2e import common, launch, ok
 
 from lowshot import inference
 from lowshot import operating_point as op
@@ -40,12 +39,6 @@ def runs(busi: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     ok(launch("finetune/train.py", scratch, out))
     assert (out / "scratch" / "detector.safetensors").is_file()
     return out
-
-
-def lowshot(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lowshot.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=HANG_S
-    )
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -96,12 +89,17 @@ def test_predict_flags_unfamiliar_images_and_lists_unreadable_ones(
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.png").write_text("not an image")
     (folder / ".hidden.png").write_bytes(b"")  # hidden files are not inputs
+    (folder / "readme.txt").write_text(
+        "scan notes"
+    )  # not an image: listed as not scored, never dropped unsaid
+    write_dicom(folder / "IM0001", retina[0][..., :1])  # a DICOM export without a suffix is scored
     out = tmp_path / "new.csv"
     p = lowshot("predict", str(runs / "ft"), str(folder), str(tmp_path / "gone.png"), "--out", str(out))
     assert p.returncode == 0, p.stderr
     rows = {Path(r["path"]).name: r for r in read_csv(out)}
-    assert len(rows) == 33 and ".hidden.png" not in rows
-    for bad in ("empty.png", "notes.png", "gone.png"):
+    assert len(rows) == 35 and ".hidden.png" not in rows
+    assert rows["IM0001"]["error"] == "" and rows["IM0001"]["predicted"], rows["IM0001"]
+    for bad in ("empty.png", "notes.png", "gone.png", "readme.txt"):
         assert rows[bad]["error"] and rows[bad]["predicted"] == "", rows[bad]
         assert bad in p.stdout
     assert rows["gone.png"]["error"] == "no such file"
@@ -109,7 +107,10 @@ def test_predict_flags_unfamiliar_images_and_lists_unreadable_ones(
     assert all(r["error"] == "" and r["predicted"] in ("benign", "malignant", "normal") for r in fundus)
     flagged = np.mean([r["unlike_training"] == "True" for r in fundus])
     assert flagged >= 0.8, flagged
-    assert "scored 30 of 33 images" in p.stdout
+    assert "scored 31 of 35 images" in p.stdout
+    # nothing readable is a failed call, not "scored 0 of 1" with exit 0
+    p = lowshot("predict", str(runs / "ft"), str(tmp_path / "nonexistent"))
+    assert p.returncode != 0 and "could be read" in p.stderr and "nonexistent" in p.stderr
 
 
 @pytest.mark.slow

@@ -103,6 +103,7 @@ def test_views_of_grayscale_image(rgb: bool, channels: int) -> None:
         assert torch.allclose(v0[0], v0[1]) and torch.allclose(v0[1], v0[2])
 
 
+@pytest.mark.slow  # processes of their own: a new interpreter each
 def test_negatives_are_gathered_across_two_cpu_processes() -> None:
     res = _two_cpu_processes(Path(__file__).with_name("dist_ntxent.py"), 29533)
     assert res["world_size"] == 2 and "MULTI_CPU" in res["distributed"]
@@ -118,6 +119,7 @@ def _two_cpu_processes(script: Path, port: int) -> dict:
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
 
+@pytest.mark.slow  # processes of their own: a new interpreter each
 def test_every_method_is_the_same_on_two_processes_as_on_one() -> None:
     """Two CPU processes on halves of each batch vs one process on the whole batch, 3 steps: the same
     losses, online and momentum weights, MoCo memory bank and DINO centre (so SimCLR's negatives and

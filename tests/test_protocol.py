@@ -255,6 +255,7 @@ def test_report_aggregates_seeds_and_compares_runs(runs: dict[str, Path], tmp_pa
     assert "Selection-only run" in md and "| val |" in md
 
 
+@pytest.mark.slow  # processes of their own: a new interpreter each
 def test_refused_leak_is_one_clear_line(data_root: Path, tmp_path: Path) -> None:
     """The script refuses BreastMNIST's official split by default and says how to go on."""
     import subprocess

@@ -33,10 +33,12 @@ from typing import Any
 
 import numpy as np
 from accelerate import Accelerator
+from PIL import Image
 
 from .config import DataConfig, parse_args
 from .data import Store, decode_image, groups_across_splits, load_store, source_path
 from .data.calibration import judge_pairs, rounded
+from .data.dicom import is_dicom
 from .data.duplicates import VERIFIED, store_thumbnails, verified_pairs
 from .data.guards import against
 from .data.pool import Pool, load_pool
@@ -62,14 +64,16 @@ def native_images(store: Store, cfg: DataConfig) -> list[np.ndarray]:
 
 def file_modes(store: Store, cfg: DataConfig) -> dict[str, int]:
     """How many images come in each storage mode: PIL modes for files (L = 8-bit gray, I;16 = 16-bit
-    gray, RGB, RGBA, P = palette, 1 = 1-bit), the array dtype for an npz; read from headers only."""
+    gray, RGB, RGBA, P = palette, 1 = 1-bit), "DICOM" for DICOM files (issue 41: PIL cannot open them),
+    the array dtype for an npz; read from headers only."""
     if source_path(cfg).suffix == ".npz":
         with np.load(source_path(cfg), allow_pickle=False) as z:
             return {f"{z['train_images'].dtype} array": len(store.paths)}
-    from PIL import Image
-
     modes: Counter[str] = Counter()
     for p in store.paths:
+        if is_dicom(Path(p)):
+            modes["DICOM"] += 1
+            continue
         with Image.open(p) as im:  # lazy: the header, not the pixels
             modes[im.mode] += 1
     return dict(modes.most_common())

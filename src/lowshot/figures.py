@@ -111,6 +111,8 @@ def plot_roc(run: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(4.5, 4.2), dpi=100)
     shown = [1] if len(classes) == 2 else list(range(len(classes)))  # binary: the positive class only
     for c in shown:
+        if len(np.unique(y == c)) < 2:  # no image of the class in the split (issue 41): no curve to draw
+            continue
         grid, tpr, lo, hi = roc_band((y == c).astype(int), prob[:, c])
         (line,) = ax.plot(
             grid, tpr, label=f"{classes[c]} vs rest" if len(shown) > 1 else f"positive: {classes[c]}"

@@ -45,7 +45,7 @@ from . import operating_point as op
 from .config import Config, load_yaml
 from .data import DataError, Store, decode_image, eval_transform, square_resize, store_loader
 from .data.cache import save_safetensors_atomic, write_atomic
-from .data.decode import IMAGE_SUFFIXES, UNREADABLE, to_channels, unreadable
+from .data.decode import UNREADABLE, to_channels, unreadable
 from .evaluation import with_temperature
 from .models import WeightsError, cached_embeddings, create_backbone, embed, weights_fingerprint, weights_kind
 from .run_folder import CONFIG, RESULTS
@@ -119,9 +119,10 @@ def read_images(
 
 
 def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[str | None]]:
-    """Image files to score and their labels where known: a folder (every image file below it, hidden
-    ones skipped), a CSV manifest (its ``path`` column, relative to the CSV, and ``label`` if present), or
-    files. A path that does not exist stays in the list (it is reported as unreadable)."""
+    """Files to score and their labels where known: a folder (every file below it but hidden ones: images
+    by suffix, DICOM files with or without one, and the rest, which are then listed as not scored, never
+    dropped unsaid), a CSV manifest (its ``path`` column, relative to the CSV, and ``label`` if present),
+    or files. A path that does not exist stays in the list (it is reported as unreadable)."""
     files: list[Path] = []
     labels: list[str | None] = []
     for item in map(Path, inputs):
@@ -129,9 +130,7 @@ def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[str | None
             found = sorted(
                 f
                 for f in item.rglob("*")
-                if f.is_file()
-                and f.suffix.lower() in IMAGE_SUFFIXES
-                and not any(part.startswith(".") for part in f.relative_to(item).parts)
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(item).parts)
             )
             files += found
             labels += [None] * len(found)

@@ -26,6 +26,9 @@ def predict_files(
             f"no image files in {' '.join(map(str, inputs))} ({'/'.join(sorted(IMAGE_SUFFIXES))})"
         )
     images, kept, bad = inference.read_images(files, run.prep)
+    if not kept:  # nothing to score is a failed call, not "0 of N" with exit 0
+        shown = "; ".join(f"{f}: {why}" for f, why in bad[:3])
+        raise DataError(f"none of the {len(files)} file(s) given could be read as an image ({shown})")
     run.model.to("cuda" if torch.cuda.is_available() else "cpu")
     scores = inference.score(run, images, batch_size)
     rows = inference.predictions_table(run, files, labels, scores, kept, bad, flag_at)

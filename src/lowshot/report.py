@@ -42,6 +42,9 @@ def show(run_dirs: list[Path]) -> None:
         if not f.is_file():
             raise SystemExit(f"lowshot: error: {f} does not exist (did the run finish?)")
         res = read_results(d)
+        if "selected" not in res:  # pretraining or few-shot: no classifier, no test report
+            print(_no_report(Path(d), res))
+            continue
         split = "test" if "test" in res else "val"  # val: a selection-only run (eval.test=false)
         print(format_report(res[split], f"{d}: {split.upper()} {res['job']} ({res['model']}, {res['data']})"))
         if f"{split}_at_point" in res:  # the decisions a clinic acts on, at the point chosen on validation
@@ -54,6 +57,14 @@ def show(run_dirs: list[Path]) -> None:
             continue
         what = f"C={sel['C']:g}" if "C" in sel else f"epoch {sel['epoch']}"
         print(f"  selected on validation: {what} (val AUROC {sel['val_auroc']:.3f})\n")
+
+
+def _no_report(d: Path, res: dict[str, Any]) -> str:
+    """What ``show`` says of a run without a classifier: its job, data and headline numbers."""
+    what = {k: v for k, v in res.items() if k in ("final_loss", "steps") or k.startswith("knn/")}
+    numbers = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in what.items())
+    nxt = f"; its checkpoint: {res['checkpoint']}" if "checkpoint" in res else ""
+    return f"{d}: {res.get('job', 'unknown')} run on {res.get('data')} ({numbers or 'no test report'}){nxt}\n"
 
 
 def believe(run: dict[str, Any]) -> list[str]:

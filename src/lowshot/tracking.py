@@ -103,10 +103,18 @@ def preflight(cfg: Config) -> None:
         ) from None
     check_weights_exist(cfg.model.weights)
     plan(cfg)  # a finished run in out_dir/name, an unfinished one without resume=, other settings: refused
-    if cfg.track.log_with == "wandb" and cfg.track.wandb_mode == "online" and not _wandb_key():
+    online = cfg.track.wandb_mode == "online" or (
+        cfg.track.wandb_mode == "auto" and os.environ.get("WANDB_MODE") == "online"
+    )
+    if cfg.track.log_with == "wandb" and online and not _wandb_key():
+        where = (
+            "track.wandb_mode=online"
+            if cfg.track.wandb_mode == "online"
+            else "WANDB_MODE=online (environment)"
+        )
         raise ConfigError(
-            "track.wandb_mode=online but no W&B API key (WANDB_API_KEY or `wandb login`); use "
-            "track.wandb_mode=auto or offline to log offline and `wandb sync` later"
+            f"{where} but no W&B API key (WANDB_API_KEY or `wandb login`); use track.wandb_mode=auto or "
+            "offline (and unset WANDB_MODE) to log offline and `wandb sync` later"
         )
 
 

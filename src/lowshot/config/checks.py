@@ -3,6 +3,8 @@ error they raise, and the names of the DICOM options (read by :mod:`lowshot.data
 
 from __future__ import annotations
 
+import math
+
 DICOM_WINDOWS = ("auto", "minmax")  # or "C,W"
 DICOM_FRAMES = ("middle", "first", "error")
 
@@ -38,3 +40,13 @@ def check_positive(section: str, **values: int) -> None:
     for k, v in values.items():
         if v < 1:
             raise ConfigError(f"config key '{section}.{k}': {v} must be at least 1")
+
+
+def check_rate(section: str, lr: float, weight_decay: float) -> None:
+    """A learning rate is finite and > 0, a weight decay finite and >= 0: refused when the settings are
+    read, not as a torch error after the data have loaded (issue 41). A huge lr stays allowed: the
+    divergence guard stops such a run with its own message."""
+    if not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"config key '{section}.lr': {lr} must be a number > 0 (e.g. {section}.lr=1e-3)")
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ConfigError(f"config key '{section}.weight_decay': {weight_decay} must be a number >= 0")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checks import ConfigError, check_choice, check_dicom_options, check_positive
+from .checks import ConfigError, check_choice, check_dicom_options, check_positive, check_rate
 
 
 @dataclass
@@ -86,7 +86,9 @@ class DataConfig:
         if not 0.0 < self.val_fraction < 1.0 or not 0.0 < self.test_fraction < 1.0:
             raise ConfigError("data.val_fraction and data.test_fraction must lie in (0, 1)")
         if self.size < 8:
-            raise ConfigError(f"data.size={self.size} px is too small; use 28 or more")
+            raise ConfigError(
+                f"data.size={self.size} px is too small; use 8 or more (28 keeps MedMNIST's detail)"
+            )
         if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
             raise ConfigError(
                 f"data.folds={self.folds}, data.fold={self.fold}: use folds=0 (fixed split) or folds>=2 "
@@ -177,6 +179,7 @@ class SSLConfig:
             "ssl", memory_bank=self.memory_bank, wide_dim=self.wide_dim, dino_prototypes=self.dino_prototypes
         )
         check_positive("ssl", epochs=self.epochs, batch_size=self.batch_size)
+        check_rate("ssl", lr=self.lr, weight_decay=self.weight_decay)
         if self.steps < 0:
             raise ConfigError(
                 f"ssl.steps={self.steps}: give a number of optimizer steps, or 0 for ssl.epochs"
@@ -257,6 +260,7 @@ class TrainConfig:
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"train.ema={self.ema}: an EMA decay in [0, 1), e.g. 0.99; 0 = off")
         check_positive("train", epochs=self.epochs, batch_size=self.batch_size, patience=self.patience)
+        check_rate("train", lr=self.lr, weight_decay=self.weight_decay)
 
 
 @dataclass

@@ -159,6 +159,18 @@ def draw_per_class(labels: np.ndarray, pool: np.ndarray, k: int, seed: list[int]
 def label_budget(store: Store, k: int, seed: int, draw: int) -> None:
     """Keep k training labels per class (all of a smaller class); mark the rest 'unlabelled'."""
     train = store.indices("train")
+    short = {
+        store.classes[c]: n
+        for c, n in enumerate(np.bincount(store.labels[train], minlength=store.num_classes))
+        if n < k
+    }
+    if short:  # the budget cannot be met there: the whole class is used, and the run says so
+        log.warning(
+            "%s: data.train_per_class=%d, but these classes have fewer training images: %s; all of them are used",
+            store.name,
+            k,
+            short,
+        )
     keep = draw_per_class(store.labels, train, k, [seed, k, draw])
     store.split = store.split.astype("<U10")
     store.split[np.setdiff1d(train, keep)] = "unlabelled"
