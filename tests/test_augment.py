@@ -5,6 +5,7 @@ blur ranges) on many samples, each operation on images against torchvision, and 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,3 +316,22 @@ def test_a_failed_compile_falls_back_to_the_same_eager_views() -> None:
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
         out = next(iter(dl))[0]
     assert torch.equal(out, ref) and dl.renderer is render
+
+
+def test_a_batch_larger_than_the_images_is_said(
+    data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ssl.batch_size=1000 on 128 training images: batches of 128, and the run says so (config.yaml keeps
+    the 1000 asked for; issue 41)."""
+    from accelerate import Accelerator
+
+    from lowshot.augment import pretraining_loader
+    from lowshot.config import parse_args
+    from lowshot.data import load_store
+
+    args = [f"data.root={data_root}", f"data.cache_dir={tmp_path}", "data.size=28", "data.limit=128"]
+    cfg, _ = parse_args([*args, "ssl.batch_size=1000"])
+    store = load_store(cfg.data)
+    loader = pretraining_loader(store, cfg, Accelerator(cpu=True), 1, {"mean": [0.5], "std": [0.25]})
+    assert loader.batch_size == (store.split == "train").sum() < 1000
+    assert any("ssl.batch_size=1000" in r.getMessage() for r in caplog.records)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from conftest import HANG_S, lowshot_cli
 
-from lowshot.config import SSLConfig, load_yaml
+from lowshot.config import SSLConfig, load_yaml, parse_args
+from lowshot.resume import plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -318,6 +319,10 @@ def test_divergence_stops_the_run_before_anything_is_saved_or_tested(data_root: 
     )  # one line, no traceback of ours
     assert not (tmp_path / "ft" / "results.json").exists() and not (tmp_path / "ft" / "checkpoint").exists()
     assert not (cache / "lockbox").exists()
+    # failed, with its reason; the same run with a sane lr may start again
+    meta = json.loads((tmp_path / "ft" / "meta.json").read_text())
+    assert meta["status"] == "failed" and "training diverged" in meta["failure"], meta
+    assert plan(parse_args([*args, "name=ft", "train.lr=1e-3"])[0]).wipe
     p = launch("ssl/pretrain.py", [*args, "name=pre", "ssl.lr=1e6", "ssl.epochs=3"], tmp_path)
     assert p.returncode != 0 and "pretraining epoch" in p.stderr and "training diverged" in p.stderr
     assert "ssl.lr=" in p.stderr and not (tmp_path / "pre" / "checkpoint").exists()

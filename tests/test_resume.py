@@ -53,6 +53,18 @@ def test_a_finished_run_is_never_overwritten_unless_asked(tmp_path: Path) -> Non
         plan(parse_args([f"out_dir={tmp_path}", "name=r"])[0])
 
 
+def test_a_failed_run_is_started_again_by_a_rerun(tmp_path: Path) -> None:
+    """A run an error ended says so in meta.json (tracking.Run); the same command again starts it afresh,
+    where an unfinished (killed) run is refused without resume= (issue 41)."""
+    d = _run_dir(tmp_path, states=("step-00000004",))
+    meta = {"status": "failed", "failure": "DivergenceError: fine-tuning epoch 1/3: training diverged"}
+    (d / "meta.json").write_text(json.dumps(meta))
+    p = plan(parse_args([f"out_dir={tmp_path}", "name=r"])[0])
+    assert p.dir == d and p.wipe and p.state is None and "training diverged" in p.note
+    p = plan(parse_args([f"out_dir={tmp_path}", "name=r", "resume=auto"])[0])  # or continue from its state
+    assert p.state is not None and p.state.name == "step-00000004" and not p.wipe
+
+
 def test_an_unfinished_run_is_continued_from_its_newest_complete_state(tmp_path: Path) -> None:
     d = _run_dir(tmp_path, "ssl.lr=0.1", states=("step-00000004", "step-00000008"))
     (d / "state" / ".tmp-step-00000012").mkdir()  # a save killed half-way: not a state

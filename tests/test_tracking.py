@@ -4,14 +4,14 @@ import time
 import pytest
 
 from lowshot.device import mixed_precision
-from lowshot.tracking import _set_wandb_mode
+from lowshot.wandb_mode import set_wandb_mode
 
 
 def test_auto_mode_is_offline_without_a_key(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
-    _set_wandb_mode("auto")
+    set_wandb_mode("auto")
     assert os.environ["WANDB_MODE"] == "offline"
 
 
@@ -20,15 +20,15 @@ def test_a_key_without_a_network_goes_offline_fast(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "https://127.0.0.1:9")  # nothing listens on the discard port
     t = time.perf_counter()
-    _set_wandb_mode("auto")
+    set_wandb_mode("auto")
     assert os.environ["WANDB_MODE"] == "offline" and time.perf_counter() - t < 10
 
 
 def test_users_own_mode_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    _set_wandb_mode("auto")
+    set_wandb_mode("auto")
     assert os.environ["WANDB_MODE"] == "disabled"
-    _set_wandb_mode("offline")
+    set_wandb_mode("offline")
     assert os.environ["WANDB_MODE"] == "offline"
 
 

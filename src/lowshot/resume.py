@@ -49,7 +49,7 @@ from accelerate import Accelerator
 
 from .config import Config, ConfigError, StateConfig, flatten, load_yaml, to_dict
 from .guard import DivergenceError
-from .run_folder import CONFIG, META, RESULTS
+from .run_folder import CONFIG, META, RESULTS, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,9 @@ def plan(cfg: Config) -> Plan:
             f"run directory {target} holds a finished run; choose another name=, or overwrite=true to replace it"
         )
     where = f"its newest state is {states[-1].name}" if states else "it saved no state"
+    failure = read_meta(target).get("failure") if read_meta(target).get("status") == "failed" else None
+    if failure and not cfg.resume:  # an error ended it: a rerun starts it again (resume=auto continues it)
+        return Plan(target, wipe=True, note=f"{target} failed ({failure}): starting it again")
     if not cfg.resume:
         raise ConfigError(
             f"run directory {target} holds an unfinished run ({where}); continue it with resume=auto, or "

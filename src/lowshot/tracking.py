@@ -13,9 +13,9 @@ ledger is :mod:`lowshot.lockbox`'s; device settings (precision, memory layout) :
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import netrc
 import os
 import platform
 import secrets
@@ -25,8 +25,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -40,8 +40,9 @@ from .data.cache import write_atomic
 from .data.decode import file_digest
 from .device import mixed_precision
 from .lockbox import open_lockbox
-from .models import check_weights_exist, reachable, weights_kind
+from .models import check_weights_exist, weights_kind
 from .resume import plan
+from .wandb_mode import set_wandb_mode, wandb_key
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def make_accelerator(cfg: Config, find_unused_parameters: bool = False) -> Accel
     and those without a gradient in a step (frozen ones) are skipped instead of awaited."""
     log_with = None
     if cfg.track.log_with == "wandb":
-        _set_wandb_mode(cfg.track.wandb_mode)
+        set_wandb_mode(cfg.track.wandb_mode)
         log_with = "wandb"
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     accelerator = Accelerator(
@@ -106,7 +107,7 @@ def preflight(cfg: Config) -> None:
     online = cfg.track.wandb_mode == "online" or (
         cfg.track.wandb_mode == "auto" and os.environ.get("WANDB_MODE") == "online"
     )
-    if cfg.track.log_with == "wandb" and online and not _wandb_key():
+    if cfg.track.log_with == "wandb" and online and not wandb_key():
         where = (
             "track.wandb_mode=online"
             if cfg.track.wandb_mode == "online"
@@ -116,42 +117,6 @@ def preflight(cfg: Config) -> None:
             f"{where} but no W&B API key (WANDB_API_KEY or `wandb login`); use track.wandb_mode=auto or "
             "offline (and unset WANDB_MODE) to log offline and `wandb sync` later"
         )
-
-
-def _wandb_key() -> str | None:
-    import wandb
-
-    key = os.environ.get("WANDB_API_KEY")
-    if key:
-        return key
-    host = urlparse(wandb.Settings().base_url).hostname or ""
-    try:
-        return (netrc.netrc().authenticators(host) or (None, None, None))[2]
-    except (OSError, netrc.NetrcParseError):
-        return None
-
-
-def _wandb_can_go_online() -> bool:
-    """An API key (env or netrc) and the W&B server answering a TCP connect within 3 s."""
-    import wandb
-
-    url = urlparse(wandb.Settings().base_url)
-    host = url.hostname or ""
-    if not _wandb_key():
-        return False
-    if reachable(url.geturl()):
-        return True
-    log.warning("W&B key found but %s is unreachable: logging offline", host)
-    return False
-
-
-def _set_wandb_mode(mode: str) -> None:
-    if mode == "auto":
-        if "WANDB_MODE" in os.environ:
-            return  # the user's own choice
-        mode = "online" if _wandb_can_go_online() else "offline"
-    os.environ["WANDB_MODE"] = mode
-    os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")  # seconds: a key without a network must not hang a run
 
 
 class Run:
@@ -185,7 +150,9 @@ class Run:
             "cpu": rf.cpu_model(),
             "mixed_precision": accelerator.mixed_precision,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "status": "running",  # running | stopped (a state to continue from) | finished; killed runs stay "running"
+            # running | stopped (a state to continue from) | failed (an error ended it: "failure" says which) |
+            # finished; a killed run stays "running"
+            "status": "running",
             "python": platform.python_version(),
             "versions": rf.versions(),
         }
@@ -205,6 +172,7 @@ class Run:
             self._write_meta()
             if self.plan.state is None:
                 self.metrics_file = open(self.dir / rf.METRICS, "w")  # noqa: SIM115 - open for the run's life
+            self._record_failure()
         if cfg.track.log_with == "wandb":
             self._init_wandb(data_name)
         accelerator.wait_for_everyone()
@@ -296,6 +264,23 @@ class Run:
                     wb.use_artifact(f"{lineage['artifact']}:{lineage['alias']}")
                 except Exception as err:  # e.g. the pretraining run was never synced
                     log.warning("W&B: could not mark %s as used (%s)", lineage["artifact"], err)
+
+    def _record_failure(self) -> None:
+        """An error that ends the script (bad weights, divergence, a crash) marks the run ``failed`` in
+        meta.json, with the error's first line, before the error is printed; a rerun of the same name then
+        starts it again instead of being refused as unfinished (issue 41; lowshot.resume.plan)."""
+        previous = sys.excepthook
+
+        def hook(kind: type[BaseException], err: BaseException, tb: TracebackType | None) -> None:
+            if self.meta.get("status") == "running":
+                first = (str(err).splitlines() or [""])[0][:500]
+                self.meta |= {"status": "failed", "failure": f"{kind.__name__}: {first}"}
+                self.meta["failed"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+                with contextlib.suppress(OSError):  # a full disk: the error itself still gets printed
+                    self._write_meta()
+            previous(kind, err, tb)
+
+        sys.excepthook = hook
 
     def _write_meta(self) -> None:
         rf.write_meta(self.dir, self.meta)

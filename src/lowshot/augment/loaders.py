@@ -4,6 +4,7 @@ as ``data.augment_path`` says; ``ssl/pretrain.py`` and ``finetune/train.py`` eac
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,6 +17,8 @@ from ..data import Rebatch, Store, balanced_draw_weights, eval_transform, split_
 from ..device import memory_format
 from .batched import compiled_render, render, views
 from .views import ViewSpec, simclr_spec, simclr_views, train_spec, train_transform
+
+log = logging.getLogger(__name__)
 
 
 class DeviceLoader:
@@ -158,14 +161,17 @@ def pretraining_loader(
 ) -> DeviceLoader | Rebatch:
     """Pairs of SimCLR views of the store's 'train' rows (the pretraining set: no labels), batched on the
     device (``data.augment_path`` auto/batched: both views of a batch in one augmentation) or per image."""
+    loader: DeviceLoader | Rebatch
     if use_batched(cfg.data.augment_path):
         spec = simclr_spec(cfg.aug, cfg.data.size, store.grayscale, norm)
-        return batched_loader(store, ("train",), spec, cfg.ssl.batch_size, accelerator, cfg, 2, in_chans)
-    pipeline = simclr_views(cfg.aug, cfg.data.size, store.grayscale, norm)
-    n, workers = accelerator.num_processes, cfg.data.num_workers
-    return split_train_loader(
-        store, "train", pipeline, in_chans == 3, cfg.ssl.batch_size, workers, processes=n
-    )
+        loader = batched_loader(store, ("train",), spec, cfg.ssl.batch_size, accelerator, cfg, 2, in_chans)
+    else:
+        pipeline = simclr_views(cfg.aug, cfg.data.size, store.grayscale, norm)
+        n, workers = accelerator.num_processes, cfg.data.num_workers
+        loader = split_train_loader(
+            store, "train", pipeline, in_chans == 3, cfg.ssl.batch_size, workers, processes=n
+        )
+    return said(loader, "ssl.batch_size", cfg.ssl.batch_size, accelerator.num_processes)
 
 
 def finetune_loader(
@@ -180,9 +186,30 @@ def finetune_loader(
     (``balance``), batched on the device or per image as ``data.augment_path`` says; un-augmented images
     go through the per-image path."""
     tc = cfg.train
+    loader: DeviceLoader | Rebatch
     if tc.augment and use_batched(cfg.data.augment_path):  # views made batched
         spec = train_spec(tc, cfg.data.size, norm)
-        return batched_loader(store, ("train",), spec, tc.batch_size, accelerator, cfg, 1, in_chans, balance)
-    aug: Callable[..., Any] = train_transform(cfg.data.size, tc, norm) if tc.augment else eval_transform(norm)
-    n, workers = accelerator.num_processes, cfg.data.num_workers
-    return split_train_loader(store, "train", aug, in_chans == 3, tc.batch_size, workers, n, balance)
+        loader = batched_loader(
+            store, ("train",), spec, tc.batch_size, accelerator, cfg, 1, in_chans, balance
+        )
+    else:
+        aug: Callable[..., Any] = (
+            train_transform(cfg.data.size, tc, norm) if tc.augment else eval_transform(norm)
+        )
+        n, workers = accelerator.num_processes, cfg.data.num_workers
+        loader = split_train_loader(store, "train", aug, in_chans == 3, tc.batch_size, workers, n, balance)
+    return said(loader, "train.batch_size", tc.batch_size, accelerator.num_processes)
+
+
+def said(loader: DeviceLoader | Rebatch, key: str, asked: int, processes: int) -> DeviceLoader | Rebatch:
+    """A batch larger than the images each process gets shrinks to them (a full batch is a step); the run
+    says so, since config.yaml keeps the value asked for (issue 41)."""
+    if (loader.batch_size or asked) < asked:
+        log.warning(
+            "%s=%d is more than the training images allow (%d process(es)): batches of %d are used",
+            key,
+            asked,
+            processes,
+            loader.batch_size,
+        )
+    return loader
