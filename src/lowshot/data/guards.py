@@ -25,6 +25,17 @@ from .store import SPLITS, DataError, Store
 log = logging.getLogger(__name__)
 
 
+def act(action: str, key: str, msg: str, fix: str, anyway: str) -> bool:
+    """The guards' one rule for what they found (``msg``): ``key`` = error raises a DataError with the fix,
+    warn logs that the run goes on (``anyway``), drop returns True (the caller drops the images and says
+    which)."""
+    if action == "error":
+        raise DataError(f"{msg} {fix}")
+    if action == "warn":
+        log.warning("%s %s (%s=warn).", msg, anyway, key)
+    return action == "drop"
+
+
 def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
     """The fast part of the check, run by every training script before it trains (on the fingerprints
     taken when the images were decoded, so it sees what `lowshot check` sees).
@@ -50,12 +61,11 @@ def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
             f"{store.name}: {len(exact)} image(s) appear in two splits (identical pixels), e.g. {shown}: "
             f"test scores would be optimistic."
         )
-        if cfg.check.leakage == "error":
-            raise DataError(
-                msg + " Fix the split, or pass check.leakage=drop (drop the train/val copy; the test split "
-                "stays as published) or --warn-only (train anyway). See `lowshot check` for the pairs."
-            )
-        if cfg.check.leakage == "drop":
+        fix = (
+            "Fix the split, or pass check.leakage=drop (drop the train/val copy; the test split stays as "
+            "published) or --warn-only (train anyway). See `lowshot check` for the pairs."
+        )
+        if act(cfg.check.leakage, "check.leakage", msg, fix, "Training anyway"):
             drop = sorted(
                 {i if rank[str(store.split[i])] < rank[str(store.split[j])] else j for i, j in exact}
             )
@@ -63,8 +73,6 @@ def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
             out["dropped"] = [str(store.paths[i]) for i in drop]
             store.split[drop] = "dropped"
             log.warning("%s Dropped the earlier-split copies: %s", msg, out["dropped"])
-        else:
-            log.warning("%s Training anyway (check.leakage=warn).", msg)
     if out["near_across_splits"]:
         log.warning(
             "%s: %d verified near-duplicate or re-cropped copy pair(s) across splits (detail NCC >= %.2f%s); "
@@ -106,17 +114,14 @@ def unlabelled_guard(store: Store, cfg: Config) -> dict[str, Any]:
         f"val/test images (e.g. {shown}); pretraining on them would leak the evaluation images into the "
         f"representation."
     )
-    if cfg.check.pool_leakage == "error":
-        raise DataError(
-            msg + " Pass check.pool_leakage=drop (leave them out of pretraining) or check.pool_leakage=warn "
-            "(pretrain anyway); `lowshot check` lists the pairs."
-        )
-    if cfg.check.pool_leakage == "drop":
+    fix = (
+        "Pass check.pool_leakage=drop (leave them out of pretraining) or check.pool_leakage=warn "
+        "(pretrain anyway); `lowshot check` lists the pairs."
+    )
+    if act(cfg.check.pool_leakage, "check.pool_leakage", msg, fix, "Pretraining anyway"):
         store.split[rows] = "dropped"
         out["dropped"] = [str(store.paths[r]) for r in rows]
         log.warning("%s Left them out of pretraining.", msg)
-    else:
-        log.warning("%s Pretraining anyway (check.pool_leakage=warn).", msg)
     return out
 
 
@@ -280,16 +285,12 @@ def pool_guard(pool: Pool, store: Store, cfg: Config) -> tuple[Pool, dict[str, A
         f"labelled val/test image(s) ({report['by_kind']}), e.g. {shown}. Pretraining on them would leak the "
         f"evaluation images into the representation."
     )
-    if cfg.check.pool_leakage == "error":
-        raise DataError(
-            msg
-            + " Remove them from the pool, or pass check.pool_leakage=drop (leave them out of pretraining) or "
-            "check.pool_leakage=warn (pretrain anyway)."
-        )
-    if cfg.check.pool_leakage == "drop":
+    fix = (
+        "Remove them from the pool, or pass check.pool_leakage=drop (leave them out of pretraining) or "
+        "check.pool_leakage=warn (pretrain anyway)."
+    )
+    if act(cfg.check.pool_leakage, "check.pool_leakage", msg, fix, "Pretraining anyway"):
         pool = pool.keep(np.setdiff1d(np.arange(len(pool)), flagged))
         report["dropped"] = len(flagged)
         log.warning("%s Dropped them: %d pool images remain.", msg, len(pool))
-    else:
-        log.warning("%s Pretraining anyway (check.pool_leakage=warn).", msg)
     return pool, report
