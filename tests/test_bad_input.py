@@ -9,6 +9,7 @@ run directories (tests/test_resume.py).
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -437,3 +438,23 @@ def test_a_label_budget_larger_than_a_class_is_said(
     assert any(
         "data.train_per_class=200" in r.getMessage() and "malignant" in r.getMessage() for r in caplog.records
     )
+
+
+def test_a_link_out_of_a_class_folder_is_refused_like_a_manifest_line(tmp_path: Path) -> None:
+    """A symlink in a class folder pointing outside the data folder was trained on without a word, where a
+    manifest line with the same path is refused (issue 41); data.allow_outside_root=true lets both in."""
+    outside = tmp_path / "elsewhere" / "x.png"
+    outside.parent.mkdir()
+    Image.fromarray(np.full((32, 32), 200, np.uint8)).save(outside)
+    for c in ("a", "b"):
+        (tmp_path / "data" / "set" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((32, 32), 40 * i + (c == "b"), np.uint8)).save(
+                tmp_path / "data" / "set" / c / f"{i}.png"
+            )
+    (tmp_path / "data" / "set" / "a" / "link.png").symlink_to(outside)
+    cfg = DataConfig(root=str(tmp_path / "data"), source="set", cache_dir=str(tmp_path / "cache"), size=32)
+    with pytest.raises(DataError, match=r"link\.png links to .*outside"):
+        load_store(cfg)
+    store = load_store(replace(cfg, allow_outside_root=True))
+    assert any(str(p).endswith("link.png") for p in store.paths)

@@ -66,6 +66,7 @@ def check_test_report(run: Path) -> dict:
     assert {"train", "val", "test"} <= set(res["splits"]) and len(set(res["splits"].values())) >= 3
     meta = json.loads((run / "meta.json").read_text())
     assert meta["cpu"] and "absent" not in (meta["versions"]["pillow"], meta["versions"]["faiss-cpu"])
+    assert meta["command"].startswith("accelerate launch "), meta["command"]  # what the user typed
     # the operating point chosen on validation, stored beside the model, and the test scored at it
     point = json.loads((run / "operating_point.json").read_text())
     assert point == res["operating_point"] and point["classes"] == res["classes"]

@@ -4,6 +4,7 @@ import time
 import pytest
 
 from lowshot.device import mixed_precision
+from lowshot.run_folder import typed_command
 from lowshot.wandb_mode import set_wandb_mode
 
 
@@ -39,3 +40,22 @@ def test_precision_is_fp32_on_cpu_unless_asked(monkeypatch: pytest.MonkeyPatch) 
     assert mixed_precision("bf16") == "bf16"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_precision fp16
     assert mixed_precision("auto") == "fp16"
+
+
+def test_the_recorded_command_is_the_one_typed() -> None:
+    """meta.json's command: the launcher's line when a launcher started the script (issue 41)."""
+    own = ["python3", "ssl/pretrain.py", "ssl.epochs=2"]
+    launched = [
+        "/venv/bin/python",
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "ssl/pretrain.py",
+        "ssl.epochs=2",
+    ]
+    assert typed_command(launched, own) == "accelerate launch --cpu ssl/pretrain.py ssl.epochs=2"
+    typed = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "ssl/pretrain.py", "name=a b"]
+    assert typed_command(typed, own) == "accelerate launch ssl/pretrain.py 'name=a b'"
+    torchrun = ["/venv/bin/python", "/venv/bin/torchrun", "--nproc_per_node", "2", "ssl/pretrain.py"]
+    assert typed_command(torchrun, own) == "torchrun --nproc_per_node 2 ssl/pretrain.py"
+    assert typed_command(["bash"], own) == "python3 ssl/pretrain.py ssl.epochs=2"

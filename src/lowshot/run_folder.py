@@ -12,7 +12,9 @@ any moment leaves the old file or the new one. :mod:`lowshot.tracking` writes a 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shlex
 import subprocess
 from importlib.metadata import version
 from pathlib import Path
@@ -138,6 +140,33 @@ def git_sha() -> str:
         return out.stdout.strip()[:12] + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def typed_command(parent: list[str], own: list[str]) -> str:
+    """The command that reproduces the run, as the user typed it: ``accelerate launch …`` or ``torchrun …``
+    when one of them started this process (``parent``: its argv), else this interpreter's ``own`` argv
+    (issue 41: meta.json said ``python3 ssl/pretrain.py …`` for an ``accelerate launch`` run)."""
+    launcher: list[str] = []
+    for i, a in enumerate(parent):
+        name = Path(a).name
+        if a == "accelerate.commands.launch" and i and parent[i - 1] == "-m":
+            launcher = ["accelerate", "launch", *parent[i + 1 :]]
+        elif name == "accelerate" and parent[i + 1 : i + 2] == ["launch"]:
+            launcher = ["accelerate", *parent[i + 1 :]]
+        elif name == "torchrun" or (a == "torch.distributed.run" and i and parent[i - 1] == "-m"):
+            launcher = ["torchrun", *parent[i + 1 :]]
+        if launcher:
+            break
+    return shlex.join(launcher or own)
+
+
+def parent_argv() -> list[str]:
+    """The parent process's argv (Linux /proc); [] where it cannot be read."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
 # The packages whose versions a run records: pillow decodes and resizes, scikit-learn and faiss-cpu make

@@ -138,7 +138,7 @@ class Run:
             "job_type": job_type,
             "seed": cfg.seed,
             "git_sha": rf.git_sha(),
-            "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+            "command": rf.typed_command(rf.parent_argv(), [Path(sys.executable).name, *sys.argv]),
             "overrides": overrides,
             "world_size": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type),

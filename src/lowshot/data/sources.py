@@ -57,7 +57,7 @@ def load_store(cfg: DataConfig) -> Store:
     elif path.suffix == ".csv":
         store = _load_files(*_read_manifest(path, cfg), name=path.stem, cfg=cfg)
     elif path.is_dir():
-        store = _load_files(*_scan_folder(path), name=path.name, cfg=cfg)
+        store = _load_files(*_scan_folder(path, cfg), name=path.name, cfg=cfg)
     elif not path.exists():
         raise DataError(
             f"data source {path} does not exist. Set data.root (or $LOWSHOT_DATA_ROOT) to the folder that holds "
@@ -237,7 +237,7 @@ def inside(p: Path, roots: list[Path]) -> bool:
 
 
 def _scan_folder(
-    root: Path,
+    root: Path, cfg: DataConfig
 ) -> tuple[list[Path], list[str], list[str] | None, list[str] | None, list[tuple[str, str]]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
@@ -258,6 +258,11 @@ def _scan_folder(
             if any(part.startswith(".") for part in f.relative_to(root).parts):
                 skipped.append((str(f), "hidden file or folder"))
                 continue
+            if not cfg.allow_outside_root and not inside(f, [root, Path(cfg.root).expanduser()]):
+                raise DataError(  # a link out of the data folder: the manifest's rule (issue 41)
+                    f"{f} links to {f.resolve()}, outside {root} and data.root; a class folder reads only what "
+                    "is below it unless data.allow_outside_root=true"
+                )
             files.append(f)
             labels.append(c)
             found += 1
