@@ -50,6 +50,12 @@ def test_missing_medmnist_file_offline_says_where_to_put_it(
         load_store(cfg(tmp_path, "pneumoniamnist.npz", cache_dir))
     msg = str(err.value)
     assert "could not be downloaded" in msg and str(tmp_path) in msg and "md5" in msg
+    # no empty data folder is left behind, and the scripts' preflight makes no runs/ folder (issue 41)
+    with pytest.raises(DataError):
+        load_store(cfg(tmp_path / "data", "pneumoniamnist.npz", cache_dir))
+    assert not (tmp_path / "data").exists()
+    preflight(parse_args([f"out_dir={tmp_path / 'runs'}"])[0])
+    assert not (tmp_path / "runs").exists()
 
 
 def test_missing_npz_without_medmnist_package_says_what_to_install(

@@ -365,6 +365,12 @@ def format_point(report: dict[str, Any], point: dict[str, Any], title: str) -> s
     return "\n".join(lines)
 
 
+def format_ci(m: dict[str, float]) -> str:
+    """A metric ``{value, low, high}`` as ``0.872 [0.799, 0.930]``: the one way a number and its CI are
+    written in tables and titles."""
+    return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+
+
 def format_report(report: dict[str, Any], title: str) -> str:
     """A short table of the headline metrics with their CIs, for the terminal."""
     lines = [f"{title} (n={report['n']}, {report['ci']:.0%} bootstrap CI)"]

@@ -39,7 +39,7 @@ from .data.duplicates import store_thumbnails
 from .data.guards import pool_copies
 from .data.pool import Pool
 from .ensemble import load_model
-from .evaluation import calibration, classification_report, with_temperature
+from .evaluation import calibration, classification_report, format_ci, with_temperature
 from .figures import run_figures
 from .lockbox import record_opening
 from .operating_point import reweighted
@@ -248,13 +248,13 @@ def format_side_by_side(results: dict[str, Any]) -> str:
             if rep is None:
                 continue
             r = rep["metrics"][m]
-            cells.append(f"{r['value']:.3f} [{r['low']:.3f}, {r['high']:.3f}]")
+            cells.append(format_ci(r))
         if internal is None:
             cells.insert(0, "–")
         lines.append(f"  {m:<18} " + " ".join(f"{c:>24}" for c in cells))
     pt, ba = results["operating_point"], "balanced_accuracy"
     cells = [
-        f"{r['metrics'][ba]['value']:.3f} [{r['metrics'][ba]['low']:.3f}, {r['metrics'][ba]['high']:.3f}]"
+        format_ci(r["metrics"][ba])
         for r in (results["internal"].get("test_at_point"), results["test_at_point"])
         if r is not None
     ]

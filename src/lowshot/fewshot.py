@@ -27,7 +27,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from .config import load_yaml
 from .data import draw_per_class
-from .evaluation import auroc, mean_ci
+from .evaluation import auroc, format_ci, mean_ci
 from .models import weights_tag
 from .probe import fit_probe
 from .run_folder import CONFIG, RESULTS, read_results
@@ -360,7 +360,7 @@ def curves(run_dirs: list[Path], out: Path, metric: str) -> None:
     for name, rows in data.items():
         at = {int(r["labels_per_class"]): r for r in rows}
         cells = [
-            f"{at[k][metric]:.3f} [{at[k][metric + '_low']:.3f}, {at[k][metric + '_high']:.3f}]"
+            format_ci({b: at[k][metric + s] for b, s in (("value", ""), ("low", "_low"), ("high", "_high"))})
             if k in at
             else "–"
             for k in budgets

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import parse_args
 from .data.cache import write_atomic
-from .evaluation import paired_bootstrap
+from .evaluation import format_ci, paired_bootstrap
 from .report import same_images, show, write_report
 from .run_folder import PREDICTIONS, read_results
 
@@ -127,7 +127,7 @@ def point_table(run_dirs: list[Path]) -> str:
         res = read_results(d)
         split = "test" if "test" in res else "val"
         auc = res[split]["metrics"]["auroc"]
-        row = f"| {Path(d).name} | {auc['value']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}] |"
+        row = f"| {Path(d).name} | {format_ci(auc)} |"
         at, point = res.get(f"{split}_at_point"), res.get("operating_point")
         if at is None or point is None:
             row += " – | – | – | – | – |"

@@ -93,9 +93,11 @@ def preflight(cfg: Config) -> None:
     """What can fail without the data, checked before any decoding: the output folder can be written, the
     weights exist, and W&B online was not demanded without a key (ConfigError naming the fix)."""
     out = Path(cfg.out_dir).expanduser()
+    # written to where out_dir will be made, without making it: a run that fails on its data leaves no
+    # empty runs/ folder behind (issue 41)
+    nearest = next(p for p in (out, *out.parents) if p.exists())
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
+        probe = nearest / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as err:

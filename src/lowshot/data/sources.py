@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -140,12 +141,15 @@ def _download_medmnist(path: Path) -> None:
     import medmnist
 
     log.info("downloading %s (%d px) through medmnist into %s", flag, size, path.parent)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # what the download creates
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         getattr(medmnist, entry["python_class"])(
             split="train", download=True, root=str(path.parent), size=size
         )
     except Exception as err:
+        if made:  # a failed download leaves no empty data folder behind (issue 41)
+            shutil.rmtree(made[-1], ignore_errors=True)
         raise DataError(
             f"{path} does not exist and could not be downloaded ({type(err).__name__}: {err}). On a machine "
             f"without network, copy {path.name} (md5 {_expected_md5(path)}) into {path.parent}."
