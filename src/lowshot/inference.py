@@ -40,6 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import operating_point as op
 from .config import Config, load_yaml
@@ -373,12 +374,15 @@ def score(run: Loaded, images: np.ndarray, batch_size: int = 64) -> dict[str, np
     ``distance`` to the training embeddings and its ``percentile``."""
     device = next(run.model.parameters()).device
     logits, feats, own = [], [], []
+    bar = tqdm(total=len(images), desc="scoring", unit="image", leave=False, disable=len(images) < 512)
     for i in range(0, len(images), batch_size):
+        bar.update(min(batch_size, len(images) - i))
         x = to_input(images[i : i + batch_size], run.prep).to(device)
         lo, f = run.model(x)
         logits.append(lo.float().cpu())
         own.append(f.float().cpu())
         feats.append(own[-1] if run.detector is None else run.detector.to(device)(x).float().cpu())
+    bar.close()
     k = len(run.classes)
     logit = torch.cat(logits) if logits else torch.zeros(0, k)
     feat = torch.cat(feats) if feats else torch.zeros(0, run.reference.shape[1])

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from timm.models import register_model
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .config import Config, ModelConfig, load_yaml, to_yaml
 from .data import Store, cache_root, eval_transform, file_digest, normalisation, store_loader
@@ -341,7 +342,8 @@ def embed(
     was_training = backbone.training
     backbone.eval()  # eval mode: BatchNorm uses its running statistics and does not update them
     feats, labels = [], []
-    for x, y in loader:
+    quiet = not accelerator.is_local_main_process or len(loader) < 4  # a bar for seconds of embedding
+    for x, y in tqdm(loader, desc="embedding", unit="batch", leave=False, disable=quiet):
         with accelerator.autocast():
             f = backbone(x)
         f, y = accelerator.gather_for_metrics((f.float(), y))

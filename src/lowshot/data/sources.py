@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from filelock import FileLock
+from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from .cache import store_cache_file
@@ -342,7 +343,8 @@ def _decode_files(
     [(file, reason)] not decoded)."""
     kept_l, imgs, natives, thumbs, bad = [], [], [], [], []
     sides: list[int] = []  # each native image's longer side, px
-    for i, f in enumerate(files):
+    # a bar for sets that take seconds to decode: no phase of a run is silent (issue 41)
+    for i, f in enumerate(tqdm(files, desc="decoding", unit="file", leave=False, disable=len(files) < 200)):
         if f.suffix.lower() not in IMAGE_SUFFIXES and f.suffix:
             bad.append((str(f), f"not an image file (suffix {f.suffix})"))
             continue
