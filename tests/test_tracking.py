@@ -1,10 +1,14 @@
+import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
+from lowshot.config import parse_args
 from lowshot.device import mixed_precision
 from lowshot.run_folder import typed_command
+from lowshot.tracking import run_group
 from lowshot.wandb_mode import set_wandb_mode
 
 
@@ -59,3 +63,13 @@ def test_the_recorded_command_is_the_one_typed() -> None:
     torchrun = ["/venv/bin/python", "/venv/bin/torchrun", "--nproc_per_node", "2", "ssl/pretrain.py"]
     assert typed_command(torchrun, own) == "torchrun --nproc_per_node 2 ssl/pretrain.py"
     assert typed_command(["bash"], own) == "python3 ssl/pretrain.py ssl.epochs=2"
+
+
+def test_a_run_from_a_checkpoint_joins_its_pretraining_runs_group(tmp_path: Path) -> None:
+    """Runs made step by step (the README's one workflow) are grouped without track.group (issue 41)."""
+    ckpt = tmp_path / "pre" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"wandb": {"id": "abc", "group": "pre"}}))
+    assert run_group(parse_args([f"model.weights={ckpt}"])[0], "probe") == "pre"
+    assert run_group(parse_args([f"model.weights={ckpt}", "track.group=mine"])[0], "probe") == "mine"
+    assert run_group(parse_args(["model.weights=none"])[0], "probe") == "probe"

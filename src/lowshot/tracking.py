@@ -230,9 +230,7 @@ class Run:
         args = [
             a for a in sys.argv[sys.argv.index(script) + 1 :] if not a.startswith(("resume=", "--resume="))
         ]
-        again = " ".join(
-            shlex.quote(a) for a in ["accelerate", "launch", script, *args, f"resume={self.dir}"]
-        )
+        again = shlex.join(["accelerate", "launch", script, *args, f"resume={self.dir}"])
         self.accelerator.print(f"lowshot: stopped; state {state} saved. Continue with:\n  {again}")
         self.accelerator.end_training()
 
@@ -240,7 +238,7 @@ class Run:
         kwargs: dict[str, dict[str, Any]] = {
             "wandb": {
                 "name": self.name,
-                "group": self.cfg.track.group or self.name,
+                "group": run_group(self.cfg, self.name),
                 "job_type": self.job_type,
                 "tags": [*self.tags, *self.cfg.track.tags],
                 "dir": str(self.dir.resolve()),
@@ -259,6 +257,9 @@ class Run:
             self.accelerator.init_trackers(self.cfg.track.project, config=config, init_kwargs=kwargs)
         if (wb := self._wandb()) is not None:
             self.meta["wandb"] = {"id": wb.id, "project": self.cfg.track.project, "offline": bool(wb.offline)}
+            self.meta["wandb"]["group"] = kwargs["wandb"][
+                "group"
+            ]  # a run from this one's checkpoint joins it
             if lineage and not wb.offline:
                 # The lineage edge pretraining artifact → this run. W&B refuses use_artifact offline ("Cannot
                 # use artifact when in offline mode"), so offline runs carry it in config.meta.lineage only.
@@ -425,6 +426,18 @@ class Run:
 def artifact_name(name: str) -> str:
     """A W&B artifact name: letters, digits, '-', '_' and '.' only."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+def run_group(cfg: Config, name: str) -> str:
+    """The W&B group (the experiment): ``track.group``; else the group of the run whose checkpoint
+    ``model.weights`` is (a probe or fine-tune of a pretraining run joins it; issue 41); else the run's name."""
+    if cfg.track.group:
+        return cfg.track.group
+    if weights_kind(cfg.model.weights) == "checkpoint":
+        group = rf.read_meta(Path(cfg.model.weights).expanduser()).get("wandb", {}).get("group")
+        if group:
+            return str(group)
+    return name
 
 
 def source_artifact(weights: str) -> dict[str, str]:
