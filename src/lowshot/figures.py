@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from .evaluation import format_ci
 from .run_folder import PREDICTIONS, RESULTS, read_run, scored
 
 
@@ -124,7 +123,7 @@ def plot_roc(run: dict[str, Any], path: Path) -> Path:
     ax.set(
         xlabel="false positive rate",
         ylabel="true positive rate",
-        title=f"{split} ROC, AUROC {format_ci(a)}",
+        title=f"{split} ROC, AUROC {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}]",
     )
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7, loc="lower right")
