@@ -181,3 +181,12 @@ def test_no_two_public_functions_share_a_name() -> None:
                     clashes.append(f"{node.name}: {seen[node.name]} and {m}")
                 seen[node.name] = m
     assert not clashes, clashes
+
+
+def test_the_readmes_layout_names_every_room() -> None:
+    """The README's layout section is the newcomer's map: every room of src/lowshot is in it."""
+    text = (REPO / "README.md").read_text()
+    layout = text[text.index("## Layout") :]
+    names = {room(m).removeprefix("lowshot.").split(".")[0] for m in MODULES if m != "lowshot"}
+    missing = sorted(n for n in names if f"`{n}`" not in layout and f"`{n}/`" not in layout)
+    assert not missing, f"README.md's Layout section does not name {missing}"
