@@ -32,10 +32,10 @@ from lowshot import probe as lp
 from lowshot.augment import finetune_loader
 from lowshot.config import parse_args
 from lowshot.data import eval_transform, load_store, split_loader, store_loader
-from lowshot.data.guards import leakage_guard
+from lowshot.data.guards import copied_from_train_val, leakage_guard
 from lowshot.device import memory_format
 from lowshot.errors import user_errors
-from lowshot.evaluation import final_reports, format_point, format_report
+from lowshot.evaluation import final_reports, format_clean, format_point, format_report
 from lowshot.figures import run_figures
 from lowshot.guard import DivergenceError, check_epoch, weight_norm
 from lowshot.models import backbone_for, cached_embeddings, weights_fingerprint, weights_kind
@@ -194,21 +194,23 @@ else:
     )
 # The lockbox: the test split is opened only now, once, for the selected model (never with eval.test=false).
 arrays = {"val_prob": val_prob, "val_y": val_y, "val_path": store.paths[store.indices("val")].astype(str)}
-test = None
+test = clean = None
 if cfg.eval.test:
     test_rows = run.open_test(store)
     test_prob, test_y = score(test_rows)
+    clean = ~np.isin(test_rows, copied_from_train_val(store, cfg))  # test images without a copy in train/val
     test = (test_y, test_prob)
     arrays |= {"test_prob": test_prob, "test_y": test_y, "test_path": store.paths[test_rows].astype(str)}
     decision = op.decide(test_prob, point["weights"])
     run.log_predictions(
         store.images[test_rows], store.paths[test_rows], test_y, test_prob, decision, store.classes
     )
-results |= final_reports((val_y, val_prob), test, store.classes, cfg.eval, cfg.seed, point)
+results |= final_reports((val_y, val_prob), test, store.classes, cfg.eval, cfg.seed, point, clean)
 run.save_predictions(**arrays)
 accelerator.print(format_report(results["val"], f"validation ({job}, selected)"))
 if test is not None:
     accelerator.print(format_report(results["test"], f"TEST ({job}, evaluated once)"))
     accelerator.print(format_point(results["test_at_point"], point, "TEST"))
+    accelerator.print(format_clean(results))
 run.finish(results, figures=run_figures)
 accelerator.print(f"results: {run.dir / 'results.json'}")

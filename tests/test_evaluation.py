@@ -246,3 +246,33 @@ def test_roc_figure_of_a_split_without_one_class(tmp_path: Path) -> None:
         "results": {"classes": ["a", "b", "c"], "test": {"metrics": {"auroc": auroc}}},
     }
     assert plot_roc(run, tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_clean_test_report_leaves_out_the_copies(data_root: Path, cache_dir: Path) -> None:
+    """BreastMNIST's official test split holds verified copies of train/val images (issue 41): the clean
+    test report is computed on the others, says how many it left out, and is shown beside the official."""
+    from lowshot.config import EvalConfig, parse_args
+    from lowshot.data import load_store
+    from lowshot.data.guards import copied_from_train_val
+    from lowshot.evaluation import final_reports, format_clean
+
+    cfg, _ = parse_args([f"data.root={data_root}", f"data.cache_dir={cache_dir}", "data.size=28"])
+    store = load_store(cfg.data)
+    copied = copied_from_train_val(store, cfg)
+    test = store.indices("test")
+    assert len(copied) and set(copied) <= set(test)  # only test images, those with a copy seen in training
+    clean = ~np.isin(test, copied)
+    rng = np.random.default_rng(0)
+    y = store.labels[test]
+    prob = np.clip(np.eye(2)[y] * 0.6 + rng.random((len(y), 2)) * 0.4, 1e-3, None)
+    prob /= prob.sum(1, keepdims=True)
+    val = store.labels[store.indices("val")]
+    res = final_reports(
+        (val, np.eye(2)[val]), (y, prob), store.classes, EvalConfig(bootstrap=50), 0, None, clean
+    )
+    assert res["test_clean"]["n"] == clean.sum() == len(test) - len(copied)
+    assert res["test_clean"]["left_out"] == len(copied) and res["test"]["n"] == len(test)
+    assert f"n={clean.sum()}; {len(copied)} with a copy" in format_clean(res)
+    assert "test_clean" not in final_reports(
+        (val, np.eye(2)[val]), (y, prob), store.classes, EvalConfig(bootstrap=50), 0
+    )

@@ -34,6 +34,7 @@ from .config import load_yaml
 from .data import DataError, load_store
 from .data.cache import write_atomic
 from .data.decode import to_channels
+from .data.guards import copied_from_train_val
 from .evaluation import final_reports
 from .inference import Loaded, load_run, to_input
 from .lockbox import open_lockbox
@@ -110,9 +111,9 @@ def combine(run_dirs: list[Path], out: Path, command: str = "", open_test: bool 
     prob = {s: np.mean([m["pred"][f"{s}_prob"] for m in members], axis=0) for s in splits}
     y = {s: first["pred"][f"{s}_y"].astype(int) for s in splits}
     paths = {s: first["pred"][f"{s}_path"] for s in splits if f"{s}_path" in first["pred"]}
-    lockbox = None
+    lockbox = clean = None
     if open_test:
-        y["test"], prob["test"], paths["test"], lockbox = score_test(members, out)
+        y["test"], prob["test"], paths["test"], lockbox, clean = score_test(members, out)
         splits.append("test")
     cfg = first["cfg"]
     e = cfg.eval
@@ -135,7 +136,7 @@ def combine(run_dirs: list[Path], out: Path, command: str = "", open_test: bool 
             "candidates": max(int(m["results"]["selected"].get("candidates", 1)) for m in members),
         },
     }
-    results |= final_reports((y["val"], prob["val"]), test, classes, e, cfg.seed, point)
+    results |= final_reports((y["val"], prob["val"]), test, classes, e, cfg.seed, point, clean)
     out.mkdir(parents=True, exist_ok=True)
     arrays = {f"{s}_y": y[s] for s in splits} | {f"{s}_path": paths[s] for s in paths}
     arrays |= {f"{s}_prob": prob[s] for s in splits}
@@ -161,11 +162,13 @@ def combine(run_dirs: list[Path], out: Path, command: str = "", open_test: bool 
 
 def score_test(
     members: list[dict[str, Any]], out: Path
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
     """Open the test split for an ensemble of selection-only members, once: the first member's data
     loaded as it trained on it (checked: the same validation images), the test images scored by every
     member (:class:`Averaged`), the opening recorded in the split's lockbox ledger. Returns the test
-    labels, averaged probabilities, paths and the ledger record."""
+    labels, averaged probabilities, paths, the ledger record and which test images have no verified copy
+    in train/val (the store as loaded: a train copy the members' check.leakage=drop removed still counts,
+    so "clean" errs on the side of leaving out)."""
     runs, model = averaged([m["dir"] for m in members])
     cfg = members[0]["cfg"]
     store = load_store(cfg.data)
@@ -180,7 +183,8 @@ def score_test(
     with torch.no_grad():
         logits = [model(to_input(images[i : i + 64], runs[0].prep))[0] for i in range(0, len(rows), 64)]
     prob = torch.cat(logits).softmax(1).numpy() if logits else np.zeros((0, len(store.classes)))
-    return store.labels[rows].astype(int), prob, store.paths[rows].astype(str), ledger
+    clean = ~np.isin(rows, copied_from_train_val(store, cfg))
+    return store.labels[rows].astype(int), prob, store.paths[rows].astype(str), ledger, clean
 
 
 def is_ensemble(run_dir: Path) -> bool:

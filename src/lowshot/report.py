@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .config import setting_key
-from .evaluation import delong, format_point, format_report, mean_ci, paired_bootstrap
+from .evaluation import delong, format_clean, format_point, format_report, mean_ci, paired_bootstrap
 from .figures import run_figures
 from .run_folder import HEADLINE, PROVENANCE, RESULTS, read_results, read_run, scored
 
@@ -49,6 +49,8 @@ def show(run_dirs: list[Path]) -> None:
         print(format_report(res[split], f"{d}: {split.upper()} {res['job']} ({res['model']}, {res['data']})"))
         if f"{split}_at_point" in res:  # the decisions a clinic acts on, at the point chosen on validation
             print(format_point(res[f"{split}_at_point"], res["operating_point"], split.upper()))
+        if "test_clean" in res:  # the test images without a copy in train/val
+            print(format_clean(res))
         sel = res["selected"]
         if "members" in sel:  # an ensemble (lowshot ensemble): each member selected its own epoch
             print(

@@ -101,7 +101,7 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
     """``test/auroc``, ``test/auroc_low``, ``test/auroc_high``, ... (``val/`` for a selection-only run),
     ``test_at_point/...`` and ``selected/val_auroc``; pretraining: ``pretrain/final_loss`` and its kNN."""
     out: dict[str, float] = {}
-    for split in ("val", "test"):
+    for split in ("val", "test", "test_clean"):
         for key in (split, f"{split}_at_point"):
             for m, v in (results.get(key) or {}).get("metrics", {}).items():
                 if m in HEADLINE:

@@ -85,6 +85,21 @@ def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
     return out
 
 
+def copied_from_train_val(store: Store, cfg: Config) -> np.ndarray:
+    """The store rows of test images with a verified copy (exact, near or re-cropped) among the train/val
+    images: what a "clean test" report leaves out (the pairs are the leakage guard's, cached)."""
+    pairs, _, _ = verified_pairs(store, cfg.data)
+    seen = {"train", "val"}
+    rows = {
+        int(a)
+        for i, j, _, kind, *_ in pairs
+        if kind in VERIFIED
+        for a, b in ((i, j), (j, i))
+        if store.split[a] == "test" and store.split[b] in seen
+    }
+    return np.array(sorted(rows), dtype=np.int64)
+
+
 def unlabelled_guard(store: Store, cfg: Config) -> dict[str, Any]:
     """Before pretraining: the training images a label budget left unlabelled (data.train_per_class) are
     pretrained on like a pool, so they pass the pool's guard (check.pool_leakage): a verified copy of a
