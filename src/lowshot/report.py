@@ -1,6 +1,8 @@
-"""`lowshot report RUN_DIR [RUN_DIR ...]`: what a run's number is worth, as Markdown with PNG figures.
+"""`lowshot report`, `show` and `compare`: what a run's number is worth, as text and as Markdown with figures.
 
-Per run (from its ``results.json``, ``metrics.jsonl``, ``predictions.npz``, ``meta.json``):
+``show`` prints each run's test report, its numbers at the operating point and on the clean test images.
+``report`` writes, per run (from its ``results.json``, ``metrics.jsonl``, ``predictions.npz``, ``meta.json``;
+the figures are drawn by :mod:`lowshot.figures`):
 
 - learning curves: training loss/accuracy on *augmented* batches (train mode) and on the *clean*
   training images (eval mode), next to validation; augmentation and dropout are why validation can
