@@ -436,9 +436,9 @@ def test_show_on_a_pretraining_run_says_what_it_is(tmp_path: Path) -> None:
 
 
 def test_a_label_budget_larger_than_a_class_is_said(
-    data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    data_root: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = DataConfig(root=str(data_root), cache_dir=str(tmp_path), size=28, train_per_class=200)
+    cfg = DataConfig(root=str(data_root), cache_dir=str(cache_dir), size=28, train_per_class=200)
     store = load_store(cfg)  # BreastMNIST's training split: 147 malignant images
     assert (store.split == "train").sum() < 400
     assert any(
