@@ -464,3 +464,14 @@ def test_a_link_out_of_a_class_folder_is_refused_like_a_manifest_line(tmp_path: 
         load_store(cfg)
     store = load_store(replace(cfg, allow_outside_root=True))
     assert any(str(p).endswith("link.png") for p in store.paths)
+
+
+def test_help_names_every_subcommand_and_flag() -> None:
+    """`lowshot --help` lists every subcommand, `lowshot check --help` its --warn-only (issue 41)."""
+    top = lowshot_cli("--help")
+    assert top.returncode == 0 and all(
+        c in top.stdout
+        for c in ("quickstart", "check", "evaluate", "predict", "export", "ensemble", "report")
+    )
+    check = lowshot_cli("check", "--help")
+    assert check.returncode == 0 and "--warn-only" in check.stdout and "train.lr=" in check.stdout

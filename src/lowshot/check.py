@@ -318,6 +318,9 @@ def plot_against(found: dict[str, Any], other: Pool, store: Store, path: Path, m
 def check_command(argv: list[str]) -> int:
     """``lowshot check [--config F] [key=value ...] [--warn-only]``: exit 1 on leakage or label conflicts
     (unless check.leakage is warn or drop)."""
+    if {"-h", "--help"} & set(argv):  # the command's own flag first, then every setting (issue 41)
+        print("usage: lowshot check [--config FILE.yaml] [key=value ...] [--warn-only]\n")
+        print("  --warn-only   exit 0 even when leakage or label conflicts are found (check.leakage=warn)\n")
     cfg, _ = parse_args(argv)
     store = load_store(cfg.data)
     feats = None

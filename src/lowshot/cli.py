@@ -34,7 +34,9 @@ from .run_folder import read_run
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
-        prog="lowshot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="lowshot",
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser(

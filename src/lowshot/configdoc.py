@@ -5,35 +5,12 @@ fails when the page is stale or a setting has no comment."""
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
 from dataclasses import fields, is_dataclass
 from typing import get_type_hints
 
 from .config import Config, to_dict
-
-
-def field_notes(cls: type) -> dict[str, str]:
-    """Each field's comment in ``cls``'s source: the ``#`` lines above it and the one after it, joined
-    (the one place the settings are explained; the configuration reference is generated from it)."""
-    notes: dict[str, str] = {}
-    above: list[str] = []
-    current = ""
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        text = line.strip()
-        if text.startswith("#"):
-            above.append(text.lstrip("# ").rstrip())
-        elif m := re.match(r"(\w+): [^=]+=.*?(?:#\s*(.*))?$", text):
-            current = m.group(1)
-            notes[current] = " ".join([*above, m.group(2) or ""]).strip()
-            above = []
-        elif text.startswith("def "):
-            break
-        elif current and "  # " in text:  # a comment on a field's continuation line
-            notes[current] = (notes[current] + " " + text.split("  # ", 1)[1]).strip()
-            above = []
-    return notes
+from .config.notes import field_notes
 
 
 def reference_markdown() -> str:

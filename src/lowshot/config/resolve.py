@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .checks import ConfigError
+from .notes import setting_notes
 from .schema import Config
 
 DATA_ROOT_ENV = "LOWSHOT_DATA_ROOT"
@@ -226,7 +227,15 @@ def setting_key(config: dict[str, Any]) -> str:
 
 
 def help_text() -> str:
-    lines = ["Settings (key=value or --key=value; --config FILE.yaml; --probe):"]
+    """``--help``: every setting with its default and what it means (its comment in the schema; the full
+    reference is docs/configuration.md)."""
+    notes = setting_notes()
+    lines = [
+        "Settings (key=value or --key=value; --config FILE.yaml; --probe); docs/configuration.md has them all:"
+    ]
     for k, v in flatten(to_dict(Config())).items():
-        lines.append(f"  {k}={v}")
+        note = notes.get(k, "")
+        lines.append(
+            f"  {k}={v}" + (f"\n      {note[:200] + ('…' if len(note) > 200 else '')}" if note else "")
+        )
     return "\n".join(lines)
