@@ -306,10 +306,10 @@ def write_bundle(
     """What :func:`load_run` reads back: the operating point and the exact preprocessing beside the model
     (and in a fine-tune's ``checkpoint/``), and the training embeddings that "unlike the training data" is
     measured against (``reference``: train and val embeddings of the starting backbone)."""
+    prep = json.dumps(preprocessing(cfg, store, in_chans, norm), indent=2)
     for where in [run_dir] + ([] if cfg.train.probe else [run_dir / "checkpoint"]):
         op.save(point, where)
-        prep = preprocessing(cfg, store, in_chans, norm)
-        write_atomic(where / PREPROCESSING, json.dumps(prep, indent=2))
+        write_atomic(where / PREPROCESSING, prep)
     write_reference(run_dir, *reference, weights_fingerprint(cfg.model.weights))
 
 

@@ -85,19 +85,24 @@ def leakage_guard(store: Store, cfg: Config) -> dict[str, Any]:
     return out
 
 
-def copied_from_train_val(store: Store, cfg: Config) -> np.ndarray:
-    """The store rows of test images with a verified copy (exact, near or re-cropped) among the train/val
-    images: what a "clean test" report leaves out (the pairs are the leakage guard's, cached)."""
+def copies_in(store: Store, cfg: Config, split: str, of: set[str]) -> np.ndarray:
+    """The store rows of ``split`` with a verified copy (exact, near or re-cropped) among the images of the
+    splits ``of``, sorted (the pairs are the leakage guard's, cached)."""
     pairs, _, _ = verified_pairs(store, cfg.data)
-    seen = {"train", "val"}
     rows = {
         int(a)
         for i, j, _, kind, *_ in pairs
         if kind in VERIFIED
         for a, b in ((i, j), (j, i))
-        if store.split[a] == "test" and store.split[b] in seen
+        if store.split[a] == split and store.split[b] in of
     }
     return np.array(sorted(rows), dtype=np.int64)
+
+
+def copied_from_train_val(store: Store, cfg: Config) -> np.ndarray:
+    """The test images with a verified copy among the train/val images: what a "clean test" report leaves
+    out."""
+    return copies_in(store, cfg, "test", {"train", "val"})
 
 
 def unlabelled_guard(store: Store, cfg: Config) -> dict[str, Any]:
@@ -106,23 +111,14 @@ def unlabelled_guard(store: Store, cfg: Config) -> dict[str, Any]:
     val/test image among them (exact, near or re-cropped; lowshot.data.duplicates) stops the run (error),
     is left out of pretraining (drop: its split becomes 'dropped') or is logged (warn). Issue 38: 10 such
     images of a chest X-ray set were identical to 8 validation images. Returns the finding for results.json."""
-    pairs, _, _ = verified_pairs(store, cfg.data)
-    held = {"val", "test"}
-    flagged: set[int] = set()
-    for i, j, _, kind, *_ in pairs:
-        if kind not in VERIFIED:
-            continue
-        for a, b in ((i, j), (j, i)):
-            if store.split[a] == "unlabelled" and store.split[b] in held:
-                flagged.add(int(a))
+    rows = copies_in(store, cfg, "unlabelled", {"val", "test"})
     out: dict[str, Any] = {
         "unlabelled_images": int((store.split == "unlabelled").sum()),
-        "copies_of_val_test": len(flagged),
+        "copies_of_val_test": len(rows),
         "action": cfg.check.pool_leakage,
     }
-    if not flagged:
+    if not len(rows):
         return out
-    rows = sorted(flagged)
     shown = ", ".join(str(store.paths[r]) for r in rows[:5])
     msg = (
         f"{store.name}: {len(rows)} training image(s) that data.train_per_class leaves unlabelled are copies of "
@@ -135,7 +131,7 @@ def unlabelled_guard(store: Store, cfg: Config) -> dict[str, Any]:
     )
     if act(cfg.check.pool_leakage, "check.pool_leakage", msg, fix, "Pretraining anyway"):
         store.split[rows] = "dropped"
-        out["dropped"] = [str(store.paths[r]) for r in rows]
+        out["dropped"] = [str(p) for p in store.paths[rows]]
         log.warning("%s Left them out of pretraining.", msg)
     return out
 
